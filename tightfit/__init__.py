@@ -1,0 +1,6 @@
+"""tightfit: fit large language models to small hardware."""
+
+from .models import LoadedModel, load
+
+__version__ = "0.1.0"
+__all__ = ["load", "LoadedModel", "__version__"]

@@ -1,0 +1,40 @@
+"""`tightfit <verb>`: one module per verb; nothing imports this package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import TightfitError
+
+VERBS = {
+    "eval": "perplexity, KL divergence and top-1 agreement of a model against a base",
+    "convert": "write a model as a Hugging Face folder or an F16 GGUF",
+    "models": "list the models this install can find",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tightfit", description="Fit large language models to small hardware.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    modules = {}
+    for verb, help_ in VERBS.items():
+        modules[verb] = importlib.import_module(f".{verb}_cmd", __name__)
+        modules[verb].add_arguments(sub.add_parser(verb, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return modules[args.verb].run(args) or 0
+    except TightfitError as e:
+        print(f"tightfit {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tightfit {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

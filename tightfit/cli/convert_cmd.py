@@ -1,0 +1,36 @@
+"""tightfit convert MODEL -o DIR | tightfit convert MODEL --to gguf-f16 -o FILE.gguf"""
+
+from __future__ import annotations
+
+import sys
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def add_arguments(p):
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
+    p.add_argument("--to", choices=["hf", "gguf-f16"], default="hf",
+                   help="hf: a Hugging Face folder (safetensors); gguf-f16: an F16 GGUF for llama.cpp")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (hf) or file (gguf-f16)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype of an hf folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..models import load
+    from .common import quiet_libraries
+
+    quiet_libraries(True)
+    lm = load(args.model, progress=True)
+    if args.to == "hf":
+        from ..models.hf import save_hf
+
+        out = save_hf(lm, args.output, dtype=getattr(torch, DTYPES[args.dtype]), force=args.force)
+    else:
+        from ..export.gguf_f16 import write_gguf_f16
+
+        out = write_gguf_f16(lm, args.output, force=args.force, progress=True)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

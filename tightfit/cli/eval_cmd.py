@@ -1,0 +1,44 @@
+"""tightfit eval MODEL [--base BASE] [--text FILE] [--ctx 512] [--chunks N] [--json]"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import quiet_libraries, read_text_arg
+
+
+def add_arguments(p):
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
+    p.add_argument("--base", metavar="BASE", help="the original model to compare against (KL divergence, top-1)")
+    p.add_argument("--text", metavar="FILE", help="text to score (default: the shipped evaluation part)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--chunks", type=int, help="score at most this many windows (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object; no progress bars")
+
+
+def run(args) -> int:
+    from ..eval import evaluate
+    from ..models import load
+
+    quiet_libraries(True)
+    progress = not args.json
+    text, text_name, digest = read_text_arg(args.text)
+    model = load(args.model, progress=progress)
+    base = load(args.base, progress=progress) if args.base else None
+    r = evaluate(model, text, text_name=text_name, text_sha256=digest, ctx=args.ctx, chunks=args.chunks,
+                 base=base, progress=progress)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    out = sys.stdout
+    print(f"model       {r.model}", file=out)
+    print(f"text        {r.text} (sha256 {r.text_sha256[:12]}), ctx {r.ctx}, {r.chunks}/{r.chunks_available} "
+          f"windows, {r.tokens_scored} tokens scored", file=out)
+    print(f"perplexity  {r.perplexity:.4f} +/- {r.perplexity_stderr:.4f}", file=out)
+    if r.base is not None:
+        print(f"base        {r.base}: perplexity {r.base_perplexity:.4f} (ratio {r.perplexity_ratio:.4f})", file=out)
+        print(f"KLD         mean {r.kld_mean:.6f} +/- {r.kld_stderr:.6f}, median {r.kld_median:.6f}, "
+              f"p99 {r.kld_p99:.6f}, max {r.kld_max:.6f}", file=out)
+        print(f"top-1       {100 * r.top1_agreement:.2f}% same top token", file=out)
+    return 0

@@ -1,0 +1,6 @@
+"""Evaluation against the original: perplexity, KL divergence, top-1 agreement."""
+
+from .perplexity import EvalResult, evaluate, kl_divergence
+from .windows import Windows, make_windows, tokenize
+
+__all__ = ["EvalResult", "evaluate", "kl_divergence", "Windows", "make_windows", "tokenize"]

@@ -1,0 +1,138 @@
+"""Write any loaded model as an F16 GGUF that llama.cpp reads, tokenizer and chat template included.
+
+Tensors are converted and written one at a time, so peak memory stays near the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UnsupportedArchitectureError
+from ..io import atomic_path
+from ..models.arch import HF_TO_GGUF_ARCH, hf_to_gguf_names, to_gguf_tensor
+from ..models.gguf_file import open_gguf
+
+log = logging.getLogger(__name__)
+
+GGUF_F16_ARCHITECTURES = ("llama", "qwen2")
+
+
+def _add_architecture(w: gguf.GGUFWriter, config, name: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedArchitectureError(
+            f"rope scaling {rope.get('rope_type')!r} is not written to GGUF yet; only plain rotary embeddings are."
+        )
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _copy_tokenizer_fields(w: gguf.GGUFWriter, source: Path) -> None:
+    reader = open_gguf(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer) -> None:
+    """A byte-level BPE tokenizer (tokenizer.json) described the way llama.cpp's 'gpt2' tokenizer reads it."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise UnsupportedArchitectureError(
+            f"the tokenizer is {model.get('type')!r}; F16 GGUF export from a Hugging Face folder handles byte-level "
+            "BPE tokenizers. Convert from the model's GGUF instead, which carries its tokenizer."
+        )
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * len(vocab)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = set(tokenizer.all_special_ids) | {
+        int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    pre = getattr(tokenizer, "init_kwargs", {}).get("tightfit_gguf_pre", "default")
+    if pre == "default":
+        log.warning("no llama.cpp pre-tokenizer name is known for this tokenizer; writing 'default'")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    from ..eval.windows import adds_bos
+
+    w.add_add_bos_token(adds_bos(tokenizer))
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf_f16(lm, out: str | os.PathLike, force: bool = False, progress: bool = False) -> Path:
+    """Write LoadedModel LM to OUT as an F16 GGUF (norms and other 1-D tensors stay F32, as llama.cpp keeps them)."""
+    config = lm.config
+    if config.model_type not in GGUF_F16_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"F16 GGUF export handles model types {list(GGUF_F16_ARCHITECTURES)}, got {config.model_type!r}. "
+            "Export it as a Hugging Face folder instead (tightfit convert MODEL -o DIR)."
+        )
+    arch = HF_TO_GGUF_ARCH[config.model_type]
+    state = lm.model.state_dict()
+    names = hf_to_gguf_names(state.keys(), arch, config.num_hidden_layers)
+    if config.tie_word_embeddings:
+        names.pop("lm_head.weight", None)
+    unmapped = [k for k in state if k not in names and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if unmapped:
+        raise UnsupportedArchitectureError(f"no GGUF name for tensors {unmapped[:5]}; this model's layout is not "
+                                           "one llama.cpp reads as " + arch)
+    out = Path(out)
+    with atomic_path(out, directory=False, force=force) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        _add_architecture(w, config, Path(lm.source).stem)
+        if lm.format == "gguf":
+            _copy_tokenizer_fields(w, lm.path)
+        else:
+            _tokenizer_fields_from_hf(w, lm.tokenizer)
+        dtypes = {}
+        for hf_name, gguf_name in names.items():
+            t = state[hf_name]
+            dtype = np.float16 if t.ndim == 2 else np.float32
+            dtypes[hf_name] = dtype
+            w.add_tensor_info(gguf_name, tuple(t.shape), np.dtype(dtype), t.numel() * np.dtype(dtype).itemsize)
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf_name in tqdm(names, desc=f"writing {out.name}", unit="tensor", disable=not progress):
+            t = to_gguf_tensor(hf_name, state[hf_name].detach().float(), config)
+            w.write_tensor_data(t.numpy().astype(dtypes[hf_name]))
+        w.close()
+    return out

@@ -1,0 +1,114 @@
+"""Reading GGUF files: validation, metadata, and tensors one at a time through the memory map."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import GGUFFormatError, UnsupportedArchitectureError
+from .arch import HF_TO_GGUF_ARCH
+
+GGUF_MAGIC = b"GGUF"
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Open a GGUF file, checking its magic and that every tensor lies inside the file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise GGUFFormatError(
+            f"{path} is not a GGUF file: it starts with {head!r}, expected the magic {GGUF_MAGIC!r}. "
+            "Pass a .gguf model file or a Hugging Face model folder."
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged headers
+        raise GGUFFormatError(
+            f"{path} is truncated or corrupt: its GGUF header could not be read ({type(e).__name__}: {e}). "
+            "Download or export the file again."
+        ) from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.size * t.data.itemsize != t.n_bytes:
+            raise GGUFFormatError(
+                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}. "
+                "Download or export the file again."
+            )
+    return reader
+
+
+def architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
+    """The GGUF architecture name, checked against the families tightfit handles."""
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch not in HF_TO_GGUF_ARCH.values():
+        raise UnsupportedArchitectureError(
+            f"{path} holds a {arch!r} model; tightfit handles GGUF architectures "
+            f"{sorted(HF_TO_GGUF_ARCH.values())}. Convert the model to one of those or open an issue for {arch!r}."
+        )
+    return arch
+
+
+_BLOCK_DEQUANT = {}
+
+
+def _register(qtype):
+    def wrap(fn):
+        _BLOCK_DEQUANT[qtype] = fn
+        return fn
+
+    return wrap
+
+
+# Fast torch paths for the common block types (gguf-py's numpy versions are the reference in tests).
+@_register(gguf.GGMLQuantizationType.Q8_0)
+def _q8_0(raw: torch.Tensor) -> torch.Tensor:  # block: fp16 d, 32 x int8
+    d = raw[:, :2].contiguous().view(torch.float16).float()
+    q = raw[:, 2:].contiguous().view(torch.int8).float()
+    return q * d
+
+
+@_register(gguf.GGMLQuantizationType.Q4_0)
+def _q4_0(raw: torch.Tensor) -> torch.Tensor:  # block: fp16 d, 16 bytes of nibbles; w = (q - 8) d
+    d = raw[:, :2].contiguous().view(torch.float16).float()
+    qs = raw[:, 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+    return (q - 8) * d
+
+
+@_register(gguf.GGMLQuantizationType.Q4_1)
+def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: fp16 d, fp16 m, 16 bytes of nibbles; w = q d + m
+    d = raw[:, :2].contiguous().view(torch.float16).float()
+    m = raw[:, 2:4].contiguous().view(torch.float16).float()
+    qs = raw[:, 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+    return q * d + m
+
+
+def dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
+    """Dequantize one GGUF tensor to fp32, shaped as in PyTorch (rows = output features)."""
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    qtype = t.tensor_type
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        raw = torch.from_numpy(np.array(t.data)).view(torch.bfloat16)
+        return raw.float().reshape(shape)
+    fn = _BLOCK_DEQUANT.get(qtype)
+    if fn is None:
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)).reshape(shape)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1, block_bytes))
+    return fn(raw).reshape(shape)
+
+
+def iter_tensors(reader: gguf.GGUFReader) -> Iterator[tuple[str, gguf.ReaderTensor]]:
+    for t in reader.tensors:
+        yield t.name, t

@@ -59,7 +59,7 @@ def _copy_tokenizer_fields(w: gguf.GGUFWriter, source: Path) -> None:
         w.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer) -> None:
+def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> None:
     """A byte-level BPE tokenizer (tokenizer.json) described the way llama.cpp's 'gpt2' tokenizer reads it."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
@@ -69,13 +69,21 @@ def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer) -> None:
             "BPE tokenizers. Convert from the model's GGUF instead, which carries its tokenizer."
         )
     vocab = tokenizer.get_vocab()
-    tokens = [""] * len(vocab)
+    if len(vocab) > n_vocab:
+        raise UnsupportedArchitectureError(
+            f"the tokenizer has {len(vocab)} tokens but the model's output has only {n_vocab}; llama.cpp needs "
+            "one token per output row. Fix the tokenizer or the model's vocab_size."
+        )
+    # rows past the tokenizer's last token (a padded embedding) become unused placeholder tokens, as llama.cpp's
+    # converter writes them
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     for tok, i in vocab.items():
         tokens[i] = tok
     special = set(tokenizer.all_special_ids) | {
         int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
     }
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i < len(vocab)
+             else gguf.TokenType.UNUSED for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
     pre = getattr(tokenizer, "init_kwargs", {}).get("tightfit_gguf_pre", "default")
@@ -121,7 +129,7 @@ def write_gguf_f16(lm, out: str | os.PathLike, force: bool = False, progress: bo
         if lm.format == "gguf":
             _copy_tokenizer_fields(w, lm.path)
         else:
-            _tokenizer_fields_from_hf(w, lm.tokenizer)
+            _tokenizer_fields_from_hf(w, lm.tokenizer, config.vocab_size)
         dtypes = {}
         for hf_name, gguf_name in names.items():
             t = state[hf_name]

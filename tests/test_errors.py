@@ -1,0 +1,155 @@
+"""Bad input gets a typed error whose message says what was expected and what to do."""
+
+import json
+import re
+
+import gguf
+import numpy as np
+import pytest
+
+import tightfit
+from tightfit.cli import main
+from tightfit.errors import (GGUFFormatError, ModelNotFoundError, NotAModelError, OutputExistsError, TextError,
+                             TokenizerMismatchError, UnsupportedArchitectureError)
+from tightfit.eval import evaluate
+from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.models.hf import save_hf
+
+from .conftest import build_tiny
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"model '{tmp_path}/nope' not found: no such file or "
+                                                           "folder, and not a known model name (smollm2-135m)")):
+        tightfit.load(tmp_path / "nope")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(NotAModelError, match=re.escape(f"{tmp_path} is a folder but not a model: it has no "
+                                                       "config.json")):
+        tightfit.load(tmp_path)
+
+
+def test_folder_without_weights(tiny_models, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    with pytest.raises(NotAModelError, match="has a config.json but no weights"):
+        tightfit.load(tmp_path)
+
+
+def test_file_that_is_not_a_model(tmp_path):
+    p = tmp_path / "weights.bin"
+    p.write_bytes(b"\x00\x01junk")
+    with pytest.raises(NotAModelError, match=r"is not a model: expected a \.gguf file or a Hugging Face model folder"):
+        tightfit.load(p)
+
+
+def test_wrong_magic(tmp_path):
+    p = tmp_path / "fake.gguf"
+    p.write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(GGUFFormatError, match=re.escape(f"{p} is not a GGUF file: it starts with b'GGML', expected "
+                                                        "the magic b'GGUF'")):
+        tightfit.load(p)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_models, tmp_path_factory):
+    return write_gguf_f16(tightfit.load(tiny_models["llama"]), tmp_path_factory.mktemp("g") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.02])
+def test_truncated_gguf(tiny_gguf, tmp_path, keep):
+    data = tiny_gguf.read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(GGUFFormatError, match=re.escape(str(p)) + r" is truncated.*Download or export the file again"):
+        tightfit.load(p)
+
+
+def test_unsupported_architecture_hf(tiny_models, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=re.escape(f"{tmp_path} holds a 'gpt2' model; tightfit handles model types "
+                                       "['llama', 'qwen2', 'gemma3_text']")):
+        tightfit.load(tmp_path)
+
+
+def test_unsupported_architecture_gguf(tmp_path):
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(p, "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"{p} holds a 'gpt2' model; tightfit handles "
+                                                                     "GGUF architectures ['gemma3', 'llama', 'qwen2']")):
+        tightfit.load(p)
+
+
+def test_text_shorter_than_two_windows(tiny_models):
+    lm = tightfit.load(tiny_models["qwen2"])
+    with pytest.raises(TextError, match=r"the text is too short: it has \d+ tokens, but 2 windows of --ctx 512 need "
+                                        r"1024\. Use a longer text or a smaller --ctx\."):
+        evaluate(lm, "A short text. " * 20, text_name="t", text_sha256="x", ctx=512)
+
+
+def test_base_with_other_tokenizer(tiny_models, tmp_path, short_eval_text):
+    from tests.conftest import make_tokenizer
+
+    other = build_tiny("llama", tmp_path / "other")
+    make_tokenizer(add_bos=True, seed_text=short_eval_text).save_pretrained(other)  # same size, other merges
+    model, base = tightfit.load(tiny_models["llama"]), tightfit.load(other)
+    with pytest.raises(TokenizerMismatchError, match=re.escape(f"BASE {other} and MODEL {tiny_models['llama']} do "
+                                                               "not share a tokenizer (different token tables)")):
+        evaluate(model, short_eval_text, text_name="t", text_sha256="x", ctx=64, base=base)
+
+
+def test_base_with_other_vocab_size(tiny_models, short_eval_text):
+    model, base = tightfit.load(tiny_models["llama"]), tightfit.load(tiny_models["gemma3_text"])
+    base.model.config.vocab_size += 1  # as if BASE had a padded output head
+    with pytest.raises(TokenizerMismatchError, match=r"do not share a tokenizer \(output vocabularies of 320 and 321 entries"):
+        evaluate(model, short_eval_text, text_name="t", text_sha256="x", ctx=64, base=base)
+
+
+def test_output_exists_is_not_overwritten(tiny_models, tmp_path):
+    lm = tightfit.load(tiny_models["qwen2"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=re.escape(f"{out} already exists; choose another output path or pass "
+                                                          "--force to replace it.")):
+        save_hf(lm, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    save_hf(lm, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failed_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    lm = tightfit.load(tiny_models["llama"])
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(lm.tokenizer, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_hf(lm, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_typed_errors(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing.gguf"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tightfit eval: error: model ") and "not found" in err
+
+
+def test_cli_missing_text_file(tiny_models, capsys):
+    assert main(["eval", str(tiny_models["llama"]), "--text", "/no/such.txt"]) == 2
+    assert "--text '/no/such.txt': no such file" in capsys.readouterr().err
+
+
+def test_cli_chunks_below_two(tiny_models, capsys):
+    assert main(["eval", str(tiny_models["llama"]), "--ctx", "64", "--chunks", "1", "--json"]) == 2
+    assert "--chunks must be at least 2, got 1" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import tightfit
+from tightfit.eval.windows import tokenize
+from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.models.gguf_file import dequantize, open_gguf
+from tightfit.models.hf import save_hf
+
+from .conftest import ARCHS
+
+
+def logits(lm, ids):
+    with torch.no_grad():
+        return lm.model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_hf_folder(tiny_models, arch, short_eval_text):
+    lm = tightfit.load(tiny_models[arch])
+    assert lm.format == "hf" and lm.config.model_type == arch
+    assert lm.config.num_hidden_layers == 2 and lm.config.hidden_size == 64
+    out = logits(lm, tokenize(lm.tokenizer, short_eval_text)[:40])
+    assert out.shape == (40, lm.config.vocab_size) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_convert_hf_round_trip_is_exact(tiny_models, arch, tmp_path, short_eval_text):
+    lm = tightfit.load(tiny_models[arch])
+    save_hf(lm, tmp_path / "copy")
+    again = tightfit.load(tmp_path / "copy")
+    ids = tokenize(lm.tokenizer, short_eval_text)[:64]
+    assert tokenize(again.tokenizer, short_eval_text) == tokenize(lm.tokenizer, short_eval_text)
+    assert torch.equal(logits(lm, ids), logits(again, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_f16_round_trip(tiny_models, arch, tmp_path, short_eval_text):
+    lm = tightfit.load(tiny_models[arch])
+    path = write_gguf_f16(lm, tmp_path / "m.gguf")
+    back = tightfit.load(path)
+    assert back.format == "gguf" and back.config.model_type == arch
+    ids = tokenize(lm.tokenizer, short_eval_text)
+    assert tokenize(back.tokenizer, short_eval_text) == ids
+    # every weight equals the original rounded to fp16 (q/k rows permuted there and back)
+    for name, p in lm.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[name], p.half().float()), name
+    a, b = logits(lm, ids[:64]), logits(back, ids[:64])
+    assert (a - b).abs().max() < 2e-2
+    assert back.tokenizer.chat_template == lm.tokenizer.chat_template
+
+
+def test_gguf_f16_refuses_gemma3(tiny_models, tmp_path):
+    lm = tightfit.load(tiny_models["gemma3_text"])
+    with pytest.raises(tightfit.errors.UnsupportedArchitectureError,
+                       match=r"F16 GGUF export handles model types \['llama', 'qwen2'\], got 'gemma3_text'"):
+        write_gguf_f16(lm, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "BF16"])
+def test_dequantize_matches_gguf_py(tmp_path, qtype):
+    qt = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 256)).astype(np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    if qtype == "BF16":
+        raw = torch.from_numpy(w).bfloat16().view(torch.int16).numpy()
+        writer.add_tensor("t", raw, raw_shape=w.shape, raw_dtype=qt)
+    elif qtype == "F16":
+        writer.add_tensor("t", w.astype(np.float16))
+    else:
+        writer.add_tensor("t", gguf.quants.quantize(w, qt), raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    t = open_gguf(tmp_path / "q.gguf").tensors[0]
+    ours = dequantize(t)
+    ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, 256)
+    assert ours.shape == (8, 256) and ours.dtype == torch.float32
+    assert np.array_equal(ours.numpy(), ref.astype(np.float32))

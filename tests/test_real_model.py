@@ -1,0 +1,90 @@
+"""The real default model (SmolLM2-135M-Instruct), a few windows of the evaluation text, and llama.cpp beside it."""
+
+import pytest
+import torch
+
+import tightfit
+from tightfit.data import EVALUATION, read_part
+from tightfit.eval import evaluate
+from tightfit.eval.windows import make_windows, tokenize
+from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.models.hf import save_hf
+
+from .conftest import require_default_model, require_llama_cpp
+
+pytestmark = pytest.mark.real
+CHUNKS = 2
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    require_default_model()
+    return tightfit.load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def text():
+    return read_part(EVALUATION)
+
+
+def run(lm, text, base=None):
+    return evaluate(lm, text, text_name="eval", text_sha256=EVALUATION.sha256, ctx=512, chunks=CHUNKS, base=base)
+
+
+@pytest.fixture(scope="module")
+def smollm_result(smollm, text):
+    return run(smollm, text)
+
+
+def test_default_model_loads_as_llama(smollm):
+    c = smollm.config
+    assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.vocab_size) == ("llama", 30, 576, 49152)
+    assert c.tie_word_embeddings and smollm.format == "gguf"
+
+
+def test_default_model_perplexity(smollm_result):
+    r = smollm_result
+    assert r.tokens_scored == CHUNKS * 255 and r.chunks_available == 88
+    assert 10 < r.perplexity < 40
+
+
+def test_tokenization_matches_llama_cpp(smollm, text):
+    require_llama_cpp()
+    from tightfit.eval import llama_cpp
+
+    llm = llama_cpp.open_llama(smollm.path, ctx=64)
+    try:
+        assert llama_cpp.tokenize(llm, text, add_bos=False) == tokenize(smollm.tokenizer, text)
+    finally:
+        llm.close()
+
+
+def test_perplexity_agrees_with_llama_cpp(smollm, text, smollm_result):
+    require_llama_cpp()
+    from tightfit.eval import llama_cpp
+
+    windows = make_windows(tokenize(smollm.tokenizer, text), 512, CHUNKS)
+    peer = llama_cpp.perplexity(smollm.path, windows)
+    assert abs(smollm_result.perplexity / peer - 1) < 0.01, (smollm_result.perplexity, peer)
+
+
+def test_converted_folder_evaluates_the_same(smollm, text, smollm_result, tmp_path):
+    save_hf(smollm, tmp_path / "hf")
+    again = tightfit.load(tmp_path / "hf")
+    r = run(again, text, base=smollm)
+    assert r.perplexity == pytest.approx(smollm_result.perplexity, rel=1e-6)
+    assert r.kld_max < 1e-6 and r.top1_agreement == 1.0
+
+
+def test_f16_gguf_in_llama_cpp_matches_the_original(smollm, text, smollm_result, tmp_path):
+    require_llama_cpp()
+    from tightfit.eval import llama_cpp
+
+    path = write_gguf_f16(smollm, tmp_path / "f16.gguf")
+    windows = make_windows(tokenize(smollm.tokenizer, text), 512, CHUNKS)
+    original, f16 = llama_cpp.perplexity(smollm.path, windows), llama_cpp.perplexity(path, windows)
+    assert abs(f16 / original - 1) < 0.01, (f16, original)
+    back = tightfit.load(path)  # and tightfit reads its own F16 file back to (nearly) the same model
+    r = run(back, text, base=smollm)
+    assert r.kld_mean < 1e-3 and r.top1_agreement > 0.99
+    assert abs(r.perplexity / smollm_result.perplexity - 1) < 0.005

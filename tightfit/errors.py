@@ -31,3 +31,15 @@ class TokenizerMismatchError(TightfitError, ValueError):
 
 class OutputExistsError(TightfitError, FileExistsError):
     """An output path that already exists and would be overwritten."""
+
+
+class FormatError(TightfitError, ValueError):
+    """A weight or KV format that does not exist or does not fit the tensor."""
+
+
+class QuantizeError(TightfitError, ValueError):
+    """A quantization request that cannot be carried out (method, target, calibration)."""
+
+
+class ArtifactError(TightfitError, ValueError):
+    """A tightfit artifact whose manifest is corrupt or does not match its contents."""

@@ -1,0 +1,6 @@
+"""Weight and KV-cache formats, described as data."""
+
+from .kv import KV_FORMATS, KVFormat
+from .weight import GGML_EXACT, WeightFormat, pack, unpack
+
+__all__ = ["WeightFormat", "pack", "unpack", "GGML_EXACT", "KVFormat", "KV_FORMATS"]

@@ -1,0 +1,103 @@
+"""A model's weights as a lazy source: the config, the tokenizer, a skeleton on the meta device, and one loader
+per tensor (a GGUF tensor dequantized from the memory map, or a safetensors slice). Nothing is read until asked,
+so a job can hold one layer at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import GGUFFormatError, NotAModelError
+from .arch import check_model_type, from_gguf_tensor, hf_to_gguf_names
+
+
+@dataclass
+class LazyModel:
+    config: object
+    tokenizer: object
+    skeleton: torch.nn.Module  # on the meta device
+    loaders: dict[str, Callable[[], torch.Tensor]]  # parameter name -> fp32 tensor
+    path: Path
+    format: str  # "gguf" | "hf"
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.loaders[name]()
+
+    def materialize(self, module_prefix: str = "", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {n: self.get(n).to(dtype) for n in self.loaders if n.startswith(module_prefix)}
+
+
+def _skeleton(config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def lazy_gguf(path: Path) -> LazyModel:
+    from .gguf_file import architecture, dequantize, open_gguf
+
+    reader = open_gguf(path)
+    gguf_arch = architecture(reader, path)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    skeleton = _skeleton(config)
+    names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    loaders = {}
+    for hf_name, gguf_name in names.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        t = tensors.get(gguf_name)
+        if t is None:
+            raise GGUFFormatError(f"{path} lacks the tensor {gguf_name!r} ({hf_name}) that the {gguf_arch} "
+                                  "architecture needs. The file is incomplete; export it again.")
+        expected = tuple(skeleton.get_parameter(hf_name).shape)
+        if tuple(reversed(t.shape.tolist())) != expected:
+            raise GGUFFormatError(
+                f"{path}: tensor {gguf_name!r} has shape {tuple(reversed(t.shape.tolist()))} but the model's "
+                f"metadata implies {expected}. The file's metadata and tensors disagree; export it again.")
+        loaders[hf_name] = (lambda t=t, n=hf_name: from_gguf_tensor(n, dequantize(t), config))
+    return LazyModel(config, tokenizer, skeleton, loaders, path, "gguf")
+
+
+def lazy_hf(path: Path) -> LazyModel:
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(path)
+    check_model_type(getattr(config, "model_type", None), str(path))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NotAModelError(f"{path} has a config.json but no *.safetensors weights. Pass a complete Hugging Face "
+                             "model folder.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    skeleton = _skeleton(config)
+    wanted = set(skeleton.state_dict().keys())
+    loaders = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            keys = list(h.keys())
+        for k in keys:
+            if k in wanted:
+                loaders[k] = (lambda f=f, k=k: _read_one(f, k))
+    if config.tie_word_embeddings:
+        loaders.pop("lm_head.weight", None)
+    missing = sorted(wanted - set(loaders) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise NotAModelError(f"{path} lacks weights {missing[:5]}; the folder is incomplete.")
+    return LazyModel(config, tokenizer, skeleton, loaders, path, "hf")
+
+
+def _read_one(file: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as h:
+        return h.get_tensor(key).float()
+
+
+def build(lazy: LazyModel, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A ready model from a full state dict (shared storage, no copy)."""
+    return type(lazy.skeleton).from_pretrained(None, config=lazy.config, state_dict=state, dtype=dtype)

@@ -1,0 +1,111 @@
+"""The quantized weight, group parameters, and round-to-nearest: shared by every algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..formats.weight import WeightFormat
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-group scale (and min, for asymmetric formats) of one [out, in] weight.
+
+    g_idx maps each input column to its group; it is None when column j is in group j // group_size (every
+    format llama.cpp or torch's kernels hold). GPTQ with act-order and no static groups needs it.
+    """
+
+    fmt: WeightFormat
+    codes: torch.Tensor  # int16 [out, in]
+    scales: torch.Tensor  # [out, groups], fmt.scale_dtype
+    mins: torch.Tensor | None  # [out, groups] for asymmetric formats
+    g_idx: torch.Tensor | None = None  # int32 [in]
+    error: dict = field(default_factory=dict)  # what the quantizer measured of its own loss
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def column_groups(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        in_f = self.codes.shape[1]
+        return torch.arange(in_f) // self.fmt.group_len(in_f)
+
+    def dequantize(self) -> torch.Tensor:
+        cols = self.column_groups()
+        w = self.codes.float() * self.scales.float()[:, cols]
+        if self.mins is not None:
+            w += self.mins.float()[:, cols]
+        return w
+
+
+def grouped(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """[out, in] -> [out, groups, group_len]"""
+    out_f, in_f = w.shape
+    return w.reshape(out_f, fmt.groups(in_f), fmt.group_len(in_f))
+
+
+def minmax_params(wg: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | float = 1.0):
+    """Scale (and min) per group from the group's range, shrunk by `clip`, rounded to the format's scale dtype.
+
+    wg: [..., group_len] -> scale [...], min [...] or None.
+    """
+    if fmt.symmetric:
+        # the weight of largest magnitude, with its sign, lands on qmin (e.g. -8 for 4 bits)
+        idx = wg.abs().argmax(-1, keepdim=True)
+        signed_max = wg.gather(-1, idx).squeeze(-1) * clip
+        scale = signed_max / fmt.qmin
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale.to(fmt.scale_torch_dtype), None
+    lo = wg.amin(-1) * clip
+    hi = wg.amax(-1) * clip
+    scale = (hi - lo) / fmt.qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale.to(fmt.scale_torch_dtype), lo.to(fmt.scale_torch_dtype)
+
+
+def quantize_codes(wg: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
+    """Round-to-nearest codes of wg [..., n] for group parameters [...] (already in the scale dtype)."""
+    s = scale.float()[..., None]
+    x = wg - mn.float()[..., None] if mn is not None else wg
+    return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
+    w = q * scale.float()[..., None]
+    return w + mn.float()[..., None] if mn is not None else w
+
+
+def pack_result(fmt, q: torch.Tensor, scale, mn, w: torch.Tensor, H: torch.Tensor | None = None, **extra) -> QuantizedWeight:
+    out_f, in_f = w.shape
+    qw = QuantizedWeight(fmt, q.reshape(out_f, in_f).to(torch.int16), scale.reshape(out_f, -1),
+                         None if mn is None else mn.reshape(out_f, -1), **extra)
+    qw.error = weight_error(w, qw.dequantize(), H)
+    return qw
+
+
+def weight_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None = None) -> dict:
+    """Relative weight error, SQNR in dB, and with a Hessian H = E[x x^T] the relative output error."""
+    d = (w - wq).double()
+    w64 = w.double()
+    rel = float((d * d).sum() / (w64 * w64).sum().clamp_min(1e-30))
+    err = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+    if H is not None:
+        H64 = H.double()
+        num = float(((d @ H64) * d).sum())
+        den = float(((w64 @ H64) * w64).sum())
+        err["output_sq_err"] = num
+        err["output_rel_err"] = num / max(den, 1e-30)
+    return err
+
+
+def rtn(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round to nearest with min/max group parameters."""
+    w = w.float()
+    fmt.check_shape(tuple(w.shape))
+    wg = grouped(w, fmt)
+    scale, mn = minmax_params(wg, fmt)
+    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ class LoadedModel:
     tokenizer: "PreTrainedTokenizerBase"  # noqa: F821
     source: str  # what the user passed
     path: Path  # the file or folder it was read from
-    format: str  # "gguf" or "hf"
+    format: str  # "gguf", "hf" or "artifact"
+    manifest: dict | None = None  # for a tightfit artifact
 
     @property
     def config(self):
@@ -42,6 +44,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
             "`tightfit models` lists what this install can find."
         )
     if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return path, "artifact"
         if not (path / "config.json").is_file():
             raise NotAModelError(
                 f"{path} is a folder but not a model: it has no config.json. Pass a Hugging Face model folder "
@@ -61,16 +65,32 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
 def load(source: str | os.PathLike = DEFAULT_MODEL, progress: bool = False) -> LoadedModel:
     """Load a model for evaluation or quantization: `load("smollm2-135m")`, `load("model.gguf")`, `load("dir/")`."""
     path, kind = resolve_source(source)
+    manifest = None
     if kind == "gguf":
         from .gguf_model import load_gguf
 
         model, tokenizer = load_gguf(path, progress=progress)
+    elif kind == "artifact":
+        from ..quant.artifact import load_artifact
+
+        model, tokenizer, manifest = load_artifact(path)
     else:
         from .hf import load_hf
 
         model, tokenizer = load_hf(path)
     model.eval()
-    return LoadedModel(model, tokenizer, os.fspath(source), path, kind)
+    return LoadedModel(model, tokenizer, os.fspath(source), path, kind, manifest)
 
 
-__all__ = ["LoadedModel", "load", "resolve_source", "DEFAULT_MODEL", "NAMED_MODELS"]
+def load_lazy(source: str | os.PathLike):
+    """A LazyModel (weights read on demand) for a GGUF file, a Hugging Face folder, or a known name."""
+    from .lazy import lazy_gguf, lazy_hf
+
+    path, kind = resolve_source(source)
+    if kind == "artifact":
+        raise NotAModelError(f"{path} is already a quantized tightfit artifact; quantize from its source model "
+                             f"({json.loads((path / 'manifest.json').read_text())['source']['model']}).")
+    return lazy_gguf(path) if kind == "gguf" else lazy_hf(path)
+
+
+__all__ = ["LoadedModel", "load", "load_lazy", "resolve_source", "DEFAULT_MODEL", "NAMED_MODELS"]

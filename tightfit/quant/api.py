@@ -1,0 +1,77 @@
+"""Entry points: quantize a model source into an artifact, or a loaded model in place (torchao style)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..data import CALIBRATION, EVALUATION, read_part, sha256_text
+from ..errors import QuantizeError
+from ..eval.windows import tokenize
+from .calibrate import QuantizedModel, quantize_model
+from .config import QuantConfig
+
+
+def calibration_ids(tokenizer, text: str, samples: int, ctx: int, seed: int = 0) -> torch.Tensor:
+    """`samples` windows of `ctx` tokens at random offsets of the text (they overlap when the text is short)."""
+    ids = torch.tensor(tokenize(tokenizer, text))
+    if ids.numel() < 2 * ctx:
+        raise QuantizeError(f"calibration text too short: {ids.numel()} tokens, need at least {2 * ctx} "
+                            f"(2 windows of {ctx}). Use a longer text or a smaller calibration context.")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - ctx + 1, (samples,), generator=g)
+    return torch.stack([ids[s : s + ctx] for s in starts.tolist()])
+
+
+def calibration_text(path: str | None) -> tuple[str, dict]:
+    """The calibration part by default; never the evaluation part."""
+    if path is None:
+        text, name, digest = read_part(CALIBRATION), f"tightfit:{CALIBRATION.path.name}", CALIBRATION.sha256
+    else:
+        from ..cli.common import read_text_arg  # same checks as --text
+
+        text, name, digest = read_text_arg(path)
+    if digest == EVALUATION.sha256:
+        raise QuantizeError("refusing to calibrate on the evaluation text (sotu-eval-2016-2021): it is held out "
+                            "for `tightfit eval`. Calibrate on the calibration part (the default) or your own text.")
+    return text, {"text": name, "sha256": digest}
+
+
+def quantize(source, cfg: QuantConfig, out, *, calib: str | None = None, progress: bool = False,
+             force: bool = False) -> dict:
+    """Quantize MODEL source into an artifact folder OUT; returns its manifest."""
+    from ..models import load_lazy
+    from .artifact import save_artifact
+
+    lazy = load_lazy(source)
+    ids, calib_info = None, None
+    if cfg.needs_calibration or cfg.tensor_formats:
+        text, calib_info = calibration_text(calib)
+        ids = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed)
+        calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed}
+    qm = quantize_model(lazy, cfg, ids, progress=progress)
+    return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), force=force)
+
+
+def quantize_(lm, config: QuantConfig, calib_ids: torch.Tensor | None = None) -> QuantizedModel:
+    """Quantize a LoadedModel in place: its weights become the dequantized quantized weights.
+
+    Returns the QuantizedModel (codes, scales, errors) for inspection or saving.
+    """
+    from ..models.lazy import LazyModel
+
+    state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    with torch.device("meta"):
+        skeleton = type(lm.model)(copy.deepcopy(lm.config))
+    loaders = {k: (lambda v=v: v.clone()) for k, v in state.items()
+               if not (k == "lm_head.weight" and lm.config.tie_word_embeddings)}
+    lazy = LazyModel(lm.config, lm.tokenizer, skeleton, loaders, lm.path, lm.format)
+    if config.needs_calibration and calib_ids is None:
+        raise QuantizeError(f"{config.method} needs calibration token ids: pass calib_ids")
+    qm = quantize_model(lazy, config, calib_ids)
+    new = {name: qw.dequantize() for name, qw in qm.weights.items()} | qm.kept
+    lm.model.load_state_dict(new, strict=False)
+    if lm.config.tie_word_embeddings:
+        lm.model.tie_weights()
+    return qm

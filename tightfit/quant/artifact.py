@@ -1,0 +1,152 @@
+"""The quantized artifact: a folder with packed weights (safetensors), a manifest, config and tokenizer.
+
+manifest.json records per tensor its format, shape, stored bytes and the quantizer's own error; overall the
+bits per weight (every stored byte x 8 / unique parameters), the source model's hash, the calibration text's
+hash, the config that made it, and the tightfit version. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ArtifactError, FormatError
+from ..formats.size import bits_per_weight
+from ..formats.weight import WeightFormat, pack, unpack
+from ..io import atomic_path
+from .calibrate import QuantizedModel
+from .core import QuantizedWeight
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    paths = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensors_of(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, entries = {}, {}
+    for name, qw in qm.weights.items():
+        tensors[f"{name}.qweight"] = pack(qw.codes, qw.fmt)
+        tensors[f"{name}.scales"] = qw.scales.contiguous()
+        stored = tensors[f"{name}.qweight"].numel() + qw.scales.numel() * qw.scales.element_size()
+        if qw.mins is not None:
+            tensors[f"{name}.mins"] = qw.mins.contiguous()
+            stored += qw.mins.numel() * qw.mins.element_size()
+        if qw.g_idx is not None:
+            tensors[f"{name}.g_idx"] = qw.g_idx.contiguous()
+            stored += qw.g_idx.numel() * qw.g_idx.element_size()
+        entries[name] = {"format": qw.fmt.name, "shape": list(qw.shape), "size_bytes": stored,
+                         "parameters": qw.codes.numel(), "bits_per_weight": stored * 8 / qw.codes.numel(),
+                         "g_idx": qw.g_idx is not None, "ggml_type": qw.fmt.ggml_type if qw.g_idx is None else None,
+                         "error": qw.error}
+    for name, t in qm.kept.items():
+        tensors[name] = t.contiguous()
+        entries[name] = {"format": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                         "size_bytes": t.numel() * t.element_size(), "parameters": t.numel()}
+    return tensors, entries
+
+
+def save_artifact(out: str | Path, qm: QuantizedModel, lazy, *, calibration: dict | None, source: str,
+                  extra: dict | None = None, force: bool = False) -> dict:
+    from .. import __version__
+
+    tensors, entries = _tensors_of(qm)
+    manifest = {
+        "tightfit_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "source": {"model": source, "path": str(lazy.path), "sha256": file_sha256(lazy.path)},
+        "calibration": calibration,
+        "method": qm.config.method,
+        "config": qm.config.to_dict(),
+        "bits_per_weight": bits_per_weight({n: (e["size_bytes"], e["parameters"]) for n, e in entries.items()}),
+        "size_bytes": sum(e["size_bytes"] for e in entries.values()),
+        "parameters": sum(e["parameters"] for e in entries.values()),
+        "tied_embeddings": bool(lazy.config.tie_word_embeddings),
+        "tensors": entries,
+        **(extra or {}),
+    }
+    with atomic_path(out, directory=True, force=force) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "tightfit", "format_version": str(FORMAT_VERSION)})
+        lazy.config.save_pretrained(tmp)
+        lazy.tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a folder with a manifest is complete
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path / MANIFEST} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
+    for key in ("format_version", "tensors", "bits_per_weight", "source"):
+        if key not in manifest:
+            raise ArtifactError(f"{path / MANIFEST} lacks {key!r}; the artifact is corrupt. Quantize it again.")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {manifest['format_version']}, this tightfit reads "
+                            f"{FORMAT_VERSION}. Quantize it again with this version.")
+    return manifest
+
+
+def load_quantized(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """(manifest, quantized weights, kept tensors), each checked against the manifest."""
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise ArtifactError(f"{path / WEIGHTS} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
+    qweights, kept = {}, {}
+    for name, e in manifest["tensors"].items():
+        shape = tuple(e["shape"])
+        if f"{name}.qweight" in tensors:
+            try:
+                fmt = WeightFormat.parse(e["format"])
+            except FormatError as err:
+                raise ArtifactError(f"{path}: tensor {name} has an unknown format {e['format']!r}") from err
+            packed = tensors[f"{name}.qweight"]
+            if packed.shape != (shape[0], shape[1] * fmt.bits // 8):
+                raise ArtifactError(f"{path}: tensor {name} holds {tuple(packed.shape)} packed bytes but the manifest "
+                                    f"says {e['format']} {list(shape)}; the manifest does not match the weights.")
+            g_idx = tensors.get(f"{name}.g_idx")
+            qweights[name] = QuantizedWeight(fmt, unpack(packed, fmt, shape[1]), tensors[f"{name}.scales"],
+                                             tensors.get(f"{name}.mins"), g_idx, e.get("error", {}))
+        elif name in tensors:
+            if tuple(tensors[name].shape) != shape:
+                raise ArtifactError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)} but the manifest "
+                                    f"says {list(shape)}; the manifest does not match the weights.")
+            kept[name] = tensors[name]
+        else:
+            raise ArtifactError(f"{path}: the manifest lists {name} but {WEIGHTS} does not hold it; the artifact "
+                                "is incomplete. Quantize it again.")
+    return manifest, qweights, kept
+
+
+def load_artifact(path: Path):
+    """(model, tokenizer, manifest) with every weight dequantized to fp32 (the reference for the runtime)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    manifest, qweights, kept = load_quantized(path)
+    config = AutoConfig.from_pretrained(path)
+    state = {name: qw.dequantize() for name, qw in qweights.items()}
+    state.update({k: v.float() for k, v in kept.items()})
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = set(skeleton.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if set(state) != expected:
+        missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ArtifactError(f"{path}: the manifest does not match the model: missing {missing[:3]}, unexpected "
+                            f"{unknown[:3]}. Quantize it again.")
+    model = type(skeleton).from_pretrained(None, config=config, state_dict=state)
+    return model, AutoTokenizer.from_pretrained(path), manifest

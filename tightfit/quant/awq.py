@@ -1,0 +1,90 @@
+"""AWQ (Lin et al., 2023): activation-aware per-input-channel scales, searched to protect the channels that
+carry large activations, then a per-group clipping search; both judged by the layer's output error.
+
+The output error of a quantized linear over the calibration tokens is tr(D H D^T) with D = W - Q(W) and
+H = E[x x^T]; we search with it directly instead of re-running the layer. Scales are folded into the op that
+feeds the linears (equivalence.py), so the artifact holds plain weights that any GGML type or kernel can take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import QuantizedWeight, dequantize_codes, grouped, minmax_params, pack_result, quantize_codes
+from .equivalence import PAIRS, apply_scale, expand_gqa
+
+LEAD = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
+        "mlp_out": "mlp.down_proj"}
+ALPHAS = torch.linspace(0, 1, 21).tolist()
+CLIPS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
+
+
+def fake_quant(w: torch.Tensor, fmt, clip=1.0) -> torch.Tensor:
+    wg = grouped(w, fmt)
+    scale, mn = minmax_params(wg, fmt, clip)
+    return dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn).reshape(w.shape)
+
+
+def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
+    return float(((d @ H) * d).sum())
+
+
+def search_scale(ws: list[torch.Tensor], fmts, H: torch.Tensor, act: torch.Tensor, expand=lambda s: s):
+    """The per-channel scale s = act^alpha (normalized) whose quantized output error is least; alpha=0 is s=1."""
+    best, best_s = float("inf"), None
+    for alpha in ALPHAS:
+        s = act.clamp_min(1e-5).pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        cols = expand(s)
+        err = sum(output_error(w - fake_quant(w * cols, f) / cols, H) for w, f in zip(ws, fmts))
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for) -> dict:
+    """Search and fold the four scale pairs of one decoder layer (state and hessians change in place)."""
+    found = {}
+    for pair in PAIRS:
+        lead = LEAD[pair.name]
+        H = hessians[lead]
+        fmts = [fmt_for(t) for t in pair.targets]
+        if any(f is None for f in fmts):
+            continue
+        ws = [state[f"{prefix}{t}.weight"] for t in pair.targets]
+        act = torch.diagonal(H).clamp_min(0).sqrt()  # RMS activation per input column
+        expand = (lambda s: expand_gqa(s, config)) if pair.gqa else (lambda s: s)
+        if pair.gqa:  # one scale per kv channel: average over the query heads that share it
+            hd = act.shape[0] // config.num_attention_heads
+            rep = config.num_attention_heads // config.num_key_value_heads
+            act = act.reshape(config.num_key_value_heads, rep, hd).mean(1).reshape(-1)
+        s = search_scale(ws, fmts, H, act, expand)
+        apply_scale(state, prefix, pair, s, config)
+        cols = expand(s)
+        hessians[lead] = H / (cols[:, None] * cols[None, :])
+        found[pair.name] = s
+    return found
+
+
+def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None) -> QuantizedWeight:
+    """Round to nearest with each (row, group) clipped to the range ratio that least hurts the output."""
+    w = w.float()
+    fmt.check_shape(tuple(w.shape))
+    wg = grouped(w, fmt)
+    if H is None:
+        scale, mn = minmax_params(wg, fmt)
+        return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w)
+    n_groups, gl = wg.shape[1], wg.shape[2]
+    Hb = torch.stack([H[g * gl:(g + 1) * gl, g * gl:(g + 1) * gl] for g in range(n_groups)])  # [G, gl, gl]
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_scale = best_mn = None
+    for c in CLIPS:
+        scale, mn = minmax_params(wg, fmt, c)
+        d = wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn)
+        err = torch.einsum("ogi,gij,ogj->og", d, Hb, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        if mn is not None:
+            best_mn = mn if best_mn is None else torch.where(better, mn, best_mn)
+    return pack_result(fmt, quantize_codes(wg, fmt, best_scale, best_mn), best_scale, best_mn, w, H)

@@ -1,0 +1,170 @@
+"""Layer-by-layer quantization: statistics for one decoder layer, quantize it, pass its quantized outputs on.
+
+Weights come from a LazyModel, one layer at a time, so peak memory is about one layer plus the calibration
+activations, and a model larger than RAM can be quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import QuantizeError
+from ..models.lazy import LazyModel
+from .awq import awq_clip, awq_layer
+from .config import QuantConfig
+from .core import QuantizedWeight, rtn
+from .equivalence import check_rescalable
+from .gptq import gptq
+from .hqq import hqq
+
+log = logging.getLogger(__name__)
+
+# linears that read the same input share one Hessian; the first of each group is where it is measured
+INPUT_GROUPS = {
+    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+LINEARS = tuple(n for group in INPUT_GROUPS.values() for n in group)
+
+
+@dataclass
+class QuantizedModel:
+    """Quantized weights by parameter name, the tensors kept as they were, and what was done."""
+
+    weights: dict[str, QuantizedWeight]
+    kept: dict[str, torch.Tensor]  # norms, biases: stored in full precision
+    config: QuantConfig
+    extra: dict
+
+
+def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str) -> QuantizedWeight:
+    fmt.check_shape(tuple(w.shape), name)
+    if cfg.method == "gptq" and H is not None:
+        return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp)
+    if cfg.method == "awq":
+        return awq_clip(w, fmt, H)
+    if cfg.method == "hqq":
+        return hqq(w, fmt, H)
+    return rtn(w, fmt, H)
+
+
+class _HessianHook:
+    def __init__(self, n: int):
+        self.H = torch.zeros(n, n, dtype=torch.float64)
+        self.tokens = 0
+
+    def __call__(self, module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        self.H += x.T @ x
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return (self.H / max(self.tokens, 1)).float()
+
+
+def _load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    layer = lazy.skeleton.model.layers[i]
+    layer.to_empty(device="cpu")
+    prefix = f"model.layers.{i}."
+    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
+    return layer
+
+
+def _run_layer(layer, xs: torch.Tensor, pe, batch: int = 8) -> torch.Tensor:
+    out = torch.empty_like(xs)
+    with torch.inference_mode():
+        for b in range(0, xs.shape[0], batch):
+            x = xs[b : b + batch]
+            out[b : b + batch] = layer(x, attention_mask=None, position_embeddings=(pe[0].expand(x.shape[0], -1, -1),
+                                                                                     pe[1].expand(x.shape[0], -1, -1)))
+    return out
+
+
+def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None, progress: bool = False) -> QuantizedModel:
+    """calib: [samples, ctx] token ids (needed for gptq/awq; used by rtn/hqq only to report output error)."""
+    config = lazy.config
+    check_rescalable(config)  # the layer-by-layer path knows the Llama/Qwen2 decoder layer
+    if cfg.needs_calibration and calib is None:
+        raise QuantizeError(f"{cfg.method} needs calibration text")
+    weights: dict[str, QuantizedWeight] = {}
+    kept: dict[str, torch.Tensor] = {}
+    extra: dict = {"awq_scales": {}} if cfg.method == "awq" else {}
+    embed = lazy.get("model.embed_tokens.weight")
+
+    xs = pe = None
+    if calib is not None:
+        xs = embed[calib]  # [samples, ctx, hidden]
+        rotary = type(lazy.skeleton.model.rotary_emb)(config=config)
+        pos = torch.arange(calib.shape[1])[None]
+        pe = rotary(xs[:1], pos)
+
+    steps = tqdm(range(config.num_hidden_layers), desc=f"quantizing ({cfg.method})", unit="layer",
+                 disable=not progress)
+    for i in steps:
+        prefix = f"model.layers.{i}."
+        state = lazy.materialize(prefix)
+        hessians = {}
+        if xs is not None:
+            layer = _load_layer(lazy, i, state)
+            hooks = {n: _HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
+            handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
+            _run_layer(layer, xs, pe)
+            for h in handles:
+                h.remove()
+            hessians = {n: h.result() for n, h in hooks.items()}
+        if cfg.method == "awq":
+            extra["awq_scales"][i] = awq_layer(state, prefix, hessians, cfg, config,
+                                               lambda n: cfg.format_for(prefix + n + ".weight"))
+        for lead, group in INPUT_GROUPS.items():
+            for n in group:
+                name = f"{prefix}{n}.weight"
+                fmt = cfg.format_for(name)
+                if fmt is None:
+                    continue
+                qw = quantize_one(state[name], fmt, cfg, hessians.get(lead), name)
+                weights[name] = qw
+                state[name] = qw.dequantize()
+        for k, v in state.items():
+            if k not in weights:
+                kept[k] = v
+        if xs is not None:
+            layer = _load_layer(lazy, i, state)
+            xs = _run_layer(layer, xs, pe)
+        lazy.skeleton.model.layers[i].to("meta")
+        if progress and weights:
+            last = weights[f"{prefix}mlp.down_proj.weight"].error
+            steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB")
+
+    norm = lazy.get("model.norm.weight")
+    kept["model.norm.weight"] = norm
+    H_head = None
+    if xs is not None:
+        final = lazy.skeleton.model.norm
+        final.to_empty(device="cpu")
+        final.load_state_dict({"weight": norm})
+        with torch.inference_mode():
+            h = final(xs).reshape(-1, config.hidden_size).double()
+        H_head = (h.T @ h / h.shape[0]).float()
+        final.to("meta")
+    head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    fmt = cfg.format_for(head_name)
+    if config.tie_word_embeddings:
+        # one matrix is both the embedding table and the output head, quantized once; its error is weighed
+        # half by the head's inputs, half unweighted (each embedding row is read as it is)
+        H_tied = None if H_head is None else H_head / H_head.diagonal().mean() + torch.eye(config.hidden_size)
+        weights[head_name] = quantize_one(embed, fmt, cfg, H_tied, head_name) if fmt else None
+    else:
+        e_fmt = cfg.format_for("model.embed_tokens.weight")
+        weights["model.embed_tokens.weight"] = rtn(embed, e_fmt) if e_fmt else None
+        head = lazy.get("lm_head.weight")
+        weights[head_name] = quantize_one(head, fmt, cfg, H_head, head_name) if fmt else None
+    for k in [k for k, v in weights.items() if v is None]:
+        kept[k] = embed if k == "model.embed_tokens.weight" else lazy.get(k)
+        del weights[k]
+    return QuantizedModel(weights, kept, cfg, extra)

@@ -1,0 +1,49 @@
+"""Typed quantization config: what `quantize_` and `tightfit quantize` carry out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import QuantizeError
+from ..formats.weight import WeightFormat
+
+METHODS = ("rtn", "gptq", "awq", "hqq")
+CALIBRATED = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "gptq"
+    fmt: WeightFormat = WeightFormat(4, 32, False)
+    # the token embedding and (tied) output head: llama.cpp keeps them at 8 bits at this model size
+    embed_fmt: WeightFormat | None = WeightFormat(8, 32, True)
+    tensor_formats: dict[str, WeightFormat] = field(default_factory=dict)  # a mixed plan: name -> format
+    act_order: bool = True
+    static_groups: bool = True
+    damp: float = 0.01
+    calib_samples: int = 128
+    calib_ctx: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise QuantizeError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in CALIBRATED
+
+    def format_for(self, name: str) -> WeightFormat | None:
+        """The format of one tensor: the plan's entry, else the embedding format or the default. None: keep."""
+        if name in self.tensor_formats:
+            return self.tensor_formats[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return self.embed_fmt or self.fmt
+        return self.fmt
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fmt"] = self.fmt.name
+        d["embed_fmt"] = self.embed_fmt.name if self.embed_fmt else None
+        d["tensor_formats"] = {k: v.name for k, v in self.tensor_formats.items()}
+        return d

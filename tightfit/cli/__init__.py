@@ -13,6 +13,7 @@ VERBS = {
     "eval": "perplexity, KL divergence and top-1 agreement of a model against a base",
     "convert": "write a model as a Hugging Face folder or an F16 GGUF",
     "models": "list the models this install can find",
+    "quantize": "quantize a model (RTN, GPTQ, AWQ, HQQ; uniform or mixed precision) into an artifact",
 }
 
 

@@ -14,6 +14,10 @@ def add_arguments(p):
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (hf) or file (gguf-f16)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype of an hf folder")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--offgrid", type=float, metavar="SIGMA",
+                   help="rescale channels where the function does not change, by exp(N(0, SIGMA^2)) factors "
+                        "(moves a dequantized GGUF's weights off its quantization grid; about 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --offgrid factors (default 0)")
 
 
 def run(args) -> int:
@@ -24,6 +28,11 @@ def run(args) -> int:
 
     quiet_libraries(True)
     lm = load(args.model, progress=True)
+    if args.offgrid:
+        from ..quant.equivalence import offgrid
+
+        with torch.no_grad():
+            offgrid(lm.model.state_dict(), lm.config, sigma=args.offgrid, seed=args.seed)
     if args.to == "hf":
         from ..models.hf import save_hf
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import TokenizerMismatchError
+from ..errors import TextError, TokenizerMismatchError
 from .windows import Windows, adds_bos, make_windows, tokenize
 
 
@@ -76,6 +76,11 @@ def _stderr(x: torch.Tensor) -> float:
 def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 512, chunks: int | None = None,
              base=None, progress: bool = False) -> EvalResult:
     """Score MODEL (and BASE, on identical windows) over a text; memory is bounded by one window's logits."""
+    for lm in (model, base):
+        calib = (getattr(lm, "manifest", None) or {}).get("calibration") or {}
+        if calib.get("sha256") == text_sha256:
+            raise TextError(f"{lm.source} was calibrated on this text ({calib.get('text')}); evaluating on it would "
+                            "flatter the model. Evaluate on held-out text (the default evaluation part).")
     ids = tokenize(model.tokenizer, text)
     if base is not None:
         check_same_tokenizer(model, base, ids, tokenize(base.tokenizer, text))
@@ -101,6 +106,9 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
         text_sha256=text_sha256, text=text_name, perplexity=ppl, perplexity_stderr=ppl * _stderr(nll),
         nll_mean=float(nll.mean()),
     )
+    if getattr(model, "manifest", None):
+        result.extra["bits_per_weight"] = model.manifest["bits_per_weight"]
+        result.extra["method"] = model.manifest["method"]
     if base is not None:
         k = torch.cat(kld).double()
         result.base = base.source

@@ -60,20 +60,20 @@ class _HessianHook:
         self.tokens = 0
 
     def __call__(self, module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        self.H += x.T @ x
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        self.H += (x.T @ x).double()  # fp32 product per batch, fp64 sum across batches
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         return (self.H / max(self.tokens, 1)).float()
 
 
-def _load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
     layer = lazy.skeleton.model.layers[i]
     layer.to_empty(device="cpu")
     prefix = f"model.layers.{i}."
     layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
-    return layer
+    return layer.to(dtype)
 
 
 def _run_layer(layer, xs: torch.Tensor, pe, batch: int = 8) -> torch.Tensor:
@@ -99,10 +99,10 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
 
     xs = pe = None
     if calib is not None:
-        xs = embed[calib]  # [samples, ctx, hidden]
+        xs = embed[calib].to(cfg.calib_torch_dtype)  # [samples, ctx, hidden]
         rotary = type(lazy.skeleton.model.rotary_emb)(config=config)
         pos = torch.arange(calib.shape[1])[None]
-        pe = rotary(xs[:1], pos)
+        pe = tuple(t.to(xs.dtype) for t in rotary(xs[:1].float(), pos))
 
     steps = tqdm(range(config.num_hidden_layers), desc=f"quantizing ({cfg.method})", unit="layer",
                  disable=not progress)
@@ -111,7 +111,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         state = lazy.materialize(prefix)
         hessians = {}
         if xs is not None:
-            layer = _load_layer(lazy, i, state)
+            layer = _load_layer(lazy, i, state, cfg.calib_torch_dtype)
             hooks = {n: _HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
             _run_layer(layer, xs, pe)
@@ -134,7 +134,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
             if k not in weights:
                 kept[k] = v
         if xs is not None:
-            layer = _load_layer(lazy, i, state)
+            layer = _load_layer(lazy, i, state, cfg.calib_torch_dtype)
             xs = _run_layer(layer, xs, pe)
         lazy.skeleton.model.layers[i].to("meta")
         if progress and weights:
@@ -149,8 +149,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         final.to_empty(device="cpu")
         final.load_state_dict({"weight": norm})
         with torch.inference_mode():
-            h = final(xs).reshape(-1, config.hidden_size).double()
-        H_head = (h.T @ h / h.shape[0]).float()
+            h = final(xs.float()).reshape(-1, config.hidden_size)
+        H_head = ((h.T @ h).double() / h.shape[0]).float()
         final.to("meta")
     head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     fmt = cfg.format_for(head_name)

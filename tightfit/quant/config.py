@@ -24,10 +24,20 @@ class QuantConfig:
     calib_samples: int = 128
     calib_ctx: int = 512
     seed: int = 0
+    # dtype of the calibration forward passes (statistics are accumulated in fp32/fp64 either way); bf16 runs
+    # 2-4x faster on CPUs with AVX-512 bf16
+    calib_dtype: str = "bfloat16"
+    predicted_kld: float | None = None  # a mixed plan's predicted KL divergence (nats/token)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise QuantizeError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+    @property
+    def calib_torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.calib_dtype)
 
     @property
     def needs_calibration(self) -> bool:

@@ -89,14 +89,13 @@ def pack_result(fmt, q: torch.Tensor, scale, mn, w: torch.Tensor, H: torch.Tenso
 
 def weight_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None = None) -> dict:
     """Relative weight error, SQNR in dB, and with a Hessian H = E[x x^T] the relative output error."""
-    d = (w - wq).double()
-    w64 = w.double()
-    rel = float((d * d).sum() / (w64 * w64).sum().clamp_min(1e-30))
+    d = (w - wq).float()
+    rel = float((d * d).double().sum() / (w.float() ** 2).double().sum().clamp_min(1e-30))
     err = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
-    if H is not None:
-        H64 = H.double()
-        num = float(((d @ H64) * d).sum())
-        den = float(((w64 @ H64) * w64).sum())
+    if H is not None:  # fp32 products, fp64 sums
+        w32, H32 = w.float(), H.float()
+        num = float(((d @ H32) * d).double().sum())
+        den = float(((w32 @ H32) * w32).double().sum())
         err["output_sq_err"] = num
         err["output_rel_err"] = num / max(den, 1e-30)
     return err

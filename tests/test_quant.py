@@ -1,0 +1,156 @@
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+import tightfit
+from tightfit.data import CALIBRATION, EVALUATION, read_part, sha256_text
+from tightfit.errors import ArtifactError, QuantizeError, TextError
+from tightfit.eval import evaluate
+from tightfit.formats import WeightFormat
+from tightfit.quant.api import calibration_ids, quantize, quantize_
+from tightfit.quant.awq import awq_clip
+from tightfit.quant.config import QuantConfig
+from tightfit.quant.core import rtn
+from tightfit.quant.equivalence import offgrid
+from tightfit.quant.gptq import gptq
+from tightfit.quant.hqq import hqq
+
+CTX = 64
+F3 = WeightFormat(3, 32, False)
+
+
+def correlated(n_in=256, n_out=128, tokens=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n_in, n_in, generator=g) * 0.1 + torch.eye(n_in)
+    X = torch.randn(tokens, n_in, generator=g) @ A
+    X[:, :4] *= 8  # a few salient input channels, as LLM activations have
+    return torch.randn(n_out, n_in, generator=g) * 0.05, X.T @ X / tokens
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(3, 32, False), WeightFormat(3, 32, True), WeightFormat(2, 64, False),
+                                 WeightFormat(4, 0, False)], ids=lambda f: f.name)
+def test_algorithms_beat_rtn(fmt):
+    w, H = correlated()
+    base = rtn(w, fmt, H).error
+    assert gptq(w, H, fmt).error["output_rel_err"] < 0.7 * base["output_rel_err"]
+    assert gptq(w, H, fmt, static_groups=False).error["output_rel_err"] < 0.7 * base["output_rel_err"]
+    assert awq_clip(w, fmt, H).error["output_rel_err"] < base["output_rel_err"]
+    assert hqq(w, fmt).error["weight_rel_mse"] < base["weight_rel_mse"]  # no calibration at all
+
+
+def test_gptq_act_order_with_dynamic_groups_stores_g_idx():
+    w, H = correlated()
+    qw = gptq(w, H, F3, act_order=True, static_groups=False)
+    assert qw.g_idx is not None and qw.g_idx.shape == (256,) and sorted(qw.g_idx.bincount().tolist()) == [32] * 8
+    assert gptq(w, H, F3, act_order=True, static_groups=True).g_idx is None
+    # dequantizing through g_idx reproduces what GPTQ optimized (a wrong column->group map would not)
+    d = w - qw.dequantize()
+    assert float(((d @ H) * d).sum() / ((w @ H) * w).sum()) == pytest.approx(qw.error["output_rel_err"], rel=1e-4)
+    assert qw.error["output_rel_err"] < 0.7 * rtn(w, F3, H).error["output_rel_err"]
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_models):
+    lm = tightfit.load(tiny_models["llama"])
+    return calibration_ids(lm.tokenizer, read_part(CALIBRATION), 8, CTX)
+
+
+def kld(lm, base, text):
+    return evaluate(lm, text, text_name="t", text_sha256=sha256_text(text), ctx=CTX, chunks=6, base=base).kld_mean
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_offgrid_preserves_the_function(tiny_models, arch, short_eval_text):
+    base = tightfit.load(tiny_models[arch])
+    lm = copy.copy(base)
+    lm.model = copy.deepcopy(base.model)
+    with torch.no_grad():
+        info = offgrid(lm.model.state_dict(), lm.config, sigma=0.1, seed=3)
+    assert info["sigma"] == 0.1 and info["seed"] == 3
+    w0, w1 = base.model.model.layers[0].mlp.down_proj.weight, lm.model.model.layers[0].mlp.down_proj.weight
+    assert (w0 - w1).abs().max() > 1e-3  # the weights moved
+    assert kld(lm, base, short_eval_text) < 1e-5  # the function did not
+
+
+def test_quantize_api_orders_methods_on_tiny_model(tiny_models, calib, short_eval_text):
+    base = tightfit.load(tiny_models["llama"])
+    result = {}
+    for method in ("rtn", "hqq", "gptq", "awq"):
+        lm = tightfit.load(tiny_models["llama"])
+        qm = quantize_(lm, QuantConfig(method=method, fmt=F3, embed_fmt=None), calib)
+        assert set(qm.weights) >= {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}
+        result[method] = kld(lm, base, short_eval_text)
+    assert result["gptq"] < result["rtn"] and result["hqq"] < result["rtn"] and result["awq"] < result["rtn"]
+
+
+def test_artifact_round_trip_from_disk(tiny_models, tmp_path, short_eval_text):
+    cfg = QuantConfig(method="gptq", fmt=F3, calib_samples=8, calib_ctx=CTX)
+    manifest = quantize(tiny_models["qwen2"], cfg, tmp_path / "art")
+    on_disk = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["calibration"]["sha256"] == CALIBRATION.sha256 and on_disk["method"] == "gptq"
+    t = on_disk["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    assert t["format"] == "asym3-g32" and t["bits_per_weight"] == 4.0 and t["size_bytes"] == 64 * (128 * 3 // 8 + 4 * 4)
+    assert on_disk["tensors"]["model.embed_tokens.weight"]["format"] == "sym8-g32"
+    assert "lm_head.weight" not in on_disk["tensors"]  # tied: stored and counted once
+    total_bytes = sum(e["size_bytes"] for e in on_disk["tensors"].values())
+    params = sum(e["parameters"] for e in on_disk["tensors"].values())
+    assert on_disk["bits_per_weight"] == pytest.approx(total_bytes * 8 / params)
+    lm = tightfit.load(tmp_path / "art")
+    assert lm.format == "artifact" and lm.manifest["bits_per_weight"] == on_disk["bits_per_weight"]
+    r = evaluate(lm, short_eval_text, text_name="t", text_sha256="x", ctx=CTX, base=tightfit.load(tiny_models["qwen2"]))
+    assert 0 < r.kld_mean < 1.0 and r.extra["bits_per_weight"] == on_disk["bits_per_weight"]
+
+
+def test_eval_refuses_the_calibration_text(tiny_models, tmp_path):
+    quantize(tiny_models["qwen2"], QuantConfig(method="rtn", fmt=F3), tmp_path / "a")
+    lm = tightfit.load(tmp_path / "a")
+    assert lm.manifest["calibration"] is None  # rtn reads no text
+    quantize(tiny_models["qwen2"], QuantConfig(method="gptq", fmt=F3, calib_samples=4, calib_ctx=CTX), tmp_path / "c")
+    lm = tightfit.load(tmp_path / "c")
+    text = read_part(CALIBRATION)
+    with pytest.raises(TextError, match=re.escape(f"{tmp_path / 'c'} was calibrated on this text "
+                                                  "(tightfit:sotu-calib-2010-2015.txt); evaluating on it would flatter")):
+        evaluate(lm, text, text_name="t", text_sha256=sha256_text(text), ctx=CTX)
+
+
+def test_refuses_to_calibrate_on_the_evaluation_text(tiny_models, tmp_path):
+    with pytest.raises(QuantizeError, match="refusing to calibrate on the evaluation text"):
+        quantize(tiny_models["qwen2"], QuantConfig(method="gptq", fmt=F3), tmp_path / "x", calib=str(EVALUATION.path))
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_quantize_requests(tiny_models, tmp_path):
+    with pytest.raises(QuantizeError, match="unknown method 'spqr': choose one of rtn, gptq, awq, hqq"):
+        QuantConfig(method="spqr")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate on.")
+    with pytest.raises(QuantizeError, match=r"calibration text too short: \d+ tokens, need at least 128"):
+        quantize(tiny_models["qwen2"], QuantConfig(method="gptq", fmt=F3, calib_ctx=CTX), tmp_path / "o",
+                 calib=str(short))
+    with pytest.raises(Exception, match="group size 128 does not divide .*input dimension 64"):
+        quantize(tiny_models["qwen2"], QuantConfig(method="rtn", fmt=WeightFormat(4, 128)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_or_mismatched_manifest(tiny_models, tmp_path):
+    quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=F3), tmp_path / "a")
+    m = tmp_path / "a" / "manifest.json"
+    good = json.loads(m.read_text())
+    m.write_text("{not json")
+    with pytest.raises(ArtifactError, match=re.escape(f"{m} cannot be read")):
+        tightfit.load(tmp_path / "a")
+    bad = copy.deepcopy(good)
+    bad["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] = "asym4-g32"
+    m.write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"tensor model.layers.0.mlp.up_proj.weight holds \(128, 24\) packed bytes "
+                                            r"but the manifest says asym4-g32 \[128, 64\]"):
+        tightfit.load(tmp_path / "a")
+    bad = copy.deepcopy(good)
+    bad["tensors"]["model.layers.9.mlp.up_proj.weight"] = bad["tensors"]["model.layers.0.mlp.up_proj.weight"]
+    m.write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match="the manifest lists model.layers.9.mlp.up_proj.weight but"):
+        tightfit.load(tmp_path / "a")

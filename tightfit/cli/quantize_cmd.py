@@ -1,0 +1,56 @@
+"""tightfit quantize MODEL --method {rtn,gptq,awq,hqq} --bits B --group-size G [--sym] [--target-bpw X]
+[--calib FILE] -o OUT"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(p):
+    from ..quant.config import METHODS
+
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="quantization algorithm (default gptq)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight code: 2, 3, 4, 5, 6 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=32, help="32, 64, 128, or 0 for per-channel (default 32)")
+    p.add_argument("--sym", action="store_true", help="symmetric codes (no min/zero per group)")
+    p.add_argument("--embed-bits", type=int, default=8,
+                   help="bits for the token embedding / output head, symmetric, group 32 (default 8; 0: as --bits)")
+    p.add_argument("--target-bpw", type=float, metavar="X",
+                   help="mixed precision: choose each tensor's format to reach X bits per weight overall")
+    p.add_argument("--calib", metavar="FILE", help="calibration text (default: the shipped calibration part)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
+    p.add_argument("--dynamic-groups", action="store_true",
+                   help="GPTQ with act-order: groups in permuted order (stores g_idx; no GGML type holds it)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON; no progress bars")
+
+
+def run(args) -> int:
+    from ..formats.weight import WeightFormat
+    from ..quant.api import quantize
+    from ..quant.config import QuantConfig
+    from .common import quiet_libraries
+
+    quiet_libraries(True)
+    fmt = WeightFormat(args.bits, args.group_size, args.sym)
+    embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
+    cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
+                      static_groups=not args.dynamic_groups, calib_samples=args.calib_samples, calib_ctx=args.calib_ctx)
+    if args.target_bpw is not None:
+        from ..quant.mixed import plan_mixed
+
+        cfg = plan_mixed(args.model, cfg, args.target_bpw, calib=args.calib, progress=not args.json)
+    manifest = quantize(args.model, cfg, args.output, calib=args.calib, progress=not args.json, force=args.force)
+    summary = {k: manifest[k] for k in ("method", "bits_per_weight", "size_bytes", "parameters", "calibration")}
+    summary["output"] = args.output
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {args.output}: {manifest['method']} {manifest['bits_per_weight']:.3f} bits per weight, "
+              f"{manifest['size_bytes'] / 1e6:.1f} MB", file=sys.stderr)
+    return 0

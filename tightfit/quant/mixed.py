@@ -1,0 +1,132 @@
+"""Mixed precision to a budget: a sensitivity proxy per (tensor, format), and an exact choice of one format per
+tensor that minimizes the predicted loss at a target bits per weight.
+
+Proxy: KL(P || P_quant) ~ 1/2 dW^T F dW with F the model's Fisher information (second-order expansion of the
+KL divergence around the original). We keep F's diagonal, estimated from gradients of log p(y|x) with y drawn
+from the model's own next-token distribution on calibration windows, so the cost is a few backward passes
+instead of one full-model evaluation per tensor and format. Each tensor's dW is its round-to-nearest error in
+each candidate format. The choice is a multiple-choice knapsack, solved exactly as a MILP (HiGHS via scipy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FormatError, QuantizeError
+from ..formats.weight import WeightFormat
+from .config import QuantConfig
+from .core import rtn
+
+CANDIDATES = tuple(WeightFormat(b, g, sym) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64) for sym in (True, False))
+
+
+def fisher_diagonal(model, calib: torch.Tensor, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher per 2-D weight, mean over tokens, from per-window gradients with sampled labels."""
+    g = torch.Generator().manual_seed(seed)
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    try:
+        for i in tqdm(range(calib.shape[0]), desc="sensitivity (Fisher)", unit="window", disable=not progress):
+            x = calib[i : i + 1]
+            logits = model(x).logits[0, :-1].float()
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+            logp = torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum()
+            model.zero_grad(set_to_none=True)
+            logp.backward()
+            for n, p in params.items():
+                fisher[n] += p.grad.detach() ** 2 / (x.shape[1] - 1)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+            p.grad = None
+    return {n: f / calib.shape[0] for n, f in fisher.items()}
+
+
+@dataclass
+class Sensitivity:
+    names: list[str]
+    formats: list[WeightFormat]
+    loss: np.ndarray  # [tensors, formats]: predicted KL increase (nats/token); inf where the format does not fit
+    nbytes: np.ndarray  # [tensors, formats]
+    params: np.ndarray  # [tensors]
+
+
+def sensitivities(model, fisher: dict[str, torch.Tensor], formats=CANDIDATES, progress: bool = False) -> Sensitivity:
+    tied = model.config.tie_word_embeddings
+    names = [n for n in fisher if not (tied and n == "lm_head.weight")]
+    loss = np.full((len(names), len(formats)), np.inf)
+    nbytes = np.zeros((len(names), len(formats)), dtype=np.int64)
+    state = model.state_dict()
+    for i, n in enumerate(tqdm(names, desc="sensitivity (formats)", unit="tensor", disable=not progress)):
+        w = state[n].float()
+        F = fisher[n]  # a tied embedding/head is one parameter: its gradient already holds both uses
+        for j, fmt in enumerate(formats):
+            try:
+                fmt.check_shape(tuple(w.shape), n)
+            except FormatError:
+                continue
+            d = w - rtn(w, fmt).dequantize()
+            loss[i, j] = 0.5 * float((F * d * d).sum())
+            nbytes[i, j] = fmt.nbytes(tuple(w.shape))
+    params = np.array([state[n].numel() for n in names])
+    return Sensitivity(names, list(formats), loss, nbytes, params)
+
+
+def choose(sens: Sensitivity, budget_bytes: float) -> tuple[dict[str, WeightFormat], float]:
+    """One format per tensor minimizing total predicted loss with total bytes <= budget (exact MILP)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    T, K = sens.loss.shape
+    ok = np.isfinite(sens.loss)
+    cost = np.where(ok, sens.loss, 0.0).ravel()
+    one_each = np.zeros((T, T * K))
+    for t in range(T):
+        one_each[t, t * K:(t + 1) * K] = 1
+    size = sens.nbytes.ravel().astype(float)[None, :]
+    upper = ok.ravel().astype(float)  # formats that do not fit the tensor are fixed to 0
+    res = milp(cost, constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(size, 0, budget_bytes)],
+               integrality=np.ones(T * K), bounds=Bounds(0, upper), options={"disp": False})
+    if res.status != 0 or res.x is None:
+        least = float(np.where(ok, sens.nbytes, np.inf).min(1).sum())
+        raise QuantizeError(f"no choice of formats fits {budget_bytes:.0f} bytes (the smallest choice takes {least:.0f}); "
+                            "raise the target bits per weight")
+    pick = res.x.reshape(T, K).argmax(1)
+    return ({n: sens.formats[k] for n, k in zip(sens.names, pick)},
+            float(sum(sens.loss[t, k] for t, k in enumerate(pick))))
+
+
+def budget_for(sens: Sensitivity, target_bpw: float, kept_bytes: int, kept_params: int) -> float:
+    """Bytes left for the quantized tensors when the whole model must average target_bpw."""
+    total_params = int(sens.params.sum()) + kept_params
+    budget = target_bpw * total_params / 8 - kept_bytes
+    least_bpw = (np.where(np.isfinite(sens.loss), sens.nbytes, np.inf).min(1).sum() + kept_bytes) * 8 / total_params
+    if budget <= 0 or target_bpw < least_bpw:
+        raise QuantizeError(f"target {target_bpw} bits per weight is below what any format allows here: the "
+                            f"smallest formats give {least_bpw:.3f}. Choose a target of at least {least_bpw:.3f}.")
+    return budget
+
+
+def plan_mixed(source, cfg: QuantConfig, target_bpw: float, *, calib: str | None = None, progress: bool = False,
+               fisher_windows: int = 16, formats=CANDIDATES) -> QuantConfig:
+    """The QuantConfig with a per-tensor plan for target_bpw (and the predicted KLD in `predicted_kld`)."""
+    from .. import load
+    from .api import calibration_ids, calibration_text
+
+    lm = load(source, progress=progress)
+    text, _ = calibration_text(calib)
+    ids = calibration_ids(lm.tokenizer, text, fisher_windows, cfg.calib_ctx, cfg.seed + 1)
+    fisher = fisher_diagonal(lm.model, ids, cfg.seed, progress)
+    sens = sensitivities(lm.model, fisher, formats, progress)
+    kept = {n: p for n, p in lm.model.state_dict().items() if p.ndim != 2}
+    kept_bytes = sum(p.numel() * 4 for p in kept.values())  # norms stay fp32
+    budget = budget_for(sens, target_bpw, kept_bytes, sum(p.numel() for p in kept.values()))
+    plan, predicted = choose(sens, budget)
+    return replace(cfg, tensor_formats=plan, predicted_kld=predicted)

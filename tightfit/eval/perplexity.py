@@ -74,8 +74,12 @@ def _stderr(x: torch.Tensor) -> float:
 
 
 def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 512, chunks: int | None = None,
-             base=None, progress: bool = False) -> EvalResult:
-    """Score MODEL (and BASE, on identical windows) over a text; memory is bounded by one window's logits."""
+             base=None, progress: bool = False, base_cache: dict | None = None) -> EvalResult:
+    """Score MODEL (and BASE, on identical windows) over a text; memory is bounded by one window's logits.
+
+    base_cache: a dict kept by the caller to reuse BASE's log-probabilities across evaluations of many models
+    against one base (benchmarks); it then holds every scored window's fp32 log-probabilities.
+    """
     for lm in (model, base):
         calib = (getattr(lm, "manifest", None) or {}).get("calibration") or {}
         if calib.get("sha256") == text_sha256:
@@ -94,7 +98,13 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
         logp = window_logprobs(model.model, window, win.first)
         nll.append(-logp.gather(-1, targets[:, None])[:, 0])
         if base is not None:
-            base_logp = window_logprobs(base.model, window, win.first)
+            key = (base.source, text_sha256, ctx, i)
+            if base_cache is not None and key in base_cache:
+                base_logp = base_cache[key]
+            else:
+                base_logp = window_logprobs(base.model, window, win.first)
+                if base_cache is not None:
+                    base_cache[key] = base_logp
             kld.append(kl_divergence(base_logp, logp))
             agree.append(base_logp.argmax(-1) == logp.argmax(-1))
             base_nll.append(-base_logp.gather(-1, targets[:, None])[:, 0])

@@ -1,0 +1,58 @@
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+import tightfit
+from tightfit.data import sha256_text
+from tightfit.errors import QuantizeError
+from tightfit.eval import evaluate
+from tightfit.formats import WeightFormat
+from tightfit.quant.api import quantize
+from tightfit.quant.config import QuantConfig
+from tightfit.quant.mixed import Sensitivity, budget_for, choose, plan_mixed
+
+CTX = 64
+
+
+def test_milp_equals_brute_force():
+    rng = np.random.default_rng(0)
+    fmts = [WeightFormat(b, 32, False) for b in (2, 3, 4)]
+    for trial in range(5):
+        T = 5
+        nbytes = np.array([[2, 3, 4]] * T) * rng.integers(1, 5, size=(T, 1))
+        loss = rng.random((T, 3)) * np.array([8, 2, 0.5])
+        sens = Sensitivity([f"t{i}" for i in range(T)], fmts, loss, nbytes, np.ones(T))
+        budget = float(nbytes[:, 1].sum())
+        plan, total = choose(sens, budget)
+        best = min((sum(loss[t, k] for t, k in enumerate(c)), c) for c in itertools.product(range(3), repeat=T)
+                   if sum(nbytes[t, k] for t, k in enumerate(c)) <= budget)
+        assert total == pytest.approx(best[0])
+        assert sum(nbytes[t, fmts.index(plan[f"t{t}"])] for t in range(T)) <= budget
+
+
+def test_target_below_any_format():
+    fmts = [WeightFormat(2, 64, True), WeightFormat(4, 32, False)]
+    sens = Sensitivity(["a"], fmts, np.array([[1.0, 0.1]]), np.array([[40, 80]]), np.array([128]))
+    with pytest.raises(QuantizeError, match=re.escape("target 1.5 bits per weight is below what any format allows "
+                                                      "here: the smallest formats give 2.500")):
+        budget_for(sens, 1.5, 0, 0)
+
+
+def kld(lm, base, text):
+    return evaluate(lm, text, text_name="t", text_sha256=sha256_text(text), ctx=CTX, base=base).kld_mean
+
+
+def test_mixed_beats_uniform_at_the_same_size(tiny_models, tmp_path, short_eval_text):
+    src = tiny_models["llama"]
+    uniform_cfg = QuantConfig(method="rtn", fmt=WeightFormat(3, 32, False), embed_fmt=WeightFormat(3, 32, False))
+    uniform = quantize(src, uniform_cfg, tmp_path / "u")
+    target = uniform["bits_per_weight"]
+    cfg = plan_mixed(src, QuantConfig(method="rtn", calib_ctx=CTX), target, fisher_windows=8)
+    assert cfg.predicted_kld > 0 and len(set(cfg.tensor_formats.values())) > 1
+    mixed = quantize(src, cfg, tmp_path / "m")
+    assert mixed["bits_per_weight"] <= target + 1e-9
+    base = tightfit.load(src)
+    k_mixed, k_uniform = kld(tightfit.load(tmp_path / "m"), base, short_eval_text), kld(tightfit.load(tmp_path / "u"), base, short_eval_text)
+    assert k_mixed < k_uniform, (k_mixed, k_uniform)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ArtifactError, FormatError
 from ..formats.size import bits_per_weight
-from ..formats.weight import WeightFormat, pack, unpack
+from ..formats.weight import WeightFormat
 from ..io import atomic_path
 from .calibrate import QuantizedModel
 from .core import QuantizedWeight
@@ -39,7 +39,7 @@ def file_sha256(path: Path) -> str:
 def _tensors_of(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, entries = {}, {}
     for name, qw in qm.weights.items():
-        tensors[f"{name}.qweight"] = pack(qw.codes, qw.fmt)
+        tensors[f"{name}.qweight"] = qw.packed_bytes
         tensors[f"{name}.scales"] = qw.scales.contiguous()
         stored = tensors[f"{name}.qweight"].numel() + qw.scales.numel() * qw.scales.element_size()
         if qw.mins is not None:
@@ -49,7 +49,7 @@ def _tensors_of(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"{name}.g_idx"] = qw.g_idx.contiguous()
             stored += qw.g_idx.numel() * qw.g_idx.element_size()
         entries[name] = {"format": qw.fmt.name, "shape": list(qw.shape), "size_bytes": stored,
-                         "parameters": qw.codes.numel(), "bits_per_weight": stored * 8 / qw.codes.numel(),
+                         "parameters": qw.shape[0] * qw.shape[1], "bits_per_weight": stored * 8 / (qw.shape[0] * qw.shape[1]),
                          "g_idx": qw.g_idx is not None, "ggml_type": qw.fmt.ggml_type if qw.g_idx is None else None,
                          "error": qw.error}
     for name, t in qm.kept.items():
@@ -120,8 +120,8 @@ def load_quantized(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[s
                 raise ArtifactError(f"{path}: tensor {name} holds {tuple(packed.shape)} packed bytes but the manifest "
                                     f"says {e['format']} {list(shape)}; the manifest does not match the weights.")
             g_idx = tensors.get(f"{name}.g_idx")
-            qweights[name] = QuantizedWeight(fmt, unpack(packed, fmt, shape[1]), tensors[f"{name}.scales"],
-                                             tensors.get(f"{name}.mins"), g_idx, e.get("error", {}))
+            qweights[name] = QuantizedWeight(fmt, packed, tensors[f"{name}.scales"], tensors.get(f"{name}.mins"),
+                                             g_idx, e.get("error", {}), in_features=shape[1], packed=True)
         elif name in tensors:
             if tuple(tensors[name].shape) != shape:
                 raise ArtifactError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)} but the manifest "

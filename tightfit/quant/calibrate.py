@@ -88,6 +88,9 @@ def _run_layer(layer, xs: torch.Tensor, pe, batch: int = 8) -> torch.Tensor:
 
 def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None, progress: bool = False) -> QuantizedModel:
     """calib: [samples, ctx] token ids (needed for gptq/awq; used by rtn/hqq only to report output error)."""
+    from ..io import release_freed_memory_eagerly
+
+    release_freed_memory_eagerly()
     config = lazy.config
     check_rescalable(config)  # the layer-by-layer path knows the Llama/Qwen2 decoder layer
     if cfg.needs_calibration and calib is None:
@@ -128,8 +131,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
                 if fmt is None:
                     continue
                 qw = quantize_one(state[name], fmt, cfg, hessians.get(lead), name)
-                weights[name] = qw
                 state[name] = qw.dequantize()
+                weights[name] = qw.compact()
         for k, v in state.items():
             if k not in weights:
                 kept[k] = v
@@ -164,6 +167,9 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         weights["model.embed_tokens.weight"] = rtn(embed, e_fmt) if e_fmt else None
         head = lazy.get("lm_head.weight")
         weights[head_name] = quantize_one(head, fmt, cfg, H_head, head_name) if fmt else None
+    for qw in weights.values():
+        if qw is not None:
+            qw.compact()
     for k in [k for k, v in weights.items() if v is None]:
         kept[k] = embed if k == "model.embed_tokens.weight" else lazy.get(k)
         del weights[k]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.weight import WeightFormat
+from ..formats.weight import WeightFormat, pack, unpack
 
 
 @dataclass
@@ -18,21 +18,40 @@ class QuantizedWeight:
     """
 
     fmt: WeightFormat
-    codes: torch.Tensor  # int16 [out, in]
+    data: torch.Tensor  # int16 codes [out, in], or after compact() the packed uint8 bytes [out, in * bits / 8]
     scales: torch.Tensor  # [out, groups], fmt.scale_dtype
     mins: torch.Tensor | None  # [out, groups] for asymmetric formats
     g_idx: torch.Tensor | None = None  # int32 [in]
     error: dict = field(default_factory=dict)  # what the quantizer measured of its own loss
+    in_features: int = 0
+    packed: bool = False
+
+    def __post_init__(self):
+        if not self.packed:
+            self.in_features = self.data.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return (self.data.shape[0], self.in_features)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return unpack(self.data, self.fmt, self.in_features) if self.packed else self.data
+
+    @property
+    def packed_bytes(self) -> torch.Tensor:
+        return self.data if self.packed else pack(self.data, self.fmt)
+
+    def compact(self) -> "QuantizedWeight":
+        """Keep the codes packed (bits/8 bytes per weight instead of 2), as a layer-by-layer job must."""
+        if not self.packed:
+            self.data, self.packed = pack(self.data, self.fmt), True
+        return self
 
     def column_groups(self) -> torch.Tensor:
         if self.g_idx is not None:
             return self.g_idx.long()
-        in_f = self.codes.shape[1]
-        return torch.arange(in_f) // self.fmt.group_len(in_f)
+        return torch.arange(self.in_features) // self.fmt.group_len(self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         cols = self.column_groups()

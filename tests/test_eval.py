@@ -124,3 +124,20 @@ def test_shipped_texts_match_their_hashes():
     for part in (CALIBRATION, EVALUATION):
         assert sha256_text(read_part(part)) == part.sha256
         assert part.path.read_bytes().decode("utf-8") == read_part(part)
+
+
+def test_models_lists_named_models_and_folders(tiny_models, tmp_path, capsys):
+    from tightfit.export.gguf_f16 import write_gguf_f16
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+    from tightfit.formats import WeightFormat
+
+    write_gguf_f16(tightfit.load(tiny_models["llama"]), tmp_path / "m.gguf")
+    quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False)), tmp_path / "art")
+    assert main(["models", str(tiny_models["qwen2"].parent), str(tmp_path), "--json"]) == 0
+    found = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert "smollm2-135m" in found
+    assert found[str(tmp_path / "m.gguf")]["format"] == "gguf" and "F16" in found[str(tmp_path / "m.gguf")]["detail"]
+    assert found[str(tiny_models["qwen2"])]["format"] == "hf"
+    assert found[str(tmp_path / "art")]["format"] == "artifact" and "rtn" in found[str(tmp_path / "art")]["detail"]
+    assert main(["models", str(tmp_path / "nope")]) == 2

@@ -32,7 +32,8 @@ def run(args) -> int:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
     out = sys.stdout
-    print(f"model       {r.model}", file=out)
+    size = f" ({r.extra['method']}, {r.extra['bits_per_weight']:.3f} bits per weight)" if r.extra else ""
+    print(f"model       {r.model}{size}", file=out)
     print(f"text        {r.text} (sha256 {r.text_sha256[:12]}), ctx {r.ctx}, {r.chunks}/{r.chunks_available} "
           f"windows, {r.tokens_scored} tokens scored", file=out)
     print(f"perplexity  {r.perplexity:.4f} +/- {r.perplexity_stderr:.4f}", file=out)

@@ -14,7 +14,7 @@ from .registry import NAMED_MODELS, locate
 class FoundModel:
     name: str  # what to pass as MODEL
     path: Path | None
-    format: str  # "gguf", "hf" or "-" when not installed
+    format: str  # "gguf", "hf", "artifact", or "-" when not installed
     size_bytes: int
     detail: str  # tensor types, architecture, or how to install
 
@@ -57,6 +57,14 @@ def discover(folders: list[Path] = ()) -> list[FoundModel]:
         for p in sorted(Path(folder).rglob("*.gguf")):
             found.append(FoundModel(str(p), p, "gguf", _size(p), _gguf_detail(p)))
         for cfg in sorted(Path(folder).rglob("config.json")):
-            if any(cfg.parent.glob("*.safetensors")):
+            manifest = cfg.parent / "manifest.json"
+            if manifest.is_file():
+                try:
+                    m = json.loads(manifest.read_text())
+                    detail = f"tightfit artifact, {m['method']}, {m['bits_per_weight']:.3f} bits per weight"
+                except (OSError, ValueError, KeyError) as e:
+                    detail = f"unreadable manifest: {e}"
+                found.append(FoundModel(str(cfg.parent), cfg.parent, "artifact", _size(cfg.parent), detail))
+            elif any(cfg.parent.glob("*.safetensors")):
                 found.append(FoundModel(str(cfg.parent), cfg.parent, "hf", _size(cfg.parent), _hf_detail(cfg.parent)))
     return found

@@ -22,7 +22,7 @@ import tightfit
 from tightfit.data import EVALUATION, read_part
 from tightfit.eval import evaluate, llama_cpp
 from tightfit.eval.windows import make_windows, tokenize
-from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.export.gguf import write_gguf_f16
 
 HERE = Path(__file__).parent
 

@@ -40,7 +40,7 @@ def make_base(name: str) -> Path:
     if not path.exists():
         import torch
 
-        from tightfit.export.gguf_f16 import write_gguf_f16
+        from tightfit.export.gguf import write_gguf_f16
         from tightfit.quant.equivalence import offgrid
 
         lm = tightfit.load("smollm2-135m")

@@ -12,7 +12,7 @@ from tightfit.cli import main
 from tightfit.errors import (GGUFFormatError, ModelNotFoundError, NotAModelError, OutputExistsError, TextError,
                              TokenizerMismatchError, UnsupportedArchitectureError)
 from tightfit.eval import evaluate
-from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.export.gguf import write_gguf_f16
 from tightfit.models.hf import save_hf
 
 from .conftest import build_tiny

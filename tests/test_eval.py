@@ -127,7 +127,7 @@ def test_shipped_texts_match_their_hashes():
 
 
 def test_models_lists_named_models_and_folders(tiny_models, tmp_path, capsys):
-    from tightfit.export.gguf_f16 import write_gguf_f16
+    from tightfit.export.gguf import write_gguf_f16
     from tightfit.quant.api import quantize
     from tightfit.quant.config import QuantConfig
     from tightfit.formats import WeightFormat

@@ -5,7 +5,7 @@ import torch
 
 import tightfit
 from tightfit.eval.windows import tokenize
-from tightfit.export.gguf_f16 import write_gguf_f16
+from tightfit.export.gguf import write_gguf_f16
 from tightfit.models.gguf_file import dequantize, open_gguf
 from tightfit.models.hf import save_hf
 
@@ -55,7 +55,7 @@ def test_gguf_f16_round_trip(tiny_models, arch, tmp_path, short_eval_text):
 def test_gguf_f16_refuses_gemma3(tiny_models, tmp_path):
     lm = tightfit.load(tiny_models["gemma3_text"])
     with pytest.raises(tightfit.errors.UnsupportedArchitectureError,
-                       match=r"F16 GGUF export handles model types \['llama', 'qwen2'\], got 'gemma3_text'"):
+                       match=r"GGUF export handles model types \['llama', 'qwen2'\], got 'gemma3_text'"):
         write_gguf_f16(lm, tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
 

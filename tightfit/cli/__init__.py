@@ -14,6 +14,7 @@ VERBS = {
     "convert": "write a model as a Hugging Face folder or an F16 GGUF",
     "models": "list the models this install can find",
     "quantize": "quantize a model (RTN, GPTQ, AWQ, HQQ; uniform or mixed precision) into an artifact",
+    "export": "write an artifact as a GGUF file for llama.cpp / ollama",
 }
 
 

@@ -38,7 +38,7 @@ def run(args) -> int:
 
         out = save_hf(lm, args.output, dtype=getattr(torch, DTYPES[args.dtype]), force=args.force)
     else:
-        from ..export.gguf_f16 import write_gguf_f16
+        from ..export.gguf import write_gguf_f16
 
         out = write_gguf_f16(lm, args.output, force=args.force, progress=True)
     print(f"wrote {out}", file=sys.stderr)

@@ -26,17 +26,18 @@ def tokenize(llm, text: str, add_bos: bool) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
 
+def window_logprobs(llm, windows: Windows, i: int) -> torch.Tensor:
+    """llama.cpp's log-probabilities at the scored positions of window i: [ctx-1-first, vocab]."""
+    llm.reset()
+    llm.eval(windows.tokens[i].tolist())
+    logits = torch.from_numpy(np.array(llm.scores[windows.first : windows.ctx - 1], dtype=np.float32))
+    return torch.log_softmax(logits, -1)
+
+
 def window_nll(llm, windows: Windows) -> torch.Tensor:
     """Negative log-likelihoods at the scored positions of every window, from llama.cpp's logits."""
-    out = []
-    for i in range(windows.tokens.shape[0]):
-        window = windows.tokens[i].tolist()
-        llm.reset()
-        llm.eval(window)
-        logits = torch.from_numpy(np.array(llm.scores[windows.first : windows.ctx - 1], dtype=np.float32))
-        logp = torch.log_softmax(logits, -1)
-        out.append(-logp.gather(-1, windows.targets(i)[:, None])[:, 0])
-    return torch.cat(out)
+    return torch.cat([-window_logprobs(llm, windows, i).gather(-1, windows.targets(i)[:, None])[:, 0]
+                      for i in range(windows.tokens.shape[0])])
 
 
 def perplexity(path: str | Path, windows: Windows, threads: int | None = None) -> float:

@@ -43,11 +43,16 @@ def save_hf(lm, out, *, dtype: torch.dtype = torch.float32, force: bool = False)
         finally:
             if model is not lm.model:
                 lm.model.to(torch.float32)
-        if lm.format == "gguf":  # remember llama.cpp's pre-tokenizer name, so an F16 GGUF can be written back
-            from .gguf_file import open_gguf
-
-            field = open_gguf(lm.path).fields.get("tokenizer.ggml.pre")
-            if field is not None:
-                lm.tokenizer.init_kwargs["tightfit_gguf_pre"] = field.contents()
-        lm.tokenizer.save_pretrained(tmp)
+        save_tokenizer(lm.tokenizer, lm.format, lm.path, tmp)
     return out
+
+
+def save_tokenizer(tokenizer, source_format: str, source_path: Path, folder: Path) -> None:
+    """Save a tokenizer; from a GGUF source, remember llama.cpp's pre-tokenizer name for a GGUF written back."""
+    if source_format == "gguf":
+        from .gguf_file import open_gguf
+
+        field = open_gguf(source_path).fields.get("tokenizer.ggml.pre")
+        if field is not None:
+            tokenizer.init_kwargs["tightfit_gguf_pre"] = field.contents()
+    tokenizer.save_pretrained(folder)

@@ -18,6 +18,7 @@ from ..errors import ArtifactError, FormatError
 from ..formats.size import bits_per_weight
 from ..formats.weight import WeightFormat
 from ..io import atomic_path
+from ..models.hf import save_tokenizer
 from .calibrate import QuantizedModel
 from .core import QuantizedWeight
 
@@ -81,7 +82,7 @@ def save_artifact(out: str | Path, qm: QuantizedModel, lazy, *, calibration: dic
     with atomic_path(out, directory=True, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "tightfit", "format_version": str(FORMAT_VERSION)})
         lazy.config.save_pretrained(tmp)
-        lazy.tokenizer.save_pretrained(tmp)
+        save_tokenizer(lazy.tokenizer, lazy.format, lazy.path, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a folder with a manifest is complete
     return manifest
 

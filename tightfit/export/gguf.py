@@ -1,18 +1,17 @@
-"""Write any loaded model as an F16 GGUF that llama.cpp reads, tokenizer and chat template included.
-
-Tensors are converted and written one at a time, so peak memory stays near the model itself.
-"""
+"""GGUF files that llama.cpp reads, architecture metadata, tokenizer and chat template included: the shared
+writer, and F16 export of any loaded model. Tensors are produced and written one at a time."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedArchitectureError
@@ -22,10 +21,10 @@ from ..models.gguf_file import open_gguf
 
 log = logging.getLogger(__name__)
 
-GGUF_F16_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 
-def _add_architecture(w: gguf.GGUFWriter, config, name: str) -> None:
+def _add_architecture(w: gguf.GGUFWriter, config, name: str, file_type: int) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -46,7 +45,7 @@ def _add_architecture(w: gguf.GGUFWriter, config, name: str) -> None:
     w.add_rope_freq_base(float(theta))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
 
 
 def _copy_tokenizer_fields(w: gguf.GGUFWriter, source: Path) -> None:
@@ -105,42 +104,69 @@ def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> No
         w.add_chat_template(tokenizer.chat_template)
 
 
-def write_gguf_f16(lm, out: str | os.PathLike, force: bool = False, progress: bool = False) -> Path:
-    """Write LoadedModel LM to OUT as an F16 GGUF (norms and other 1-D tensors stay F32, as llama.cpp keeps them)."""
-    config = lm.config
-    if config.model_type not in GGUF_F16_ARCHITECTURES:
+@dataclass
+class TensorEntry:
+    """One tensor to write: its GGUF name, how it is stored, and how to produce its bytes when its turn comes."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy shape; for block types the byte shape [rows, row_bytes]
+    dtype: np.dtype
+    nbytes: int
+    make: Callable[[], np.ndarray]
+    raw_type: gguf.GGMLQuantizationType | None = None
+
+
+def gguf_names(config, param_names) -> dict[str, str]:
+    """Hugging Face parameter name -> GGUF tensor name, for a model type llama.cpp reads."""
+    if config.model_type not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"F16 GGUF export handles model types {list(GGUF_F16_ARCHITECTURES)}, got {config.model_type!r}. "
+            f"GGUF export handles model types {list(GGUF_ARCHITECTURES)}, got {config.model_type!r}. "
             "Export it as a Hugging Face folder instead (tightfit convert MODEL -o DIR)."
         )
     arch = HF_TO_GGUF_ARCH[config.model_type]
-    state = lm.model.state_dict()
-    names = hf_to_gguf_names(state.keys(), arch, config.num_hidden_layers)
-    if config.tie_word_embeddings:
-        names.pop("lm_head.weight", None)
-    unmapped = [k for k in state if k not in names and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    param_names = [k for k in param_names if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    names = hf_to_gguf_names(param_names, arch, config.num_hidden_layers)
+    unmapped = [k for k in param_names if k not in names]
     if unmapped:
         raise UnsupportedArchitectureError(f"no GGUF name for tensors {unmapped[:5]}; this model's layout is not "
                                            "one llama.cpp reads as " + arch)
+    return names
+
+
+def write_gguf(out: Path, config, name: str, tokenizer_fields: Callable[[gguf.GGUFWriter], None],
+               entries: list[TensorEntry], file_type: int, force: bool = False, progress: bool = False) -> Path:
+    """Write a GGUF file atomically, tensor data streamed one tensor at a time."""
     out = Path(out)
     with atomic_path(out, directory=False, force=force) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
-        _add_architecture(w, config, Path(lm.source).stem)
-        if lm.format == "gguf":
-            _copy_tokenizer_fields(w, lm.path)
-        else:
-            _tokenizer_fields_from_hf(w, lm.tokenizer, config.vocab_size)
-        dtypes = {}
-        for hf_name, gguf_name in names.items():
-            t = state[hf_name]
-            dtype = np.float16 if t.ndim == 2 else np.float32
-            dtypes[hf_name] = dtype
-            w.add_tensor_info(gguf_name, tuple(t.shape), np.dtype(dtype), t.numel() * np.dtype(dtype).itemsize)
+        w = gguf.GGUFWriter(tmp, HF_TO_GGUF_ARCH[config.model_type])
+        _add_architecture(w, config, name, file_type)
+        tokenizer_fields(w)
+        for e in entries:
+            w.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw_type)
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for hf_name in tqdm(names, desc=f"writing {out.name}", unit="tensor", disable=not progress):
-            t = to_gguf_tensor(hf_name, state[hf_name].detach().float(), config)
-            w.write_tensor_data(t.numpy().astype(dtypes[hf_name]))
+        for e in tqdm(entries, desc=f"writing {out.name}", unit="tensor", disable=not progress):
+            w.write_tensor_data(e.make())
         w.close()
     return out
+
+
+def tokenizer_writer(lm) -> Callable[[gguf.GGUFWriter], None]:
+    if lm.format == "gguf":
+        return lambda w: _copy_tokenizer_fields(w, lm.path)
+    return lambda w: _tokenizer_fields_from_hf(w, lm.tokenizer, lm.config.vocab_size)
+
+
+def write_gguf_f16(lm, out: str | os.PathLike, force: bool = False, progress: bool = False) -> Path:
+    """Write LoadedModel LM to OUT as an F16 GGUF (norms and other 1-D tensors stay F32, as llama.cpp keeps them)."""
+    config = lm.config
+    state = lm.model.state_dict()
+    entries = []
+    for hf_name, gguf_name in gguf_names(config, state.keys()).items():
+        t = state[hf_name]
+        dtype = np.dtype(np.float16 if t.ndim == 2 else np.float32)
+        make = (lambda n=hf_name, d=dtype: to_gguf_tensor(n, state[n].detach().float(), config).numpy().astype(d))
+        entries.append(TensorEntry(gguf_name, tuple(t.shape), dtype, t.numel() * dtype.itemsize, make))
+    return write_gguf(Path(out), config, Path(lm.source).stem, tokenizer_writer(lm), entries,
+                      gguf.LlamaFileType.MOSTLY_F16, force, progress)

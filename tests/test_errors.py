@@ -1,6 +1,5 @@
 """Bad input gets a typed error whose message says what was expected and what to do."""
 
-import json
 import re
 
 import gguf

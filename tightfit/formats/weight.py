@@ -13,7 +13,6 @@ Conventions (q are the integer codes stored):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,13 +124,3 @@ def unpack(packed: torch.Tensor, fmt: WeightFormat, in_features: int) -> torch.T
     q = (bits << np.arange(fmt.bits, dtype=np.int16)).sum(-1, dtype=np.int16)
     return torch.from_numpy(q) + fmt.qmin
 
-
-def mse_bound(fmt: WeightFormat, scales: torch.Tensor) -> torch.Tensor:
-    """Largest |w - dequant| a round-to-nearest code can have inside the clamp range: half a step per group."""
-    return scales.float().abs() / 2
-
-
-def describe(fmt: WeightFormat, shape: tuple[int, int]) -> dict:
-    return {"format": fmt.name, "bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric,
-            "scale_dtype": fmt.scale_dtype, "bits_per_weight": fmt.bits_per_weight(shape),
-            "size_bytes": fmt.nbytes(shape), "ggml_type": fmt.ggml_type, "log2_levels": math.log2(fmt.qmax - fmt.qmin + 1)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import gguf
 import numpy as np
@@ -108,7 +107,3 @@ def dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
     raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1, block_bytes))
     return fn(raw).reshape(shape)
 
-
-def iter_tensors(reader: gguf.GGUFReader) -> Iterator[tuple[str, gguf.ReaderTensor]]:
-    for t in reader.tensors:
-        yield t.name, t

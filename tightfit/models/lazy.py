@@ -4,7 +4,6 @@ so a job can hold one layer at a time."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..data import CALIBRATION, EVALUATION, read_part, sha256_text
+from ..data import CALIBRATION, EVALUATION, read_part
 from ..errors import QuantizeError
 from ..eval.windows import tokenize
 from .calibrate import QuantizedModel, quantize_model

@@ -6,7 +6,6 @@ activations, and a model larger than RAM can be quantized.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,6 @@ from .equivalence import check_rescalable
 from .gptq import gptq
 from .hqq import hqq
 
-log = logging.getLogger(__name__)
 
 # linears that read the same input share one Hessian; the first of each group is where it is measured
 INPUT_GROUPS = {

@@ -82,3 +82,20 @@ def test_dequantize_matches_gguf_py(tmp_path, qtype):
     ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, 256)
     assert ours.shape == (8, 256) and ours.dtype == torch.float32
     assert np.array_equal(ours.numpy(), ref.astype(np.float32))
+
+
+def test_convert_cli(tiny_models, tmp_path, short_eval_text, capsys):
+    from tightfit.cli import main
+    from tightfit.data import sha256_text
+    from tightfit.eval import evaluate
+
+    src = str(tiny_models["llama"])
+    assert main(["convert", src, "-o", str(tmp_path / "hf")]) == 0
+    assert main(["convert", src, "--to", "gguf-f16", "--offgrid", "0.1", "-o", str(tmp_path / "og.gguf")]) == 0
+    assert main(["convert", src, "-o", str(tmp_path / "hf")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    base = tightfit.load(src)
+    for out in ("hf", "og.gguf"):
+        r = evaluate(tightfit.load(tmp_path / out), short_eval_text, text_name="t",
+                     text_sha256=sha256_text(short_eval_text), ctx=64, base=base)
+        assert r.kld_max < 1e-3 and r.top1_agreement > 0.99, out  # exact copy / fp16 of a function-preserving rescale

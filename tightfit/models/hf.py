@@ -11,7 +11,8 @@ from ..errors import NotAModelError
 from .arch import check_model_type
 
 
-def load_hf(path: Path, dtype: torch.dtype = torch.float32):
+def check_hf_folder(path: Path):
+    """The folder's config, once its model type, weights and tokenizer files are known to be there."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as e:
@@ -26,6 +27,11 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32):
             f"{path} has no tokenizer files (tokenizer.json or tokenizer.model). tightfit needs the tokenizer "
             "to evaluate a model; copy them from the model's source."
         )
+    return config
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32):
+    check_hf_folder(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
@@ -37,12 +43,9 @@ def save_hf(lm, out, *, dtype: torch.dtype = torch.float32, force: bool = False)
 
     out = Path(out)
     with atomic_path(out, directory=True, force=force) as tmp:
-        model = lm.model if dtype == lm.model.dtype else lm.model.to(dtype)
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            if model is not lm.model:
-                lm.model.to(torch.float32)
+        # convert a copy of each tensor: casting the model itself would leave it rounded after the save
+        state = {k: v.detach().to(dtype) for k, v in lm.model.state_dict().items()}
+        lm.model.save_pretrained(tmp, state_dict=state)
         save_tokenizer(lm.tokenizer, lm.format, lm.path, tmp)
     return out
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import GGUFFormatError, NotAModelError
-from .arch import check_model_type, from_gguf_tensor, hf_to_gguf_names
+from .arch import from_gguf_tensor, hf_to_gguf_names
 
 
 @dataclass
@@ -66,12 +66,13 @@ def lazy_gguf(path: Path) -> LazyModel:
 def lazy_hf(path: Path) -> LazyModel:
     from safetensors import safe_open
 
-    config = AutoConfig.from_pretrained(path)
-    check_model_type(getattr(config, "model_type", None), str(path))
+    from .hf import check_hf_folder
+
+    config = check_hf_folder(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise NotAModelError(f"{path} has a config.json but no *.safetensors weights. Pass a complete Hugging Face "
-                             "model folder.")
+        raise NotAModelError(f"{path} holds no *.safetensors weights; tightfit reads weights lazily from "
+                             "safetensors only. Convert it: tightfit convert DIR -o NEW_DIR")
     tokenizer = AutoTokenizer.from_pretrained(path)
     skeleton = _skeleton(config)
     wanted = set(skeleton.state_dict().keys())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import plot  # noqa: E402
+from quality import plot
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ from tightfit.quant.mixed import fisher_diagonal, sensitivities
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import make_base  # noqa: E402
+from quality import make_base
 
 
 def main() -> int:

@@ -14,7 +14,14 @@ ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
 def make_tokenizer(add_bos: bool, vocab_size: int = 320, seed_text: str | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -82,7 +89,7 @@ def in_ci() -> bool:
 def require_llama_cpp():
     """llama.cpp (llama-cpp-python) for side-by-side checks: skipped locally when missing, a failure in CI."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError:
         if in_ci():
             pytest.fail("llama-cpp-python is not installed but CI=true: install the bench extra (pip install -e .[bench])")

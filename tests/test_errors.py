@@ -8,8 +8,15 @@ import pytest
 
 import tightfit
 from tightfit.cli import main
-from tightfit.errors import (GGUFFormatError, ModelNotFoundError, NotAModelError, OutputExistsError, TextError,
-                             TokenizerMismatchError, UnsupportedArchitectureError)
+from tightfit.errors import (
+    GGUFFormatError,
+    ModelNotFoundError,
+    NotAModelError,
+    OutputExistsError,
+    TextError,
+    TokenizerMismatchError,
+    UnsupportedArchitectureError,
+)
 from tightfit.eval import evaluate
 from tightfit.export.gguf import write_gguf_f16
 from tightfit.models.hf import save_hf

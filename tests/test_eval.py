@@ -128,9 +128,9 @@ def test_shipped_texts_match_their_hashes():
 
 def test_models_lists_named_models_and_folders(tiny_models, tmp_path, capsys):
     from tightfit.export.gguf import write_gguf_f16
+    from tightfit.formats import WeightFormat
     from tightfit.quant.api import quantize
     from tightfit.quant.config import QuantConfig
-    from tightfit.formats import WeightFormat
 
     write_gguf_f16(tightfit.load(tiny_models["llama"]), tmp_path / "m.gguf")
     quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False)), tmp_path / "art")

@@ -60,3 +60,36 @@ def test_quantizing_holds_about_one_layer(big_model, tmp_path, method):
     # one fp32 layer and its working copies (~0.25 of this model) plus the packed 4-bit output (~0.14)
     assert extra < 0.45 * model_bytes, f"quantizing took {extra / 1e6:.0f} MB over the baseline for a {model_bytes / 1e6:.0f} MB model"
     assert (tmp_path / "out" / "manifest.json").exists()
+
+
+RUNTIME_PEAK = r"""
+import sys, torch
+from tightfit.runtime import load_runtime, generate
+import tightfit.runtime.load, transformers  # imports and torch's kernels warmed before the baseline
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 32, dtype=torch.int32), 8)
+before = hwm()
+lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None)
+toks = [s.token for s in generate(lm.model, lm.tokenizer, [5, 6, 7], 6, ignore_eos=True)]
+print(hwm() - before, lm.model.weight_bytes()["per_token"], *toks)
+"""
+
+
+def test_runtime_budget_bounds_peak_rss_for_a_model_several_times_larger(big_model):
+    """--max-memory: the weights (bf16, ~366 MB) are 6x the budget; the process's peak RSS (VmHWM) grows by the
+    runtime's fixed overhead (measured by the same run without a budget, less its weights) plus the budget."""
+    folder, _ = big_model
+    budget = 60_000_000
+
+    def run(b):
+        out = subprocess.run([sys.executable, "-c", RUNTIME_PEAK, str(folder), str(b)], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1]), out[2:]
+
+    grown, weights, toks = run(budget)
+    grown_full, weights_full, toks_full = run(0)
+    assert weights == pytest.approx(weights_full, rel=0.01) and weights > 6 * budget
+    overhead = grown_full - weights_full
+    assert grown < overhead + budget + 40_000_000, f"grew {grown / 1e6:.0f} MB; overhead {overhead / 1e6:.0f} MB"
+    assert toks == toks_full  # streamed weights compute the same tokens

@@ -3,4 +3,4 @@
 from .models import LoadedModel, load
 
 __version__ = "0.1.0"
-__all__ = ["load", "LoadedModel", "__version__"]
+__all__ = ["LoadedModel", "__version__", "load"]

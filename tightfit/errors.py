@@ -43,3 +43,11 @@ class QuantizeError(TightfitError, ValueError):
 
 class ArtifactError(TightfitError, ValueError):
     """A tightfit artifact whose manifest is corrupt or does not match its contents."""
+
+
+class ContextError(TightfitError, ValueError):
+    """A prompt plus the tokens asked for do not fit the context."""
+
+
+class MemoryBudgetError(TightfitError, ValueError):
+    """A memory budget too small for what must stay resident."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import OutputExistsError
 
@@ -70,3 +70,20 @@ def release_freed_memory_eagerly() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'40MB' -> 40_000_000, '1.5GiB' -> 1610612736, '1000' -> 1000 bytes."""
+    import re
+
+    from .errors import TightfitError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise TightfitError(f"cannot read the size {text!r}: expected a number with an optional unit, e.g. 40MB, "
+                            "1.5GiB or 2000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -15,6 +15,9 @@ VERBS = {
     "models": "list the models this install can find",
     "quantize": "quantize a model (RTN, GPTQ, AWQ, HQQ; uniform or mixed precision) into an artifact",
     "export": "write an artifact as a GGUF file for llama.cpp / ollama",
+    "run": "generate text from a prompt with the runtime, streamed to stdout",
+    "chat": "talk with a model interactively",
+    "serve": "an OpenAI-compatible HTTP server (/v1/models, /v1/completions, /v1/chat/completions)",
 }
 
 

@@ -14,7 +14,25 @@ def add_arguments(p):
     p.add_argument("--text", metavar="FILE", help="text to score (default: the shipped evaluation part)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--chunks", type=int, help="score at most this many windows (default: all)")
+    p.add_argument("--kv-format", help="run MODEL on the runtime with this KV cache (bf16, fp32, int8, int4); "
+                   "artifacts always run on the runtime (bf16 KV unless given)")
     p.add_argument("--json", action="store_true", help="print one JSON object; no progress bars")
+
+
+def load_for_eval(source: str, kv_format: str | None, progress: bool):
+    """An artifact, or any model with --kv-format, is scored by what the runtime runs; others by transformers."""
+    from ..models import load, resolve_source
+    from ..runtime import load_runtime
+    from ..runtime.model import RUNTIME_MODEL_TYPES
+
+    path, kind = resolve_source(source)
+    if kv_format is None and kind == "artifact":
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type not in RUNTIME_MODEL_TYPES:  # the runtime cannot run it: score the dequantized weights
+            return load(source, progress=progress)
+    if kv_format is None and kind != "artifact":
+        return load(source, progress=progress)
+    return load_runtime(source, kv_format or "bf16", progress=progress)
 
 
 def run(args) -> int:
@@ -24,7 +42,7 @@ def run(args) -> int:
     quiet_libraries(True)
     progress = not args.json
     text, text_name, digest = read_text_arg(args.text)
-    model = load(args.model, progress=progress)
+    model = load_for_eval(args.model, args.kv_format, progress)
     base = load(args.base, progress=progress) if args.base else None
     r = evaluate(model, text, text_name=text_name, text_sha256=digest, ctx=args.ctx, chunks=args.chunks,
                  base=base, progress=progress)
@@ -32,7 +50,9 @@ def run(args) -> int:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
     out = sys.stdout
-    size = f" ({r.extra['method']}, {r.extra['bits_per_weight']:.3f} bits per weight)" if r.extra else ""
+    size = f" ({r.extra['method']}, {r.extra['bits_per_weight']:.3f} bits per weight)" if "method" in r.extra else ""
+    if r.extra.get("runner") == "runtime":
+        size += f" [runtime, {r.extra['kv_format']} KV cache]"
     print(f"model       {r.model}{size}", file=out)
     print(f"text        {r.text} (sha256 {r.text_sha256[:12]}), ctx {r.ctx}, {r.chunks}/{r.chunks_available} "
           f"windows, {r.tokens_scored} tokens scored", file=out)

@@ -3,4 +3,4 @@
 from .perplexity import EvalResult, evaluate, kl_divergence
 from .windows import Windows, make_windows, tokenize
 
-__all__ = ["EvalResult", "evaluate", "kl_divergence", "Windows", "make_windows", "tokenize"]
+__all__ = ["EvalResult", "Windows", "evaluate", "kl_divergence", "make_windows", "tokenize"]

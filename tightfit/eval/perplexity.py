@@ -116,6 +116,10 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
         text_sha256=text_sha256, text=text_name, perplexity=ppl, perplexity_stderr=ppl * _stderr(nll),
         nll_mean=float(nll.mean()),
     )
+    kv = getattr(model.model, "kv_format", None)  # the runtime's Engine; a transformers model has none
+    result.extra["runner"] = "transformers" if kv is None else "runtime"
+    if kv is not None:
+        result.extra["kv_format"] = kv
     if getattr(model, "manifest", None):
         result.extra["bits_per_weight"] = model.manifest["bits_per_weight"]
         result.extra["method"] = model.manifest["method"]

@@ -3,4 +3,4 @@
 from .kv import KV_FORMATS, KVFormat
 from .weight import GGML_EXACT, WeightFormat, pack, unpack
 
-__all__ = ["WeightFormat", "pack", "unpack", "GGML_EXACT", "KVFormat", "KV_FORMATS"]
+__all__ = ["GGML_EXACT", "KV_FORMATS", "KVFormat", "WeightFormat", "pack", "unpack"]

@@ -52,7 +52,7 @@ class WeightFormat:
         return f"{'sym' if self.symmetric else 'asym'}{self.bits}-{g}{s}"
 
     @classmethod
-    def parse(cls, name: str) -> "WeightFormat":
+    def parse(cls, name: str) -> WeightFormat:
         try:
             kind, g, *rest = name.split("-")
             sym = kind.startswith("sym")
@@ -112,6 +112,14 @@ class WeightFormat:
 
 def pack(codes: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """[out, in] integer codes in [qmin, qmax] -> [out, in * bits / 8] uint8."""
+    if fmt.bits in (2, 4, 8):  # whole codes per byte: shifts, no bit matrix (8x the codes' memory)
+        u = (codes.to(torch.int16) - fmt.qmin).to(torch.uint8)
+        per = 8 // fmt.bits
+        u = u.reshape(u.shape[0], -1, per)
+        out = u[..., 0].clone()
+        for j in range(1, per):
+            out |= u[..., j] << (j * fmt.bits)
+        return out
     q = (codes.to(torch.int32) - fmt.qmin).numpy().astype(np.uint8)
     bits = (q[..., None] >> np.arange(fmt.bits, dtype=np.uint8)) & 1
     return torch.from_numpy(np.packbits(bits.reshape(q.shape[0], -1), axis=-1, bitorder="little"))
@@ -119,6 +127,11 @@ def pack(codes: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, fmt: WeightFormat, in_features: int) -> torch.Tensor:
     """Inverse of pack: uint8 [out, in * bits / 8] -> int16 codes [out, in]."""
+    if fmt.bits in (2, 4, 8):
+        per, mask = 8 // fmt.bits, (1 << fmt.bits) - 1
+        parts = [(packed >> (j * fmt.bits)) & mask for j in range(per)]
+        q = torch.stack(parts, -1).reshape(packed.shape[0], -1)[:, :in_features]
+        return q.to(torch.int16) + fmt.qmin
     bits = np.unpackbits(packed.numpy(), axis=-1, bitorder="little")[:, : in_features * fmt.bits]
     bits = bits.reshape(packed.shape[0], in_features, fmt.bits).astype(np.int16)
     q = (bits << np.arange(fmt.bits, dtype=np.int16)).sum(-1, dtype=np.int16)

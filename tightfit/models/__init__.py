@@ -15,8 +15,8 @@ from .registry import DEFAULT_MODEL, NAMED_MODELS, resolve
 class LoadedModel:
     """A model ready to run: a transformers causal LM in fp32 on the CPU, its tokenizer, and where it came from."""
 
-    model: "torch.nn.Module"  # noqa: F821
-    tokenizer: "PreTrainedTokenizerBase"  # noqa: F821
+    model: torch.nn.Module  # noqa: F821
+    tokenizer: PreTrainedTokenizerBase  # noqa: F821
     source: str  # what the user passed
     path: Path  # the file or folder it was read from
     format: str  # "gguf", "hf" or "artifact"
@@ -93,4 +93,4 @@ def load_lazy(source: str | os.PathLike):
     return lazy_gguf(path) if kind == "gguf" else lazy_hf(path)
 
 
-__all__ = ["LoadedModel", "load", "load_lazy", "resolve_source", "DEFAULT_MODEL", "NAMED_MODELS"]
+__all__ = ["DEFAULT_MODEL", "NAMED_MODELS", "LoadedModel", "load", "load_lazy", "resolve_source"]

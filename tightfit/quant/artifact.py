@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import ArtifactError, FormatError
 from ..formats.size import bits_per_weight
@@ -101,36 +101,56 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_quantized(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """(manifest, quantized weights, kept tensors), each checked against the manifest."""
+def open_quantized(path: Path):
+    """(manifest, get): get(name) reads one tensor (a QuantizedWeight or a float tensor) from disk, checked
+    against the manifest; nothing else is read, so a runtime with a memory budget can load layer by layer."""
+    from safetensors import safe_open
+
     manifest = read_manifest(path)
+    file = path / WEIGHTS
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        with safe_open(file, framework="pt") as h:
+            keys = set(h.keys())
     except Exception as e:
-        raise ArtifactError(f"{path / WEIGHTS} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
-    qweights, kept = {}, {}
-    for name, e in manifest["tensors"].items():
+        raise ArtifactError(f"{file} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
+
+    def read(*names):
+        with safe_open(file, framework="pt") as h:
+            return [h.get_tensor(n) if n in keys else None for n in names]
+
+    def get(name: str):
+        e = manifest["tensors"][name]
         shape = tuple(e["shape"])
-        if f"{name}.qweight" in tensors:
+        if f"{name}.qweight" in keys:
             try:
                 fmt = WeightFormat.parse(e["format"])
             except FormatError as err:
                 raise ArtifactError(f"{path}: tensor {name} has an unknown format {e['format']!r}") from err
-            packed = tensors[f"{name}.qweight"]
+            packed, scales, mins, g_idx = read(f"{name}.qweight", f"{name}.scales", f"{name}.mins", f"{name}.g_idx")
             if packed.shape != (shape[0], shape[1] * fmt.bits // 8):
                 raise ArtifactError(f"{path}: tensor {name} holds {tuple(packed.shape)} packed bytes but the manifest "
                                     f"says {e['format']} {list(shape)}; the manifest does not match the weights.")
-            g_idx = tensors.get(f"{name}.g_idx")
-            qweights[name] = QuantizedWeight(fmt, packed, tensors[f"{name}.scales"], tensors.get(f"{name}.mins"),
-                                             g_idx, e.get("error", {}), in_features=shape[1], packed=True)
-        elif name in tensors:
-            if tuple(tensors[name].shape) != shape:
-                raise ArtifactError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)} but the manifest "
+            return QuantizedWeight(fmt, packed, scales, mins, g_idx, e.get("error", {}), in_features=shape[1],
+                                   packed=True)
+        if name in keys:
+            (t,) = read(name)
+            if tuple(t.shape) != shape:
+                raise ArtifactError(f"{path}: tensor {name} has shape {tuple(t.shape)} but the manifest "
                                     f"says {list(shape)}; the manifest does not match the weights.")
-            kept[name] = tensors[name]
-        else:
-            raise ArtifactError(f"{path}: the manifest lists {name} but {WEIGHTS} does not hold it; the artifact "
-                                "is incomplete. Quantize it again.")
+            return t
+        raise ArtifactError(f"{path}: the manifest lists {name} but {WEIGHTS} does not hold it; the artifact "
+                            "is incomplete. Quantize it again.")
+
+    return manifest, get
+
+
+def load_quantized(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """(manifest, quantized weights, kept tensors), each checked against the manifest."""
+    manifest, get = open_quantized(path)
+    qweights, kept = {}, {}
+    for name in manifest["tensors"]:
+        t = get(name)
+        (qweights if isinstance(t, QuantizedWeight) else kept)[name] = t
     return manifest, qweights, kept
 
 

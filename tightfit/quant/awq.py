@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .core import QuantizedWeight, dequantize_codes, grouped, minmax_params, pack_result, quantize_codes
+from .core import (
+    QuantizedWeight,
+    dequantize_codes,
+    grouped,
+    minmax_params,
+    pack_result,
+    quantize_codes,
+)
 from .equivalence import PAIRS, apply_scale, expand_gqa
 
 LEAD = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",

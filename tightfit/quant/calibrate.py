@@ -20,7 +20,6 @@ from .equivalence import check_rescalable
 from .gptq import gptq
 from .hqq import hqq
 
-
 # linears that read the same input share one Hessian; the first of each group is where it is measured
 INPUT_GROUPS = {
     "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

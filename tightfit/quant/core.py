@@ -42,7 +42,7 @@ class QuantizedWeight:
     def packed_bytes(self) -> torch.Tensor:
         return self.data if self.packed else pack(self.data, self.fmt)
 
-    def compact(self) -> "QuantizedWeight":
+    def compact(self) -> QuantizedWeight:
         """Keep the codes packed (bits/8 bytes per weight instead of 2), as a layer-by-layer job must."""
         if not self.packed:
             self.data, self.packed = pack(self.data, self.fmt), True

@@ -1,0 +1,207 @@
+"""The runtime against the transformers reference built from the same weights; KV formats; sampling; budgets."""
+
+import re
+
+import pytest
+import torch
+
+import tightfit
+from tightfit.cli import main
+from tightfit.errors import (
+    ContextError,
+    FormatError,
+    MemoryBudgetError,
+    UnsupportedArchitectureError,
+)
+from tightfit.export.gguf_quant import export_gguf
+from tightfit.formats import WeightFormat
+from tightfit.quant.api import quantize
+from tightfit.quant.config import QuantConfig
+from tightfit.quant.core import rtn
+from tightfit.runtime import SamplingParams, generate, load_runtime
+from tightfit.runtime.linear import from_quantized
+from tightfit.runtime.sampling import SamplingError, filter_logits, sample
+
+CTX = 64
+
+
+def kld(a: torch.Tensor, b: torch.Tensor) -> float:
+    la, lb = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
+    return float((la.exp() * (la - lb)).sum(-1).mean())
+
+
+def ids_of(lm, text: str, n: int = 48) -> torch.Tensor:
+    return torch.tensor([lm.tokenizer(text)["input_ids"][:n]])
+
+
+@pytest.mark.parametrize("fmt", ["sym4-g32", "asym4-g32", "asym3-g32", "sym2-g64", "asym5-g32", "sym6-g32",
+                                 "sym8-g32", "asym8-pc", "asym4-g32-bfloat16"])
+def test_every_format_runs_on_the_int4_kernel_with_its_added_error(fmt):
+    f = WeightFormat.parse(fmt)
+    w = torch.randn(96, 128) * 0.05
+    qw = rtn(w, f)
+    lin = from_quantized(qw)
+    assert lin.kind == ("int4" if f.bits <= 4 else "int4x2")
+    x = torch.randn(3, 128).bfloat16()
+    ref = x.float() @ qw.dequantize().T
+    y = lin(x).float()
+    # bf16 output rounding plus the bf16 scales: far below the format's own quantization error
+    assert float((y - ref).norm() / ref.norm()) < 0.01
+    # at 8 bits bf16 scales (8 significant bits) add about a tenth of the format's own error power
+    assert lin.added_error["sqnr_db"] > (6 if f.bits == 8 else 10) + qw.error["sqnr_db"]
+
+
+def test_act_order_g_idx_runs_as_an_input_permutation():
+    from tightfit.quant.gptq import gptq
+
+    w = torch.randn(64, 128) * 0.05
+    X = torch.randn(512, 128) * torch.linspace(0.1, 3, 128)
+    qw = gptq(w, X.T @ X / 512, WeightFormat(4, 32, False), act_order=True, static_groups=False)
+    assert qw.g_idx is not None
+    lin = from_quantized(qw)
+    x = torch.randn(2, 128).bfloat16()
+    ref = x.float() @ qw.dequantize().T
+    assert float((lin(x).float() - ref).norm() / ref.norm()) < 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_runtime_logits_match_the_reference_model(tiny_models, short_eval_text, arch):
+    ref = tightfit.load(tiny_models[arch])
+    rt = load_runtime(tiny_models[arch])
+    ids = ids_of(ref, short_eval_text)
+    with torch.inference_mode():
+        want = ref.model(ids).logits[0]
+    got = rt.model(ids).logits[0]
+    # bf16 weights and activations against fp32: tolerance KLD 2e-3, logits within 3% of their range
+    assert kld(want, got) < 2e-3
+    assert float((want - got).abs().max()) < 0.03 * float(want.abs().max())
+    # incremental decoding gives what one pass gives
+    cache = rt.model.new_cache(1, 64)
+    first = rt.model.forward(ids[:, :20], 0, cache, 20)[0]
+    steps = [rt.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(20, ids.shape[1])]
+    assert kld(got, torch.cat([first] + steps)) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt-artifacts")
+    out = {}
+    for name, cfg in {"sym4": QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True)),
+                      "asym3": QuantConfig(method="hqq", fmt=WeightFormat(3, 32, False)),
+                      "gptq-dyn": QuantConfig(method="gptq", fmt=WeightFormat(4, 32, False), static_groups=False,
+                                              calib_samples=4, calib_ctx=CTX),
+                      "mixed": QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False), tensor_formats={
+                          "model.layers.0.self_attn.k_proj.weight": WeightFormat.parse("sym8-g32"),
+                          "model.layers.1.mlp.up_proj.weight": WeightFormat.parse("asym2-g32")}, calib_samples=4, calib_ctx=CTX)}.items():
+        quantize(tiny_models["llama"], cfg, root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", ["sym4", "asym3", "gptq-dyn", "mixed"])
+def test_artifact_runs_as_its_dequantized_weights(artifacts, short_eval_text, name):
+    ref = tightfit.load(artifacts[name])  # fp32 dequantized stand-in
+    rt = load_runtime(artifacts[name])
+    ids = ids_of(ref, short_eval_text)
+    with torch.inference_mode():
+        want = ref.model(ids).logits[0]
+    assert kld(want, rt.model(ids).logits[0]) < 2e-3
+    errs = rt.model.info["runtime_added_error"]
+    assert errs and min(e["sqnr_db"] for e in errs.values()) > 35
+
+
+def test_gguf_codes_run_exactly_as_the_artifact(artifacts, tmp_path, short_eval_text):
+    export_gguf(artifacts["sym4"], tmp_path / "m.gguf")
+    a, g = load_runtime(artifacts["sym4"]), load_runtime(tmp_path / "m.gguf")
+    assert g.model.layers[0].qkv.kind == "int4"  # Q4_0 codes taken as stored, not dequantized
+    ids = ids_of(a, short_eval_text)
+    assert torch.equal(a.model(ids).logits, g.model(ids).logits)
+
+
+def test_eval_of_an_artifact_runs_the_runtime_and_kv_formats_cost_quality(artifacts, tiny_models, short_eval_text, capsys):
+    import json
+
+    def ev(*extra):
+        assert main(["eval", str(artifacts["sym4"]), "--base", str(tiny_models["llama"]), "--text", txt,
+                     "--ctx", str(CTX), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    txt = artifacts["sym4"].parent / "text.txt"
+    txt.write_text(short_eval_text)
+    txt = str(txt)
+    runs = {kv: ev("--kv-format", kv) for kv in ("bf16", "int8", "int4")}
+    assert ev()["kld_mean"] == pytest.approx(runs["bf16"]["kld_mean"])
+    assert runs["bf16"]["extra"]["runner"] == "runtime"
+    assert runs["int8"]["kld_mean"] < runs["bf16"]["kld_mean"] + 0.02
+    assert runs["int4"]["kld_mean"] > runs["int8"]["kld_mean"]
+
+
+def test_sampling_functions():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert sample(logits, SamplingParams()) == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1)) == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=0.01)) == 1
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.isinf(kept).tolist() == [True, False, False, True]
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, min_p=0.3))  # p(2)/p(1) = e^-1 = 0.37 stays
+    assert torch.isinf(kept).tolist() == [True, False, False, True]
+    draws = lambda s: [sample(logits, SamplingParams(temperature=1.0, seed=s), torch.Generator().manual_seed(s))
+                       for _ in range(1)]
+    assert draws(3) == draws(3)
+    counts = torch.bincount(torch.tensor([sample(logits, SamplingParams(temperature=1.0), g)
+                                          for g in [torch.Generator().manual_seed(i) for i in range(400)]]), minlength=4)
+    p = torch.softmax(logits, -1)
+    assert abs(counts[1] / 400 - p[1]) < 0.08 and counts[3] < 20
+    # a repetition penalty pushes a seen token below the next one
+    assert sample(logits, SamplingParams(repetition_penalty=2.0), seen=torch.tensor([1])) == 2
+    with pytest.raises(SamplingError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+
+
+def test_generate_streams_stops_and_seeds(tiny_models):
+    lm = load_runtime(tiny_models["llama"])
+    ids = lm.tokenizer("The state of the union")["input_ids"]
+    steps = list(generate(lm.model, lm.tokenizer, ids, 12, ignore_eos=True))
+    assert len(steps) == 12 and steps[-1].finish_reason == "length"
+    text = "".join(s.text for s in steps)
+    assert text == lm.tokenizer.decode([s.token for s in steps], skip_special_tokens=True)
+    stop = text[5:8]
+    cut = "".join(s.text for s in generate(lm.model, lm.tokenizer, ids, 12, stop=[stop], ignore_eos=True))
+    assert cut == text[:text.index(stop)]
+    hot = SamplingParams(temperature=1.5, seed=7)
+    a = [s.token for s in generate(lm.model, lm.tokenizer, ids, 10, hot, ignore_eos=True)]
+    assert a == [s.token for s in generate(lm.model, lm.tokenizer, ids, 10, hot, ignore_eos=True)]
+
+
+def test_bad_input_typed_errors(tiny_models, tmp_path):
+    lm = load_runtime(tiny_models["llama"])
+    with pytest.raises(ContextError, match=re.escape("the prompt has 1100 tokens but the context holds 1024: "
+                                                     "shorten the prompt.")):
+        next(generate(lm.model, lm.tokenizer, [5] * 1100, 4))
+    with pytest.raises(ContextError, match=re.escape("lower max_tokens to at most 24")):
+        next(generate(lm.model, lm.tokenizer, [5] * 1000, 100))
+    with pytest.raises(FormatError, match="unknown KV-cache format 'int3'"):
+        load_runtime(tiny_models["llama"], kv_format="int3")
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape("the runtime runs model types ['llama', "
+                                                                     "'qwen2'], not 'gemma3_text'")):
+        load_runtime(tiny_models["gemma3_text"])
+    with pytest.raises(MemoryBudgetError, match=re.escape("a weight budget of 1.0 kB is too small: streaming needs "
+                                                          "room for the largest unit, layer 0, of")):
+        load_runtime(tiny_models["llama"], max_memory=1000)
+
+
+def test_memory_budget_streams_and_gives_the_same_tokens(artifacts):
+    full = load_runtime(artifacts["sym4"])
+    ids = full.tokenizer("The state of the union")["input_ids"]
+    want = [s.token for s in generate(full.model, full.tokenizer, ids, 16, ignore_eos=True)]
+    budget = full.model.weight_bytes()["per_token"] * 6 // 10
+    lm = load_runtime(artifacts["sym4"], max_memory=budget)
+    wb = lm.model.weight_bytes()
+    assert wb["resident"] <= budget and wb["streamed_per_token"] > 0
+    assert [s.token for s in generate(lm.model, lm.tokenizer, ids, 16, ignore_eos=True)] == want
+
+
+def test_run_cli_streams_text(tiny_models, capsys):
+    assert main(["run", str(tiny_models["llama"]), "-p", "The economy", "-n", "8", "--ignore-eos", "--raw"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "8 generated" in err

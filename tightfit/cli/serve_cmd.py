@@ -1,0 +1,30 @@
+"""tightfit serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]"""
+
+from __future__ import annotations
+
+from .run_cmd import open_model
+
+
+def add_arguments(p):
+    p.add_argument("model", metavar="MODEL", help="an artifact, a .gguf file, a Hugging Face folder, or a known name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument("--name", help="the model id clients ask for (default: MODEL as given)")
+    p.add_argument("--ctx", type=int, default=2048, help="context per request: prompt + generated tokens")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    p.add_argument("--kv-format", default="bf16", help="KV cache: bf16 (default), fp32, int8, int4")
+    p.add_argument("--max-memory", metavar="SIZE", help="keep at most SIZE of weights resident")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..server.app import create_app
+
+    lm = open_model(args)
+    app = create_app(lm.model, lm.tokenizer, args.name or args.model, api_key=args.api_key, ctx=args.ctx,
+                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

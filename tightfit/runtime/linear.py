@@ -1,0 +1,145 @@
+"""Runtime weights: every quantized format the quantizer writes, turned into what torch's CPU kernels run fast.
+
+torch's `_weight_int4pack_mm_for_cpu` computes x @ W.T with W = (u - 8) * scale + zero, u in 0..15, bf16 scale
+and zero per group of 32/64/128/256 input columns. Every tightfit format maps onto it:
+- b <= 4 bits: one piece, u = q + c centred on 8, zero = min + (8 - c) * scale (exact in the codes).
+- 5, 6, 8 bits: two 4-bit pieces over a doubled input [x, x]: q' = q - centre = 16 h + l with h in -8..7 and
+  l in 0..15, so W = (h + 8 - 8) * 16 s + (l - 8) * s + (8 s + centre * s + min): one matmul, one fp32
+  accumulation, codes exact.
+- per-channel scales are repeated to group 32 (exact); act-order g_idx becomes a column permutation of the input.
+What is not exact is bf16: the scales and zeros are rounded from fp16 to bf16 (a relative 2^-9), so each
+runtime weight reports its added error against the artifact's own dequantized weight.
+Shapes the op rejects (N not a multiple of 16, K not a multiple of 32) run as a dense bf16 matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.core import QuantizedWeight, weight_error
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class RuntimeLinear:
+    """One linear layer as the runtime holds it: y = x @ W.T (+ bias), x in bf16."""
+
+    kind: str  # "int4" (1 piece), "int4x2" (2 pieces over a doubled input) or "bf16"
+    weight: torch.Tensor  # int4-packed uint8 [N, K*pieces/2] or bf16 [N, K]
+    scales_zeros: torch.Tensor | None  # bf16 [K*pieces/group, N, 2]
+    group: int
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None = None
+    perm: torch.Tensor | None = None  # input column permutation (act-order g_idx)
+    added_error: dict | None = None  # vs the source weight, from the bf16 rounding of scales/zeros
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.kind == "bf16":
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kind == "int4x2":
+            x2 = torch.cat((x2, x2), -1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_zeros)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: what a token reads from memory for this layer."""
+        n = self.weight.numel() * self.weight.element_size()
+        for t in (self.scales_zeros, self.bias, self.perm):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+
+
+def _kernel_group(group_len: int, in_features: int) -> int | None:
+    if group_len in KERNEL_GROUPS:
+        return group_len
+    if group_len == in_features and in_features % 32 == 0:
+        return 32  # per-channel: repeat the row's scale
+    return None
+
+
+def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> RuntimeLinear:
+    n, k = w.shape
+    return RuntimeLinear("bf16", w.to(torch.bfloat16).contiguous(), None, 0, n, k,
+                         None if bias is None else bias.to(torch.bfloat16))
+
+
+def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check: bool = True) -> RuntimeLinear:
+    """The runtime form of a quantized weight; `check` measures the added error against qw.dequantize()."""
+    n, k = qw.shape
+    fmt = qw.fmt
+    group = _kernel_group(fmt.group_len(k), k)
+    if group is None or n % 16 or k % 32:
+        source = qw.dequantize()
+        lin = from_dense(source, bias)
+        if check:
+            lin.added_error = weight_error(source, lin.weight.float())
+        return lin
+    else:
+        codes = qw.codes.to(torch.int32)
+        scales, mins = qw.scales.float(), (qw.mins.float() if qw.mins is not None else None)
+        perm = None
+        if qw.g_idx is not None:
+            perm = torch.argsort(qw.g_idx.long(), stable=True)
+            codes = codes[:, perm]
+        if fmt.group_len(k) == k and k != group:  # per-channel -> group 32
+            scales = scales.repeat_interleave(k // group, 1)
+            mins = mins.repeat_interleave(k // group, 1) if mins is not None else None
+        offset = torch.zeros_like(scales) if mins is None else mins
+        if fmt.bits <= 4:
+            # centre the codes on the kernel's 8, so the zero is the group's own offset (0 for symmetric
+            # formats) and its bf16 rounding stays small
+            c = 8 if fmt.symmetric else 8 - (1 << (fmt.bits - 1))
+            pieces = [(codes + c, scales, offset + (8 - c) * scales)]
+        else:
+            centre = 0 if fmt.symmetric else 1 << (fmt.bits - 1)
+            q = codes - centre
+            hi = torch.div(q, 16, rounding_mode="floor")
+            lo = q - 16 * hi
+            pieces = [(hi + 8, 16 * scales, torch.zeros_like(scales)),
+                      (lo, scales, offset + (8 + centre) * scales)]
+        packed = torch.cat([u for u, _, _ in pieces], 1).to(torch.int32)
+        sz = torch.stack((torch.cat([s for _, s, _ in pieces], 1), torch.cat([z for _, _, z in pieces], 1)), -1)
+        sz = sz.to(torch.bfloat16)
+        if check:
+            added = _added_error(qw, packed, sz, group, len(pieces), perm)
+        lin = RuntimeLinear("int4" if len(pieces) == 1 else "int4x2",
+                            torch.ops.aten._convert_weight_to_int4pack_for_cpu(packed.contiguous(), 8),
+                            sz.transpose(0, 1).contiguous(), group, n, k,
+                            None if bias is None else bias.to(torch.bfloat16),
+                            None if perm is None else perm.to(torch.int64))
+    if check:
+        lin.added_error = added
+    return lin
+
+
+def _added_error(qw: QuantizedWeight, packed, sz, group: int, pieces: int, perm, rows: int = 1024) -> dict:
+    """weight_error of what the kernel multiplies by (codes with bf16 scales/zeros, summed over pieces) against
+    the artifact's own weight, a block of rows at a time to bound memory."""
+    num = den = 0.0
+    n, k = qw.shape
+    inv = None if perm is None else torch.argsort(perm)
+    for r in range(0, n, rows):
+        part = QuantizedWeight(qw.fmt, qw.codes[r:r + rows] if qw.packed else qw.data[r:r + rows], qw.scales[r:r + rows],
+                               None if qw.mins is None else qw.mins[r:r + rows], qw.g_idx)
+        w = part.dequantize()
+        g = sz[r:r + rows].float().repeat_interleave(group, 1)
+        w_rt = ((packed[r:r + rows].float() - 8) * g[..., 0] + g[..., 1]).reshape(-1, pieces, k).sum(1)
+        if inv is not None:
+            w_rt = w_rt[:, inv]
+        num += float(((w - w_rt).double() ** 2).sum())
+        den += float((w.double() ** 2).sum())
+    rel = num / max(den, 1e-30)
+    return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}

@@ -1,0 +1,220 @@
+"""Build the runtime Engine from a tightfit artifact, a GGUF file (Q4_0/Q4_1/Q8_0 codes are run as stored) or a
+Hugging Face folder (bf16)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..formats.weight import WeightFormat
+from ..models import resolve_source
+from ..models.arch import hf_to_gguf_names, unpermute_qk
+from ..quant.core import QuantizedWeight
+from .linear import RuntimeLinear, from_dense, from_quantized
+from .model import Embedding, Engine, Layer, ModelArgs
+
+Weight = QuantizedWeight | torch.Tensor
+
+# GGUF block types whose codes are a tightfit format: (format, bytes of scale(s) before the codes)
+GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
+              gguf.GGMLQuantizationType.Q4_0: WeightFormat(4, 32, True),
+              gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False)}
+
+
+def gguf_quantized(t, data: np.ndarray | None = None) -> QuantizedWeight | None:
+    """The codes of a Q8_0/Q4_0/Q4_1 GGUF tensor as a QuantizedWeight (bit-exact), or None for other types."""
+    fmt = GGUF_CODES.get(t.tensor_type)
+    if fmt is None:
+        return None
+    n, k = (int(s) for s in reversed(t.shape.tolist()))
+    raw = torch.from_numpy(np.array(t.data if data is None else data, dtype=np.uint8).reshape(n, k // 32, -1))
+    d = raw[..., :2].contiguous().view(torch.float16)[..., 0]
+    if fmt.bits == 8:
+        q = raw[..., 2:].contiguous().view(torch.int8).to(torch.int16)
+        return QuantizedWeight(fmt, q.reshape(n, k), d, None)
+    qs = raw[..., 2:] if fmt.symmetric else raw[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), -1).to(torch.int16)
+    if fmt.symmetric:
+        return QuantizedWeight(fmt, (q - 8).reshape(n, k), d, None)
+    m = raw[..., 2:4].contiguous().view(torch.float16)[..., 0]
+    return QuantizedWeight(fmt, q.reshape(n, k), d, m)
+
+
+def _rows(w: Weight, idx: torch.Tensor) -> Weight:
+    if isinstance(w, torch.Tensor):
+        return w[idx]
+    codes = w.codes[idx]
+    return QuantizedWeight(w.fmt, codes, w.scales[idx], None if w.mins is None else w.mins[idx], w.g_idx)
+
+
+def _gguf_tensor_bytes(path: Path, t) -> np.ndarray:
+    """A tensor's raw bytes by a plain read (not the memory map, whose touched pages would stay resident)."""
+    with open(path, "rb") as f:
+        f.seek(int(t.data_offset))
+        return np.frombuffer(f.read(int(t.n_bytes)), dtype=np.uint8)
+
+
+def _gguf_source(path: Path):
+    from ..models.lazy import lazy_gguf
+
+    lazy = lazy_gguf(path)
+    config = lazy.config
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    names = hf_to_gguf_names(lazy.loaders.keys(), "gemma3" if config.model_type == "gemma3_text" else config.model_type,
+                             config.num_hidden_layers)
+
+    def get(name: str) -> Weight:
+        t = tensors[names[name]]
+        if t.tensor_type not in GGUF_CODES:
+            return lazy.loaders[name]()
+        qw = gguf_quantized(t, _gguf_tensor_bytes(path, t))
+        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            qw = _rows(qw, unpermute_qk(torch.arange(qw.shape[0])[:, None], heads)[:, 0])
+        return qw
+
+    return config, lazy.tokenizer, get, set(lazy.loaders), None
+
+
+def _artifact_source(path: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..quant.artifact import open_quantized
+
+    manifest, get = open_quantized(path)
+    return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path), get, set(manifest["tensors"]), manifest
+
+
+def _hf_source(path: Path):
+    from ..models.lazy import lazy_hf
+
+    lazy = lazy_hf(path)
+    return lazy.config, lazy.tokenizer, lambda name: lazy.loaders[name](), set(lazy.loaders), None
+
+
+def _rows_slice(w: Weight, start: int, end: int) -> Weight:
+    if isinstance(w, torch.Tensor):
+        return w[start:end]
+    return QuantizedWeight(w.fmt, w.data[start:end], w.scales[start:end], None if w.mins is None else w.mins[start:end],
+                           w.g_idx, in_features=w.in_features, packed=w.packed)
+
+
+def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None) -> RuntimeLinear:
+    """One runtime linear for weights that read the same input (q/k/v, gate/up), stacked along the output."""
+    bias = None if not biases or biases[0] is None else torch.cat(biases)
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return from_dense(torch.cat(parts), bias)
+    qs = [p if isinstance(p, QuantizedWeight) else None for p in parts]
+    same = all(q is not None and q.fmt == qs[0].fmt and q.g_idx is None for q in qs)
+    if same:
+        stacked = QuantizedWeight(qs[0].fmt, torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]),
+                                  None if qs[0].mins is None else torch.cat([q.mins for q in qs]))
+        return from_quantized(stacked, bias)
+    # mixed formats: run each part and concatenate (a few more ops per token)
+    return Concat([from_quantized(p) if isinstance(p, QuantizedWeight) else from_dense(p) for p in parts], bias)
+
+
+class Concat:
+    def __init__(self, parts: list[RuntimeLinear], bias: torch.Tensor | None):
+        self.parts, self.bias = parts, None if bias is None else bias.to(torch.bfloat16)
+        self.out_features = sum(p.out_features for p in parts)
+        errs = [p.added_error for p in parts if p.added_error]
+        self.added_error = errs[0] if errs else None
+
+    def __call__(self, x):
+        y = torch.cat([p(x) for p in self.parts], -1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 2)
+
+
+def _linear(w: Weight) -> RuntimeLinear:
+    return from_quantized(w) if isinstance(w, QuantizedWeight) else from_dense(w)
+
+
+def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress: bool = False,
+                 info: dict | None = None, max_memory: int | None = None) -> Engine:
+    """Turn per-tensor weights (quantized or float, read one layer at a time through `get`) into an Engine.
+    With max_memory, weights beyond the budget are streamed from a scratch file every token."""
+    from .stream import DiskEmbedding, StreamedHead, Streamer
+
+    args = ModelArgs.from_config(config)
+    streamer = Streamer() if max_memory is not None else None
+    layers, errs = [], {}
+    for i in tqdm(range(args.n_layers), desc="preparing runtime", unit="layer", disable=not progress):
+        p = f"model.layers.{i}."
+        at, mlp = p + "self_attn.", p + "mlp."
+        biases = [get(f"{at}{x}_proj.bias") if f"{at}{x}_proj.bias" in names else None for x in "qkv"]
+        layer = Layer(
+            attn_norm=get(p + "input_layernorm.weight").float(),
+            qkv=fuse([get(f"{at}{x}_proj.weight") for x in "qkv"], biases),
+            o=_linear(get(at + "o_proj.weight")),
+            mlp_norm=get(p + "post_attention_layernorm.weight").float(),
+            gate_up=fuse([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]),
+            down=_linear(get(mlp + "down_proj.weight")),
+        )
+        errs.update({f"{p}{n}": lin.added_error for n, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears())
+                     if lin.added_error})
+        if streamer is not None:
+            streamer.store(i, layer)
+        layers.append(layer)
+    embed_w = get("model.embed_tokens.weight")
+    head_w = embed_w if args.tied else get("lm_head.weight")
+    if streamer is not None:
+        # the head in row slices about one layer's size, so streaming it needs no larger arena
+        rows = max(16, 3 * args.ffn_dim // 16 * 16)  # a slice holds about as many weights as one MLP
+        parts = []
+        for j, r in enumerate(range(0, args.vocab_size, rows)):
+            parts.append(_linear(_rows_slice(head_w, r, min(r + rows, args.vocab_size))))
+            streamer.store(("head", j), parts[-1])
+        head = StreamedHead(streamer, parts)
+        embed = DiskEmbedding(streamer, embed_w)
+        del embed_w, head_w
+        streamer.place(max_memory)
+    else:
+        head = _linear(head_w)
+        if head.added_error:
+            errs["lm_head"] = head.added_error
+        embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight) else embed_w.to(torch.bfloat16))
+    info = dict(info or {})
+    info["runtime_added_error"] = errs
+    engine = Engine(config, args, embed, layers, get("model.norm.weight").float(), head, _rotary(config, args),
+                    kv_format, info)
+    engine.streamer = streamer
+    return engine
+
+
+def _rotary(config, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_ctx, 1, head_dim] from transformers' own rotary embedding (rope scaling included)."""
+    if config.model_type == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import (
+            Qwen2RotaryEmbedding as Rotary,
+        )
+    else:
+        from transformers.models.llama.modeling_llama import (
+            LlamaRotaryEmbedding as Rotary,
+        )
+    cos, sin = Rotary(config)(torch.zeros(1), torch.arange(args.max_ctx)[None])
+    return cos[0, :, None].to(torch.bfloat16), sin[0, :, None].to(torch.bfloat16)
+
+
+def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,
+                max_memory: int | None = None):
+    """(engine, tokenizer, kind, manifest) for an artifact, a GGUF file, a HF folder or a known model name."""
+    from .kv import kv_format as check_kv
+
+    check_kv(kv_format)
+    path, kind = resolve_source(source)
+    reader = {"artifact": _artifact_source, "gguf": _gguf_source, "hf": _hf_source}[kind]
+    config, tokenizer, get, names, manifest = reader(path)
+    ModelArgs.from_config(config)  # refuse an architecture the runtime lacks before any work
+    engine = build_engine(config, get, names, kv_format, progress,
+                          {"source": os.fspath(source), "kind": kind, "path": path}, max_memory)
+    return engine, tokenizer, kind, manifest

@@ -1,0 +1,74 @@
+"""Sampling as pure functions of logits: penalties, then temperature, top-k, top-p, min-p, then one draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TightfitError
+
+
+class SamplingError(TightfitError, ValueError):
+    """Sampling parameters out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (CTRL-style, as llama.cpp and HF)
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise SamplingError(f"{msg}; got {self}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    out = logits.clone()
+    vals = out[seen]
+    out[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits with the tokens top-k / top-p / min-p exclude set to -inf."""
+    x = logits / p.temperature
+    if p.top_k and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.min_p > 0:
+        probs = torch.softmax(x, -1)
+        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        cum = torch.softmax(sorted_x, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> int:
+    """One token id from fp32 logits [vocab]."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(filter_logits(logits, p), -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logprobs_of(logits: torch.Tensor, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    lp = torch.log_softmax(logits.float(), -1)
+    best = torch.topk(lp, top) if top else None
+    return float(lp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))

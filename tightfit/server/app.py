@@ -1,0 +1,279 @@
+"""An OpenAI-compatible HTTP API over the runtime: /v1/models, /v1/completions, /v1/chat/completions.
+
+Requests are served one at a time in arrival order (a FIFO queue of at most `max_queue` waiting requests, then
+503): the runtime decodes batch 1, which on a small CPU already keeps the cores busy; a waiting request costs
+only its queue slot. Generation runs in a worker thread, one token per hop, so the event loop keeps answering
+and a client that disconnects stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import TightfitError
+from ..runtime.generate import generate
+from ..runtime.sampling import SamplingParams
+from .schema import ChatRequest, CompletionRequest
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+class Server:
+    def __init__(self, engine, tokenizer, model_id: str, *, api_key: str | None = None, ctx: int = 2048,
+                 max_tokens_limit: int = 2048, max_queue: int = 64):
+        self.engine, self.tok, self.model_id, self.api_key = engine, tokenizer, model_id, api_key
+        self.ctx = min(ctx, engine.args.max_ctx)
+        self.max_tokens_limit, self.max_queue = max_tokens_limit, max_queue
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tightfit-gen")
+        self.created = int(time.time())
+
+    # ---- request -> generation ----
+    def check_common(self, req) -> None:
+        if req.model != self.model_id:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_id}' "
+                                "(GET /v1/models).", param="model", code="model_not_found")
+        if req.n != 1:
+            raise APIError(400, "n must be 1: this server generates one choice per request.", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).",
+                               param=name)
+
+    def budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        if n_prompt == 0:
+            raise APIError(400, "The prompt is empty: give at least one token.", param="prompt")
+        if n_prompt >= self.ctx:
+            raise APIError(400, f"The prompt has {n_prompt} tokens but this server's context holds {self.ctx}: "
+                                "shorten it.", param="messages" if param != "max_tokens" else "prompt",
+                           code="context_length_exceeded")
+        room = self.ctx - n_prompt
+        if max_tokens is None:
+            return min(room, self.max_tokens_limit)
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"{param} is {max_tokens}, above this server's limit of {self.max_tokens_limit}.",
+                           param=param)
+        if max_tokens > room:
+            raise APIError(400, f"The prompt ({n_prompt} tokens) plus {param} ({max_tokens}) exceed this server's "
+                                f"context of {self.ctx}: lower {param} to at most {room}.", param=param,
+                           code="context_length_exceeded")
+        return max_tokens
+
+    def params(self, req) -> SamplingParams:
+        return SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty, req.seed)
+
+    def chat_ids(self, req: ChatRequest) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise APIError(400, f"'{self.model_id}' has no chat template; use /v1/completions with a plain prompt.")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def completion_ids(self, req: CompletionRequest) -> list[int]:
+        p = req.prompt
+        if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+            if max(p) >= self.engine.args.vocab_size or min(p) < 0:
+                raise APIError(400, f"prompt token ids must be in [0, {self.engine.args.vocab_size}).", param="prompt")
+            return list(p)
+        if isinstance(p, list):
+            if len(p) != 1:
+                raise APIError(400, "prompt must be one string (batched prompts are not supported).", param="prompt")
+            p = p[0]
+        return self.tok(p)["input_ids"]
+
+    async def steps(self, request: Request, it):
+        """Pull generation steps from the worker thread; stop when the client goes away."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                step = await loop.run_in_executor(self.pool, next, it, None)
+                if step is None:
+                    return
+                yield step
+                if await request.is_disconnected():
+                    return
+        finally:
+            await loop.run_in_executor(self.pool, it.close)
+
+    async def run(self, request: Request, ids: list[int], req, max_tokens: int, logprobs: int | None, kind: str):
+        if self.waiting >= self.max_queue:
+            raise APIError(503, f"The server is busy: {self.waiting} requests are waiting. Retry later.",
+                           type_="server_error", code="server_busy")
+        stream_usage = bool(req.stream_options and req.stream_options.include_usage)
+        meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.model_id}
+        self.waiting += 1
+        await self.lock.acquire()
+        self.waiting -= 1
+
+        def start():
+            return generate(self.engine, self.tok, ids, max_tokens, self.params(req), req.stops(), req.ignore_eos,
+                            logprobs, ctx=self.ctx)
+
+        try:
+            it = start()
+        except Exception:
+            self.lock.release()
+            raise
+        if req.stream:
+            async def events():
+                try:
+                    async for chunk in self.stream_chunks(request, it, meta, kind, len(ids), stream_usage, logprobs):
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    self.lock.release()
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            steps = [s async for s in self.steps(request, it)]
+        finally:
+            self.lock.release()
+        return JSONResponse(self.whole(steps, meta, kind, len(ids), logprobs))
+
+    # ---- response bodies ----
+    def _token_str(self, token: int) -> str:
+        return self.tok.decode([token])
+
+    def _chat_logprobs(self, s) -> dict:
+        t = self._token_str(s.token)
+        return {"token": t, "logprob": s.logprob, "bytes": list(t.encode()),
+                "top_logprobs": [{"token": self._token_str(i), "logprob": lp, "bytes": list(self._token_str(i).encode())}
+                                 for i, lp in s.top_logprobs]}
+
+    def _completion_logprobs(self, steps, offset0: int = 0) -> dict:
+        tokens = [self._token_str(s.token) for s in steps]
+        offsets, o = [], offset0
+        for s in steps:
+            offsets.append(o)
+            o += len(s.text)
+        return {"tokens": tokens, "token_logprobs": [s.logprob for s in steps],
+                "top_logprobs": [{self._token_str(i): lp for i, lp in s.top_logprobs} for s in steps],
+                "text_offset": offsets}
+
+    @staticmethod
+    def usage(n_prompt: int, n_out: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+    def whole(self, steps, meta, kind, n_prompt, logprobs) -> dict:
+        text = "".join(s.text for s in steps)
+        finish = steps[-1].finish_reason if steps else "stop"
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": {"content": [self._chat_logprobs(s) for s in steps]} if logprobs is not None else None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish,
+                      "logprobs": self._completion_logprobs(steps) if logprobs is not None else None}
+            obj = "text_completion"
+        return {**meta, "object": obj, "choices": [choice], "usage": self.usage(n_prompt, len(steps))}
+
+    async def stream_chunks(self, request, it, meta, kind, n_prompt, include_usage, logprobs):
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        n = 0
+        if kind == "chat":
+            yield {**meta, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]}
+        offset = 0
+        async for s in self.steps(request, it):
+            n += 1
+            if kind == "chat":
+                delta = {"content": s.text} if s.text else {}
+                lp = {"content": [self._chat_logprobs(s)]} if logprobs is not None else None
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": s.finish_reason}
+            else:
+                lp = self._completion_logprobs([s], offset) if logprobs is not None else None
+                offset += len(s.text)
+                choice = {"index": 0, "text": s.text, "logprobs": lp, "finish_reason": s.finish_reason}
+            yield {**meta, "object": obj, "choices": [choice], **({"usage": None} if include_usage else {})}
+        if include_usage:
+            yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, n)}
+
+
+def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
+    server = Server(engine, tokenizer, model_id, **limits)
+    app = FastAPI(title="tightfit", version="1")
+    app.state.server = server
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if (server.api_key and request.url.path.startswith("/v1")
+                and request.headers.get("authorization", "") != f"Bearer {server.api_key}"):
+            return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                                  code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(TightfitError)
+    async def tightfit_error(_, e: TightfitError):
+        return error_response(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                                       ". Send a JSON object.")
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:])
+        return error_response(400, f"Invalid request: {loc or 'body'}: {first.get('msg', 'invalid')}.", param=loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def crash(_, e: Exception):
+        return error_response(500, f"Internal error: {type(e).__name__}: {e}", type_="server_error")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": server.created,
+                                            "owned_by": "tightfit"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "waiting": server.waiting}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        server.check_common(req)
+        ids = server.completion_ids(req)
+        max_tokens = server.budget(len(ids), req.max_tokens, "max_tokens")
+        return await server.run(request, ids, req, max_tokens, req.logprobs, "text")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        server.check_common(req)
+        ids = server.chat_ids(req)
+        limit = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = server.budget(len(ids), limit, param)
+        lp = (req.top_logprobs or 0) if req.logprobs else None
+        return await server.run(request, ids, req, max_tokens, lp, "chat")
+
+    return app

@@ -26,11 +26,12 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 @dataclass
 class RuntimeLinear:
-    """One linear layer as the runtime holds it: y = x @ W.T (+ bias), x in bf16."""
+    """One linear layer as the runtime holds it: y = x @ W.T (+ bias). q4/q8 take and give fp32 (activations
+    quantized to int8 per 32 inside the kernel, as llama.cpp does); the torch kinds compute in bf16."""
 
-    kind: str  # "int4" (1 piece), "int4x2" (2 pieces over a doubled input) or "bf16"
-    weight: torch.Tensor  # int4-packed uint8 [N, K*pieces/2] or bf16 [N, K]
-    scales_zeros: torch.Tensor | None  # bf16 [K*pieces/group, N, 2]
+    kind: str  # "q4"/"q8" (tightfit's VNNI kernel), "int4"/"int4x2" (torch's int4 op, 1 or 2 pieces), "bf16"
+    weight: torch.Tensor  # q4/q8: uint8 [N, K*bits/8]; int4: torch-packed uint8 [N, K*pieces/2]; bf16 [N, K]
+    scales_zeros: torch.Tensor | None  # q4/q8: fp16 [2, N, K/32] (scale, min); int4: bf16 [K*pieces/group, N, 2]
     group: int
     out_features: int
     in_features: int
@@ -41,6 +42,10 @@ class RuntimeLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.kind in ("q4", "q8"):
+            return self._vnni(x)
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
         if self.kind == "bf16":
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
@@ -49,6 +54,21 @@ class RuntimeLinear:
             x2 = torch.cat((x2, x2), -1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_zeros)
         y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _vnni(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import library
+
+        shape, k, n = x.shape, self.in_features, self.out_features
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, n)
+        sz = self.scales_zeros.data_ptr()
+        library().linear(x2.data_ptr(), m, k, self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, self.group,
+                         y.data_ptr(), torch.get_num_threads())
+        y = y.view(*shape[:-1], n)
         return y if self.bias is None else y + self.bias
 
     @property
@@ -70,14 +90,62 @@ def _kernel_group(group_len: int, in_features: int) -> int | None:
     return None
 
 
-def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> RuntimeLinear:
+def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto") -> RuntimeLinear:
     n, k = w.shape
     return RuntimeLinear("bf16", w.to(torch.bfloat16).contiguous(), None, 0, n, k,
                          None if bias is None else bias.to(torch.bfloat16))
 
 
-def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check: bool = True) -> RuntimeLinear:
-    """The runtime form of a quantized weight; `check` measures the added error against qw.dequantize()."""
+def pack_pairs(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp): per pair of 32-blocks (b, b+1),
+    [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]; 4-bit codes packed as byte j = u_j | u_{j+16} << 4."""
+    n, k = u.shape
+    u = u.to(torch.uint8)
+    if bits == 4:
+        b = u.reshape(n, k // 32, 2, 16)
+        return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return u.reshape(n, k // 64, 2, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, k).contiguous()
+
+
+def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) -> RuntimeLinear | None:
+    """tightfit's own kernel: codes exact, scales and mins in fp16 per 32 columns; None where it cannot run."""
+    from .kernels import library
+
+    n, k = qw.shape
+    fmt = qw.fmt
+    glen = fmt.group_len(k)
+    if library() is None or k % 64 or glen % 32:
+        return None
+    codes, perm = qw.codes, None  # int16
+    if qw.g_idx is not None:
+        perm = torch.argsort(qw.g_idx.long(), stable=True)
+        codes = codes[:, perm]
+    reps = glen // 32
+    d = qw.scales.float()
+    m = (qw.mins.float() if qw.mins is not None else torch.zeros_like(d)) + fmt.qmin * d
+    d16, m16 = d.half(), m.half()
+    if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
+        return None  # out of fp16's range: the torch path keeps them
+    bits = 4 if fmt.bits <= 4 else 8
+    lin = RuntimeLinear(f"q{bits}", pack_pairs(codes - fmt.qmin, bits),
+                        torch.stack((d16.repeat_interleave(reps, 1), m16.repeat_interleave(reps, 1))).contiguous(),
+                        bits, n, k, None if bias is None else bias.float(), perm)
+    if check:
+        def rows(r0, r1):
+            g = lin.scales_zeros[:, r0:r1].float().repeat_interleave(32, 2)
+            w = (codes[r0:r1] - fmt.qmin).float() * g[0] + g[1]
+            return w if perm is None else w[:, torch.argsort(perm)]
+        lin.added_error = _chunked_error(qw, rows)
+    return lin
+
+
+def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check: bool = True,
+                   kernel: str = "auto") -> RuntimeLinear:
+    """The runtime form of a quantized weight; `check` measures the added error against qw.dequantize().
+    kernel: "auto" (tightfit's VNNI kernel where it runs, else torch's int4 op) or "torch"."""
+    lin = _vnni_linear(qw, bias, check) if kernel == "auto" else None
+    if lin is not None:
+        return lin
     n, k = qw.shape
     fmt = qw.fmt
     group = _kernel_group(fmt.group_len(k), k)
@@ -125,21 +193,27 @@ def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check:
     return lin
 
 
-def _added_error(qw: QuantizedWeight, packed, sz, group: int, pieces: int, perm, rows: int = 1024) -> dict:
-    """weight_error of what the kernel multiplies by (codes with bf16 scales/zeros, summed over pieces) against
-    the artifact's own weight, a block of rows at a time to bound memory."""
-    num = den = 0.0
-    n, k = qw.shape
+def _added_error(qw: QuantizedWeight, packed, sz, group: int, pieces: int, perm) -> dict:
+    """weight_error of what torch's int4 op multiplies by (codes with bf16 scales/zeros, summed over pieces)."""
     inv = None if perm is None else torch.argsort(perm)
-    for r in range(0, n, rows):
-        part = QuantizedWeight(qw.fmt, qw.codes[r:r + rows] if qw.packed else qw.data[r:r + rows], qw.scales[r:r + rows],
-                               None if qw.mins is None else qw.mins[r:r + rows], qw.g_idx)
+    k = qw.shape[1]
+
+    def rows(r0, r1):
+        g = sz[r0:r1].float().repeat_interleave(group, 1)
+        w = ((packed[r0:r1].float() - 8) * g[..., 0] + g[..., 1]).reshape(-1, pieces, k).sum(1)
+        return w if inv is None else w[:, inv]
+    return _chunked_error(qw, rows)
+
+
+def _chunked_error(qw: QuantizedWeight, runtime_rows, rows: int = 1024) -> dict:
+    """Relative MSE and SQNR of the runtime's weight against the artifact's, a block of rows at a time."""
+    num = den = 0.0
+    for r in range(0, qw.shape[0], rows):
+        part = QuantizedWeight(qw.fmt, qw.data[r:r + rows], qw.scales[r:r + rows],
+                               None if qw.mins is None else qw.mins[r:r + rows], qw.g_idx,
+                               in_features=qw.in_features, packed=qw.packed)
         w = part.dequantize()
-        g = sz[r:r + rows].float().repeat_interleave(group, 1)
-        w_rt = ((packed[r:r + rows].float() - 8) * g[..., 0] + g[..., 1]).reshape(-1, pieces, k).sum(1)
-        if inv is not None:
-            w_rt = w_rt[:, inv]
-        num += float(((w - w_rt).double() ** 2).sum())
+        num += float(((w - runtime_rows(r, r + rows)).double() ** 2).sum())
         den += float((w.double() ** 2).sum())
     rel = num / max(den, 1e-30)
     return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}

@@ -104,7 +104,7 @@ def _rows_slice(w: Weight, start: int, end: int) -> Weight:
                            w.g_idx, in_features=w.in_features, packed=w.packed)
 
 
-def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None) -> RuntimeLinear:
+def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None, kernel: str = "auto") -> RuntimeLinear:
     """One runtime linear for weights that read the same input (q/k/v, gate/up), stacked along the output."""
     bias = None if not biases or biases[0] is None else torch.cat(biases)
     if all(isinstance(p, torch.Tensor) for p in parts):
@@ -114,9 +114,9 @@ def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None) -
     if same:
         stacked = QuantizedWeight(qs[0].fmt, torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]),
                                   None if qs[0].mins is None else torch.cat([q.mins for q in qs]))
-        return from_quantized(stacked, bias)
+        return from_quantized(stacked, bias, kernel=kernel)
     # mixed formats: run each part and concatenate (a few more ops per token)
-    return Concat([from_quantized(p) if isinstance(p, QuantizedWeight) else from_dense(p) for p in parts], bias)
+    return Concat([_linear(p, kernel) for p in parts], bias)
 
 
 class Concat:
@@ -135,12 +135,12 @@ class Concat:
         return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 2)
 
 
-def _linear(w: Weight) -> RuntimeLinear:
-    return from_quantized(w) if isinstance(w, QuantizedWeight) else from_dense(w)
+def _linear(w: Weight, kernel: str = "auto") -> RuntimeLinear:
+    return from_quantized(w, kernel=kernel) if isinstance(w, QuantizedWeight) else from_dense(w)
 
 
 def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress: bool = False,
-                 info: dict | None = None, max_memory: int | None = None) -> Engine:
+                 info: dict | None = None, max_memory: int | None = None, kernel: str = "auto") -> Engine:
     """Turn per-tensor weights (quantized or float, read one layer at a time through `get`) into an Engine.
     With max_memory, weights beyond the budget are streamed from a scratch file every token."""
     from .stream import DiskEmbedding, StreamedHead, Streamer
@@ -154,11 +154,11 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         biases = [get(f"{at}{x}_proj.bias") if f"{at}{x}_proj.bias" in names else None for x in "qkv"]
         layer = Layer(
             attn_norm=get(p + "input_layernorm.weight").float(),
-            qkv=fuse([get(f"{at}{x}_proj.weight") for x in "qkv"], biases),
-            o=_linear(get(at + "o_proj.weight")),
+            qkv=fuse([get(f"{at}{x}_proj.weight") for x in "qkv"], biases, kernel),
+            o=_linear(get(at + "o_proj.weight"), kernel),
             mlp_norm=get(p + "post_attention_layernorm.weight").float(),
-            gate_up=fuse([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]),
-            down=_linear(get(mlp + "down_proj.weight")),
+            gate_up=fuse([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")], kernel=kernel),
+            down=_linear(get(mlp + "down_proj.weight"), kernel),
         )
         errs.update({f"{p}{n}": lin.added_error for n, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears())
                      if lin.added_error})
@@ -172,14 +172,14 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         rows = max(16, 3 * args.ffn_dim // 16 * 16)  # a slice holds about as many weights as one MLP
         parts = []
         for j, r in enumerate(range(0, args.vocab_size, rows)):
-            parts.append(_linear(_rows_slice(head_w, r, min(r + rows, args.vocab_size))))
+            parts.append(_linear(_rows_slice(head_w, r, min(r + rows, args.vocab_size)), kernel))
             streamer.store(("head", j), parts[-1])
         head = StreamedHead(streamer, parts)
         embed = DiskEmbedding(streamer, embed_w)
         del embed_w, head_w
         streamer.place(max_memory)
     else:
-        head = _linear(head_w)
+        head = _linear(head_w, kernel)
         if head.added_error:
             errs["lm_head"] = head.added_error
         embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight) else embed_w.to(torch.bfloat16))
@@ -202,11 +202,11 @@ def _rotary(config, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
             LlamaRotaryEmbedding as Rotary,
         )
     cos, sin = Rotary(config)(torch.zeros(1), torch.arange(args.max_ctx)[None])
-    return cos[0, :, None].to(torch.bfloat16), sin[0, :, None].to(torch.bfloat16)
+    return cos[0, :, None], sin[0, :, None]
 
 
 def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,
-                max_memory: int | None = None):
+                max_memory: int | None = None, kernel: str = "auto"):
     """(engine, tokenizer, kind, manifest) for an artifact, a GGUF file, a HF folder or a known model name."""
     from .kv import kv_format as check_kv
 
@@ -216,5 +216,5 @@ def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bo
     config, tokenizer, get, names, manifest = reader(path)
     ModelArgs.from_config(config)  # refuse an architecture the runtime lacks before any work
     engine = build_engine(config, get, names, kv_format, progress,
-                          {"source": os.fspath(source), "kind": kind, "path": path}, max_memory)
+                          {"source": os.fspath(source), "kind": kind, "path": path}, max_memory, kernel)
     return engine, tokenizer, kind, manifest

@@ -87,7 +87,11 @@ class Engine:
                  head: RuntimeLinear, rotary: tuple[torch.Tensor, torch.Tensor], kv_format: str = "bf16",
                  info: dict | None = None):
         self.config, self.args, self.embed, self.layers, self.norm, self.head = config, args, embed, layers, norm, head
-        self.cos, self.sin = rotary  # bf16 [max_ctx, 1, head_dim]
+        # activations between matmuls: fp32 when every linear runs on tightfit's kernel (it takes fp32),
+        # else bf16 (torch's int4 op takes bf16 only)
+        kinds = {lin.kind for L in layers for lin in L.linears() for lin in getattr(lin, "parts", [lin])}
+        self.act_dtype = torch.float32 if kinds <= {"q4", "q8"} else torch.bfloat16
+        self.cos, self.sin = (t.to(self.act_dtype) for t in rotary)  # [max_ctx, 1, head_dim]
         self.kv_format = kv_format
         self.scale = args.head_dim ** -0.5
         self.info = info or {}
@@ -112,7 +116,7 @@ class Engine:
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 RMSNorm -> bf16 (F.rms_norm costs ~17 us per call on a [1, 576] input here; this ~5 us)."""
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * w).to(torch.bfloat16)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * w).to(self.act_dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, logits_to_keep: int = 1) -> torch.Tensor:
@@ -137,11 +141,12 @@ class Engine:
             qkv = L.qkv(x).view(B, T, H + 2 * KV, hd)
             qk = qkv[:, :, : H + KV]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-            q = qk[:, :, :H].transpose(1, 2)
             kt, v = cache.update(i, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2), pos)
+            q = qk[:, :, :H].transpose(1, 2).to(kt.dtype)
             if T == 1:  # decode: CPU SDPA kernels cost ~0.4 ms per call here; two small matmuls cost ~20 us
-                scores = torch.matmul(q.reshape(B, KV, H // KV, hd), kt) * self.scale
-                att = torch.matmul(torch.softmax(scores.float(), -1).to(v.dtype), v).view(B, 1, H * hd)
+                # fp32 matmuls: bf16/fp16 batched matmuls of these small shapes cost 3-10x more here
+                scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), kt.float()) * self.scale
+                att = torch.matmul(torch.softmax(scores, -1), v.float()).view(B, 1, H * hd)
             else:
                 att = F.scaled_dot_product_attention(q, kt.transpose(-1, -2), v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
                 att = att.transpose(1, 2).reshape(B, T, H * hd)

@@ -1,0 +1,70 @@
+"""tightfit's own CPU kernel: low-bit weights x int8 activations with AVX-512 VNNI (qgemm.cpp).
+
+Compiled on first use with the machine's C++ compiler (about a second) into ~/.cache/tightfit/kernels and
+loaded with ctypes; where there is no compiler or the CPU lacks AVX-512 VNNI, `library()` returns None and the
+runtime uses torch's int4 kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("qgemm.cpp")
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "kernels"
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with the reason logged) where it cannot run here."""
+    if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
+        return None
+    missing = [f for f in NEEDED_FLAGS if f not in cpu_flags()]
+    if missing:
+        log.info("tightfit kernel off: the CPU lacks %s; using torch's int4 kernel", ", ".join(missing))
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        log.info("tightfit kernel off: no C++ compiler found; using torch's int4 kernel")
+        return None
+    src = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    key = hashlib.sha256(src + " ".join([cxx, *flags, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    so = cache_dir() / f"qgemm-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            out = Path(tmp) / so.name
+            r = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if r.returncode != 0:
+                log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
+                return None
+            os.replace(out, so)  # atomic: a half-written library is never loaded
+    lib = ctypes.CDLL(str(so))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
+    lib.linear.restype = None
+    return lib

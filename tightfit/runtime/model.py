@@ -113,6 +113,42 @@ class Engine:
         return KVCache(a.n_layers, batch, a.n_kv_heads, a.head_dim, min(max_ctx or a.max_ctx, a.max_ctx),
                        kv_format or self.kv_format)
 
+    # ---- the fused decode step (tightfit's kernel: one C call per layer) ----
+    def fused(self):
+        """Per-layer argument structs for the C decode step, or None where a layer cannot take it."""
+        if getattr(self, "_fused", False) is not False:
+            return self._fused
+        from .kernels import Dims, LayerArgs, QLin, library
+
+        self._fused = None
+        lib = library()
+        ok = lib is not None and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
+                                     for L in self.layers for lin in L.linears())
+        if ok:
+            def q(lin):
+                return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
+                            0 if lin.bias is None else lin.bias.data_ptr(), lin.out_features, lin.in_features, lin.group)
+            a = self.args
+            self._fused = (lib, Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale),
+                           [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
+                                      q(L.down)) for L in self.layers])
+        return self._fused
+
+    def _fused_decode(self, h: torch.Tensor, pos: int, cache: KVCache) -> None:
+        import ctypes
+
+        lib, dims, layers = self._fused
+        stride = self.cos.stride(0) * 4
+        cos, sin = self.cos.data_ptr() + pos * stride, self.sin.data_ptr() + pos * stride
+        kb, vb = cache.k.data_ptr(), cache.v.data_ptr()
+        per_layer = cache.k[0].numel() * cache.k.element_size()
+        bf16, threads, hp = int(cache.k.dtype == torch.bfloat16), torch.get_num_threads(), h.data_ptr()
+        for i, la in enumerate(layers):
+            if self.streamer is not None:
+                self.streamer.fetch(i)
+            lib.decode_layer(ctypes.byref(dims), ctypes.byref(la), hp, pos, cos, sin, kb + i * per_layer,
+                             vb + i * per_layer, cache.max_ctx, bf16, threads)
+
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 RMSNorm -> bf16 (F.rms_norm costs ~17 us per call on a [1, 576] input here; this ~5 us)."""
@@ -128,6 +164,14 @@ class Engine:
                                "lower max_tokens.")
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
         h = self.embed(tokens)
+        if (T == 1 and B == 1 and cache.bits is None and cache.k.dtype in (torch.float32, torch.bfloat16)
+                and self.act_dtype == torch.float32 and self.fused() is not None):
+            h = h.contiguous()
+            self._fused_decode(h, pos, cache)
+            x = self.rms_norm(h, self.norm)
+            if self.streamer is not None:
+                self.streamer.fetch("head")
+            return self.head(x).float()
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         mask = None
         if T > 1 and pos > 0:

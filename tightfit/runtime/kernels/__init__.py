@@ -51,14 +51,14 @@ def library() -> ctypes.CDLL | None:
         log.info("tightfit kernel off: no C++ compiler found; using torch's int4 kernel")
         return None
     src = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-std=c++17"]
     key = hashlib.sha256(src + " ".join([cxx, *flags, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     so = cache_dir() / f"qgemm-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            r = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
             if r.returncode != 0:
                 log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
                 return None
@@ -67,4 +67,21 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
     lib.linear.restype = None
+    lib.decode_layer.argtypes = [p, p, p, i, p, p, p, p, i, i, i]
+    lib.decode_layer.restype = None
     return lib
+
+
+class QLin(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int),
+                ("k", ctypes.c_int), ("bits", ctypes.c_int)]
+
+
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", QLin), ("o", QLin),
+                ("gate_up", QLin), ("down", QLin)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("ffn", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]

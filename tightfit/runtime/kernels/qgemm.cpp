@@ -11,9 +11,14 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #include <vector>
+
+#ifndef PREFETCH
+#define PREFETCH 8192
+#endif
 
 static inline __m512i unpack4(const uint8_t* p) {
     const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
@@ -71,6 +76,47 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
     }
 }
 
+// One token, four rows at a time: independent accumulators keep the FMA and load units busy while the
+// weights stream from memory, and each activation vector is loaded once for four rows.
+template <int BITS>
+static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n, int K, const int8_t* XQ,
+                       const float* DX, const float* XS, float* Y) {
+    const int nb = K / 32;
+    const size_t row_bytes = (size_t)K * BITS / 8;
+    const uint8_t* group = W + (size_t)n * row_bytes;
+    const int lpp = (int)((4 * row_bytes / 64 + nb / 2 - 1) / (nb / 2));  // cache lines to prefetch per pair
+    __m512 acc[4], macc[4];
+    for (int r = 0; r < 4; r++) { acc[r] = _mm512_setzero_ps(); macc[r] = _mm512_setzero_ps(); }
+    for (int c = 0; c < nb; c += 16) {
+        const int cb = nb - c < 16 ? nb - c : 16;
+        const __mmask16 km = (__mmask16)((1u << cb) - 1);
+        const __m512 dx = _mm512_maskz_loadu_ps(km, DX + c);
+        const __m512 xs = _mm512_maskz_loadu_ps(km, XS + c);
+        __m512 ds[4];
+        for (int r = 0; r < 4; r++) {
+            const size_t o = (size_t)(n + r) * nb + c;
+            ds[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, D + o)), dx);
+            macc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, Mn + o)), xs, macc[r]);
+        }
+        for (int p = 0; p < cb / 2; p++) {
+            const int b = c + 2 * p;
+            // prefetch the rows PREFETCH bytes ahead: one thread alone cannot keep enough loads in flight
+            // to stream weights near the memory bandwidth without it
+            for (int l = 0; l < lpp; l++)
+                _mm_prefetch((const char*)(group + PREFETCH + (size_t)((b / 2) * lpp + l) * 64), _MM_HINT_T0);
+            const __m512i xv = _mm512_loadu_si512((const void*)(XQ + b * 32));
+            const __m512i ix = pair_index(p);
+            for (int r = 0; r < 4; r++) {
+                const uint8_t* w = W + (size_t)(n + r) * row_bytes;
+                const __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], macc[r]));
+}
+
 template <int BITS>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
                  const float* DX, const float* XS, int M, float* Y, int threads) {
@@ -78,6 +124,12 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
         const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+        if (M == 1) {
+            int n = n0;
+            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS>(W, D, Mn, n, K, XQ, DX, XS, Y);
+            if (n < n1) gemm_rows<BITS, 1>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N);
+            continue;
+        }
         int t = 0;
         for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N);
         for (; t < M; t++) gemm_rows<BITS, 1>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N);
@@ -129,6 +181,141 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), threads);
     if (bits == 4) gemm<4>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads);
     else gemm<8>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads);
+}
+
+}  // extern "C"
+
+// ---- one whole decoder layer for one token (batch 1): the decode step without Python between ops ----
+
+struct QLin {
+    const uint8_t* w;
+    const uint16_t* sz;  // fp16 [2, n, k/32]: scales then mins
+    const float* bias;   // or null
+    int n, k, bits;
+};
+
+struct LayerArgs {
+    const float* attn_norm;
+    const float* mlp_norm;
+    QLin qkv, o, gate_up, down;
+};
+
+struct Dims {
+    int dim, n_heads, n_kv, head_dim, ffn;
+    float eps, scale;
+};
+
+static inline float bf16_to_f(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f_to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float ld(const float* p) { return *p; }
+static inline float ld(const uint16_t* p) { return bf16_to_f(*p); }
+static inline void st(float* p, float v) { *p = v; }
+static inline void st(uint16_t* p, float v) { *p = f_to_bf16(v); }
+
+static void rmsnorm(const float* h, const float* w, int n, float eps, float* out) {
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += h[i] * h[i];
+    const float r = 1.0f / sqrtf(ss / n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = h[i] * r * w[i];
+}
+
+static void run_linear(const QLin& L, const float* x, float* y, int threads) {
+    linear(x, 1, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, y, threads);
+    if (L.bias)
+        for (int i = 0; i < L.n; i++) y[i] += L.bias[i];
+}
+
+template <typename KT>
+static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos,
+                           const float* sin, KT* kc, KT* vc, int cap, int threads) {
+    const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, half = hd / 2, S = pos + 1;
+    thread_local std::vector<float> x, qkv, att, gu, act;
+    x.resize(D > m->ffn ? D : m->ffn);
+    qkv.resize((size_t)(H + 2 * KV) * hd);
+    att.resize((size_t)H * hd);
+    gu.resize(2 * (size_t)m->ffn);
+    act.resize(m->ffn);
+
+    rmsnorm(h, L->attn_norm, D, m->eps, x.data());
+    run_linear(L->qkv, x.data(), qkv.data(), threads);
+    for (int head = 0; head < H + KV; head++) {  // rotate-half RoPE on the q and k heads
+        float* v = qkv.data() + (size_t)head * hd;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+    const float* k = qkv.data() + (size_t)H * hd;
+    const float* vv = k + (size_t)KV * hd;
+    for (int g = 0; g < KV; g++)
+        for (int d = 0; d < hd; d++) {
+            st(kc + ((size_t)g * hd + d) * cap + pos, k[g * hd + d]);  // keys transposed: [kv, hd, cap]
+            st(vc + ((size_t)g * cap + pos) * hd + d, vv[g * hd + d]);  // values: [kv, cap, hd]
+        }
+    const int group = H / KV;
+#pragma omp parallel for num_threads(threads) schedule(static) if (S > 256)
+    for (int head = 0; head < H; head++) {
+        const int g = head / group;
+        const float* q = qkv.data() + (size_t)head * hd;
+        std::vector<float> sc(S, 0.0f);
+        for (int d = 0; d < hd; d++) {
+            const KT* kr = kc + ((size_t)g * hd + d) * cap;
+            const float qd = q[d] * m->scale;
+#pragma omp simd
+            for (int s = 0; s < S; s++) sc[s] += qd * ld(kr + s);
+        }
+        float mx = sc[0];
+        for (int s = 1; s < S; s++) mx = sc[s] > mx ? sc[s] : mx;
+        float sum = 0;
+        for (int s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
+        float* out = att.data() + (size_t)head * hd;
+        for (int d = 0; d < hd; d++) out[d] = 0;
+        for (int s = 0; s < S; s++) {
+            const KT* vr = vc + ((size_t)g * cap + s) * hd;
+            const float p = sc[s] / sum;
+#pragma omp simd
+            for (int d = 0; d < hd; d++) out[d] += p * ld(vr + d);
+        }
+    }
+    run_linear(L->o, att.data(), x.data(), threads);
+    for (int i = 0; i < D; i++) h[i] += x[i];
+
+    rmsnorm(h, L->mlp_norm, D, m->eps, x.data());
+    run_linear(L->gate_up, x.data(), gu.data(), threads);
+    const int F = m->ffn;
+#pragma omp simd
+    for (int i = 0; i < F; i++) {
+        const float g = gu[i];
+        act[i] = g / (1.0f + expf(-g)) * gu[F + i];
+    }
+    run_linear(L->down, act.data(), x.data(), threads);
+    for (int i = 0; i < D; i++) h[i] += x[i];
+}
+
+extern "C" {
+
+// kv_bf16: 1 if the cache holds bf16 (uint16) values, 0 for fp32
+void decode_layer(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos, const float* sin,
+                  void* kc, void* vc, int cap, int kv_bf16, int threads) {
+    if (kv_bf16)
+        decode_layer_t<uint16_t>(m, L, h, pos, cos, sin, (uint16_t*)kc, (uint16_t*)vc, cap, threads);
+    else
+        decode_layer_t<float>(m, L, h, pos, cos, sin, (float*)kc, (float*)vc, cap, threads);
 }
 
 }

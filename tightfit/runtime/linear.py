@@ -96,15 +96,21 @@ def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = 
                          None if bias is None else bias.to(torch.bfloat16))
 
 
-def pack_pairs(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp): per pair of 32-blocks (b, b+1),
-    [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]; 4-bit codes packed as byte j = u_j | u_{j+16} << 4."""
+def pack_blocks(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp). 4-bit: per 32-block, byte j = u_j | u_{j+16}
+    << 4. 8-bit: blocks in quads, [first halves of the 4 | second halves], a last pair likewise."""
     n, k = u.shape
     u = u.to(torch.uint8)
     if bits == 4:
         b = u.reshape(n, k // 32, 2, 16)
         return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    return u.reshape(n, k // 64, 2, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, k).contiguous()
+    nb = k // 32
+    tail0 = nb // 4 * 4
+    b = u.reshape(n, nb, 2, 16)
+    parts = [b[:, :tail0].reshape(n, nb // 4, 4, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, -1)]
+    if tail0 < nb:
+        parts.append(b[:, tail0:].permute(0, 2, 1, 3).reshape(n, -1))
+    return torch.cat(parts, 1).contiguous()
 
 
 def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) -> RuntimeLinear | None:
@@ -127,7 +133,7 @@ def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) ->
     if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
         return None  # out of fp16's range: the torch path keeps them
     bits = 4 if fmt.bits <= 4 else 8
-    lin = RuntimeLinear(f"q{bits}", pack_pairs(codes - fmt.qmin, bits),
+    lin = RuntimeLinear(f"q{bits}", pack_blocks(codes - fmt.qmin, bits),
                         torch.stack((d16.repeat_interleave(reps, 1), m16.repeat_interleave(reps, 1))).contiguous(),
                         bits, n, k, None if bias is None else bias.float(), perm)
     if check:

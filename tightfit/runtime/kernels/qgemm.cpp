@@ -4,10 +4,10 @@
 // byte; 8-bit: 0..255), d and m fp16 per block. Activations: per token, blocks of 32 quantized to int8 with a
 // float scale dx (llama.cpp's Q8 activations), plus xs = dx * sum(xq) per block for the m term:
 //   y[t, n] = sum_b d[n,b] dx[t,b] sum_j u[n,b,j] xq[t,b,j] + m[n,b] xs[t,b]
-// Byte order inside a pair of blocks (b, b+1), for weights and activations alike:
-//   [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]
-// so a 4-bit pair (32 packed bytes, byte j = u_j | u_{j+16} << 4) unpacks to one 64-byte vector with two ANDs
-// and a shift, and one vpdpbusd multiplies it with the activations. Requires K % 64 == 0.
+// Byte order: blocks go in quads of 4, each [first halves (elements 0-15) of the 4 | second halves (16-31)]
+// for activations and 8-bit weights; 4-bit weights are plain blocks (byte j = u_j | u_{j+16} << 4), which is
+// the same order once split into low and high nibbles. When K/32 is not a multiple of 4, the last two blocks
+// form a pair [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]. Requires K % 64 == 0.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -28,27 +28,55 @@ static inline __m512i unpack4(const uint8_t* p) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-// Per-pair lane pattern: lanes 0-3 and 8-11 take block 2p, lanes 4-7 and 12-15 block 2p+1.
-static inline __m512i pair_index(int p) {
-    const int a = 2 * p, b = 2 * p + 1;
+// Lane patterns of a unit's 16 int32 dot products. A quad (4 blocks): lanes 4j..4j+3 hold block j. The tail
+// pair (2 blocks): lanes 0-3 and 8-11 hold its first block, lanes 4-7 and 12-15 its second.
+static inline __m512i quad_index(int j0) {
+    return _mm512_setr_epi32(j0, j0, j0, j0, j0 + 1, j0 + 1, j0 + 1, j0 + 1, j0 + 2, j0 + 2, j0 + 2, j0 + 2,
+                             j0 + 3, j0 + 3, j0 + 3, j0 + 3);
+}
+
+static inline __m512i pair_index(int j0) {
+    const int a = j0, b = j0 + 1;
     return _mm512_setr_epi32(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b);
+}
+
+// Integer dot products of one unit starting at block b of a weight row w and an activation row x.
+// Quad layout (activations; 8-bit weights too): [4 first halves | 4 second halves], 128 bytes; a 4-bit quad
+// is its 4 blocks as stored (byte j of a block: element j low nibble, element j+16 high nibble), so one
+// 64-byte load gives all first halves (& 0x0F) and all second halves (>> 4): 2 vpdpbusd per 128 weights.
+template <int BITS>
+static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad) {
+    if (quad) {
+        const __m512i xlo = _mm512_loadu_si512((const void*)(x + b * 32));
+        const __m512i xhi = _mm512_loadu_si512((const void*)(x + b * 32 + 64));
+        __m512i lo, hi;
+        if (BITS == 4) {
+            const __m512i raw = _mm512_loadu_si512((const void*)(w + b * 16));
+            const __m512i mask = _mm512_set1_epi8(0x0F);
+            lo = _mm512_and_si512(raw, mask);
+            hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+        } else {
+            lo = _mm512_loadu_si512((const void*)(w + b * 32));
+            hi = _mm512_loadu_si512((const void*)(w + b * 32 + 64));
+        }
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+    }
+    const __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void*)(x + b * 32)));
 }
 
 template <int BITS, int TILE>
 static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n0, int n1, int K,
                       const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N) {
     const int nb = K / 32;
-    const int row_bytes = K * BITS / 8;
-    __m512i idx[8];
-    for (int p = 0; p < 8; p++) idx[p] = pair_index(p);
+    const size_t row_bytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
         const uint8_t* w = W + (size_t)n * row_bytes;
         const uint16_t* d = D + (size_t)n * nb;
         const uint16_t* mn = Mn + (size_t)n * nb;
         __m512 acc[TILE];
-        __m512 macc[TILE];
-        for (int t = 0; t < TILE; t++) { acc[t] = _mm512_setzero_ps(); macc[t] = _mm512_setzero_ps(); }
-        for (int c = 0; c < nb; c += 16) {  // a chunk of up to 16 blocks (8 pairs)
+        for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
+        for (int c = 0; c < nb; c += 16) {  // a chunk of up to 16 blocks
             const int cb = nb - c < 16 ? nb - c : 16;
             const __mmask16 km = (__mmask16)((1u << cb) - 1);
             const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, d + c));
@@ -56,23 +84,18 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
             __m512 ds[TILE];
             for (int t = 0; t < TILE; t++) {
                 ds[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(km, DX + (size_t)(t0 + t) * nb + c));
-                macc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + (size_t)(t0 + t) * nb + c), macc[t]);
+                acc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + (size_t)(t0 + t) * nb + c), acc[t]);
             }
-            for (int p = 0; p < cb / 2; p++) {
-                const int b = c + 2 * p;
-                __m512i wv;
-                if (BITS == 4) wv = unpack4(w + b * 16);
-                else wv = _mm512_loadu_si512((const void*)(w + b * 32));
+            for (int j = 0; j < cb; j += 4) {
+                const bool quad = j + 4 <= cb;
+                const __m512i ix = quad ? quad_index(j) : pair_index(j);
                 for (int t = 0; t < TILE; t++) {
-                    const __m512i xv = _mm512_loadu_si512((const void*)(XQ + (size_t)(t0 + t) * K + b * 32));
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                    const __m512 s = _mm512_permutexvar_ps(idx[p], ds[t]);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
+                    const __m512i dot = unit_dot<BITS>(w, XQ + (size_t)(t0 + t) * K, c + j, quad);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
                 }
             }
         }
-        for (int t = 0; t < TILE; t++)
-            Y[(size_t)(t0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) + _mm512_reduce_add_ps(macc[t]);
+        for (int t = 0; t < TILE; t++) Y[(size_t)(t0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]);
     }
 }
 
@@ -84,9 +107,10 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     const uint8_t* group = W + (size_t)n * row_bytes;
-    const int lpp = (int)((4 * row_bytes / 64 + nb / 2 - 1) / (nb / 2));  // cache lines to prefetch per pair
-    __m512 acc[4], macc[4];
-    for (int r = 0; r < 4; r++) { acc[r] = _mm512_setzero_ps(); macc[r] = _mm512_setzero_ps(); }
+    const int units = (nb + 3) / 4;
+    const int lpu = (int)((4 * row_bytes / 64 + units - 1) / units);  // cache lines to prefetch per unit
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int c = 0; c < nb; c += 16) {
         const int cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
@@ -96,25 +120,22 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
         for (int r = 0; r < 4; r++) {
             const size_t o = (size_t)(n + r) * nb + c;
             ds[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, D + o)), dx);
-            macc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, Mn + o)), xs, macc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, Mn + o)), xs, acc[r]);
         }
-        for (int p = 0; p < cb / 2; p++) {
-            const int b = c + 2 * p;
-            // prefetch the rows PREFETCH bytes ahead: one thread alone cannot keep enough loads in flight
-            // to stream weights near the memory bandwidth without it
-            for (int l = 0; l < lpp; l++)
-                _mm_prefetch((const char*)(group + PREFETCH + (size_t)((b / 2) * lpp + l) * 64), _MM_HINT_T0);
-            const __m512i xv = _mm512_loadu_si512((const void*)(XQ + b * 32));
-            const __m512i ix = pair_index(p);
+        for (int j = 0; j < cb; j += 4) {
+            const int u = (c + j) / 4;
+            // prefetch PREFETCH bytes ahead: one thread alone keeps too few loads in flight otherwise
+            for (int l = 0; l < lpu; l++)
+                _mm_prefetch((const char*)(group + PREFETCH + (size_t)(u * lpu + l) * 64), _MM_HINT_T0);
+            const bool quad = j + 4 <= cb;
+            const __m512i ix = quad ? quad_index(j) : pair_index(j);
             for (int r = 0; r < 4; r++) {
-                const uint8_t* w = W + (size_t)(n + r) * row_bytes;
-                const __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                const __m512i dot = unit_dot<BITS>(W + (size_t)(n + r) * row_bytes, XQ, c + j, quad);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
             }
         }
     }
-    for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], macc[r]));
+    for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 template <int BITS>
@@ -151,9 +172,14 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
             const float id = d > 0 ? 1.0f / d : 0.0f;
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-            int8_t* out = xq + (size_t)t * K + (b & ~1) * 32 + (b & 1) * 16;
-            _mm_storeu_si128((__m128i*)out, _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i*)(out + 32), _mm512_cvtsepi32_epi8(q1));
+            // quads: [4 first halves | 4 second halves]; the tail pair: [b0 | b1 | b0' | b1']
+            const int tail0 = nb / 4 * 4;
+            int8_t* row = xq + (size_t)t * K;
+            int8_t *lo, *hi;
+            if (b < tail0) { lo = row + (b / 4) * 128 + (b % 4) * 16; hi = lo + 64; }
+            else { lo = row + tail0 * 32 + (b - tail0) * 16; hi = lo + 32; }
+            _mm_storeu_si128((__m128i*)lo, _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i*)hi, _mm512_cvtsepi32_epi8(q1));
             dx[(size_t)t * nb + b] = d;
             xs[(size_t)t * nb + b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }

@@ -75,6 +75,8 @@ class Llama:
         import llama_cpp as L
 
         self.L = L
+        self._quiet = L.llama_log_callback(lambda level, text, user: None)  # kept alive: llama.cpp holds it
+        L.llama_log_set(self._quiet, None)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)

@@ -102,7 +102,9 @@ def test_exported_artifact_agrees_in_llama_cpp(smollm, text, tmp_path):
     quantize("smollm2-135m", QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True)), tmp_path / "a")  # -> Q4_0
     report = export_gguf(tmp_path / "a", tmp_path / "a.gguf")
     assert report["exact"]
-    art = tightfit.load(tmp_path / "a")
+    from tightfit.runtime import load_runtime
+
+    art = load_runtime(tmp_path / "a")  # what tightfit runs: the same codes, int8 activations as llama.cpp
     windows = make_windows(tokenize(art.tokenizer, text), 512, CHUNKS)
     llm = llama_cpp.open_llama(tmp_path / "a.gguf", 512)
     try:
@@ -117,8 +119,9 @@ def test_exported_artifact_agrees_in_llama_cpp(smollm, text, tmp_path):
     finally:
         llm.close()
     peer_ppl = float(torch.cat(nll).mean().exp())
-    # llama.cpp multiplies 4-bit blocks with 8-bit-quantized activations; against our fp32 reference even the
-    # shipped Q4_1 file agrees on only ~97% of top-1 tokens (99.6% for an F16 file), so the floor is lower here
+    # Measured here (2 windows): runtime vs llama.cpp 0.941 on this export, fp32 reference vs llama.cpp 0.959,
+    # runtime vs reference 0.967; on the shipped Q4_1 file 0.969 / 0.976 / 0.965. This 4-bit 135M model has many
+    # near-ties, so any two engines' rounding flips ~3-5% of top-1 tokens; the issue's 98% is not reached.
     assert same / total >= 0.93, same / total
     assert abs(run(art, text).perplexity / peer_ppl - 1) < 0.01
 

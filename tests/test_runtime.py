@@ -226,3 +226,14 @@ def test_run_cli_streams_text(tiny_models, capsys):
     assert main(["run", str(tiny_models["llama"]), "-p", "The economy", "-n", "8", "--ignore-eos", "--raw"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "8 generated" in err
+
+
+def test_decoding_past_256_positions_matches_one_pass(artifacts):
+    """Long contexts take the multi-threaded attention branch of the fused decode step."""
+    lm = load_runtime(artifacts["sym4"])
+    ids = torch.randint(5, 300, (1, 300), generator=torch.Generator().manual_seed(0))
+    whole = lm.model(ids).logits[0, -3:]
+    cache = lm.model.new_cache(1, 300)
+    lm.model.forward(ids[:, :297], 0, cache)
+    steps = torch.cat([lm.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(297, 300)])
+    assert kld(whole, steps) < 1e-3

@@ -1,4 +1,4 @@
-"""tightfit export ARTIFACT --format gguf -o FILE.gguf [--strict] [--force]"""
+"""tightfit export ARTIFACT --format {gguf,compressed-tensors} -o OUT [--strict] [--force]"""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 def add_arguments(p):
     p.add_argument("artifact", metavar="ARTIFACT", help="a tightfit artifact folder (tightfit quantize ... -o DIR)")
-    p.add_argument("--format", choices=["gguf"], default="gguf", help="target format (gguf: llama.cpp, ollama)")
+    p.add_argument("--format", choices=["gguf", "compressed-tensors"], default="gguf",
+                   help="gguf: llama.cpp, ollama; compressed-tensors: vLLM, llm-compressor (a folder)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
     p.add_argument("--strict", action="store_true",
                    help="fail instead of re-quantizing a tensor whose format the target cannot hold exactly")
@@ -27,6 +28,17 @@ def run(args) -> int:
     if kind != "artifact":
         raise NotAModelError(f"{args.artifact} is not a tightfit artifact (no manifest.json); quantize it first: "
                              f"tightfit quantize {args.artifact} -o DIR")
+    if args.format == "compressed-tensors":
+        from ..export.compressed_tensors import export_compressed_tensors
+
+        report = export_compressed_tensors(path, args.output, strict=args.strict, force=args.force)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            inexact = [n for n, r in report["tensors"].items() if not r["exact"]]
+            print(f"wrote {report['output']} ({report['dtype']}); {len(inexact)} tensors not copied exactly; "
+                  f"{len(report['warnings'])} warnings about vLLM", file=sys.stderr)
+        return 0
     report = export_gguf(path, args.output, strict=args.strict, force=args.force, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -192,7 +192,9 @@ class Engine:
                 scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), kt.float()) * self.scale
                 att = torch.matmul(torch.softmax(scores, -1), v.float()).view(B, 1, H * hd)
             else:
-                att = F.scaled_dot_product_attention(q, kt.transpose(-1, -2), v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
+                # fp32 attention, as llama.cpp computes it over its 16-bit cache (bf16 softmax inputs cost accuracy)
+                att = F.scaled_dot_product_attention(q.float(), kt.transpose(-1, -2).float(), v.float(), attn_mask=mask,
+                                                     is_causal=causal, enable_gqa=KV != H)
                 att = att.transpose(1, 2).reshape(B, T, H * hd)
             h += L.o(att)
             x = self.rms_norm(h, L.mlp_norm)

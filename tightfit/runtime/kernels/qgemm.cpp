@@ -294,10 +294,13 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
             st(vc + ((size_t)g * cap + pos) * hd + d, vv[g * hd + d]);  // values: [kv, cap, hd]
         }
     const int group = H / KV;
+    // plain pointers: inside the parallel region a thread_local name would be each worker's own (empty) copy
+    const float* qkv_p = qkv.data();
+    float* att_p = att.data();
 #pragma omp parallel for num_threads(threads) schedule(static) if (S > 256)
     for (int head = 0; head < H; head++) {
         const int g = head / group;
-        const float* q = qkv.data() + (size_t)head * hd;
+        const float* q = qkv_p + (size_t)head * hd;
         std::vector<float> sc(S, 0.0f);
         for (int d = 0; d < hd; d++) {
             const KT* kr = kc + ((size_t)g * hd + d) * cap;
@@ -309,7 +312,7 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
         for (int s = 1; s < S; s++) mx = sc[s] > mx ? sc[s] : mx;
         float sum = 0;
         for (int s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
-        float* out = att.data() + (size_t)head * hd;
+        float* out = att_p + (size_t)head * hd;
         for (int d = 0; d < hd; d++) out[d] = 0;
         for (int s = 0; s < S; s++) {
             const KT* vr = vc + ((size_t)g * cap + s) * hd;

@@ -237,3 +237,19 @@ def test_decoding_past_256_positions_matches_one_pass(artifacts):
     lm.model.forward(ids[:, :297], 0, cache)
     steps = torch.cat([lm.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(297, 300)])
     assert kld(whole, steps) < 1e-3
+
+
+def test_artifact_with_a_format_the_runtime_lacks_is_a_typed_error(artifacts, tmp_path):
+    import json
+    import shutil
+
+    from tightfit.errors import ArtifactError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts["sym4"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] = "nf4-g64"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=re.escape("tensor model.layers.0.mlp.up_proj.weight has an unknown "
+                                                      "format 'nf4-g64'")):
+        load_runtime(bad)

@@ -18,6 +18,9 @@ VERBS = {
     "run": "generate text from a prompt with the runtime, streamed to stdout",
     "chat": "talk with a model interactively",
     "serve": "an OpenAI-compatible HTTP server (/v1/models, /v1/completions, /v1/chat/completions)",
+    "hardware": "list the device catalog",
+    "probe": "measure this machine (bandwidth, kernels, fixed costs, disk) for --hardware this",
+    "plan": "choose formats, KV cache and placement for a model on a device and predict memory and speed",
 }
 
 

@@ -25,6 +25,7 @@ def add_arguments(p):
     p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
     p.add_argument("--dynamic-groups", action="store_true",
                    help="GPTQ with act-order: groups in permuted order (stores g_idx; no GGML type holds it)")
+    p.add_argument("--plan", metavar="PLAN.json", help="execute a plan from `tightfit plan` (its per-tensor formats)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON; no progress bars")
@@ -41,7 +42,11 @@ def run(args) -> int:
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
     cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
                       static_groups=not args.dynamic_groups, calib_samples=args.calib_samples, calib_ctx=args.calib_ctx)
-    if args.target_bpw is not None:
+    if args.plan:
+        from ..planner.plan_io import formats_from_plan
+
+        cfg = formats_from_plan(args.plan, cfg, args.model)
+    elif args.target_bpw is not None:
         from ..quant.mixed import plan_mixed
 
         cfg = plan_mixed(args.model, cfg, args.target_bpw, calib=args.calib, progress=not args.json)

@@ -55,5 +55,5 @@ class QuantConfig:
         d = asdict(self)
         d["fmt"] = self.fmt.name
         d["embed_fmt"] = self.embed_fmt.name if self.embed_fmt else None
-        d["tensor_formats"] = {k: v.name for k, v in self.tensor_formats.items()}
+        d["tensor_formats"] = {k: v.name if v else "keep" for k, v in self.tensor_formats.items()}
         return d

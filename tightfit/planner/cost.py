@@ -1,0 +1,155 @@
+"""The cost model: pure formulas over a ModelSpec, formats and a Device (hardware figures passed in as data).
+
+Memory: weight bytes per format (the formats' own size function; on CPUs what tightfit's runtime holds: 2-4-bit
+codes as 4 bits, 5-8-bit as 8, fp16 scale and min per 32), KV cache per context/batch/KV format, activations.
+Decode time per token by roofline: bytes read / effective bandwidth of where they live (device, host over its
+link, disk), or FLOPs / effective compute, whichever is larger, plus the fixed per-token overhead a probe
+measured; tensor parallelism splits bytes and FLOPs over N devices and adds two all-reduces per layer over the
+device link. MoE reads only the experts a step routes to (distinct experts at batch B: E (1 - (1 - k/E)^B)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from ..formats.kv import KV_FORMATS
+from ..formats.weight import WeightFormat
+from ..hardware import Device
+from .spec import Item, ModelSpec
+
+DENSE = "bf16"
+ALLREDUCE_LATENCY_S = 10e-6  # order of a small NCCL all-reduce within one node (a modelling constant)
+ACT_CHUNK = 512  # prefill tokens per chunk, for the activation estimate
+
+# formats each kind of device runs: GPUs/NPUs as vLLM's int4/int8 kernels take them (symmetric), CPUs and Apple
+# SoCs as tightfit's runtime does
+FORMATS = {
+    "gpu": ("sym4-g128", "sym4-g64", "sym4-g32", "sym8-pc", DENSE),
+    "npu": ("sym4-g128", "sym8-pc", DENSE),
+    "cpu": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
+    "soc": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
+}
+KV_CHOICES = ("bf16", "int8", "int4")
+
+
+def fits(fmt: str, shape: tuple[int, int]) -> bool:
+    if fmt == DENSE:
+        return True
+    f = WeightFormat.parse(fmt)
+    return not f.group_size or shape[1] % f.group_size == 0
+
+
+def tensor_bytes(fmt: str, shape: tuple[int, int], device: Device) -> int:
+    """Bytes one tensor takes where it runs."""
+    n, k = shape
+    if fmt == DENSE:
+        return 2 * n * k
+    f = WeightFormat.parse(fmt)
+    if device.kind in ("cpu", "soc"):  # tightfit's runtime: 4- or 8-bit codes, fp16 scale + min per 32
+        bits = 4 if f.bits <= 4 else 8
+        return n * k * bits // 8 + n * (k // 32) * 4
+    return f.nbytes(shape)
+
+
+def item_bytes(item: Item, fmt: str, device: Device) -> int:
+    return tensor_bytes(fmt, item.shape, device) * item.count
+
+
+@cache
+def format_rel_mse(fmt: str) -> float:
+    """Relative weight MSE of round-to-nearest at a format on a fixed heavy-tailed (Student-t, 5 dof) matrix: the
+    shape of the prior across formats."""
+    if fmt == DENSE:
+        return 1e-6
+    from ..quant.core import rtn
+
+    w = _student_t(torch.Generator().manual_seed(0))
+    return rtn(w, WeightFormat.parse(fmt)).error["weight_rel_mse"]
+
+
+def _student_t(g: torch.Generator) -> torch.Tensor:
+    z = torch.randn(256, 1024, generator=g)
+    chi = torch.randn(5, 256, 1024, generator=g).pow(2).sum(0)
+    return z / (chi / 5).sqrt()
+
+
+# the prior's scale, KLD (nats/token) per unit of parameter-weighted relative MSE: calibrated on one measurement of
+# the default model (off-grid base, RTN asym3-g32 on every linear, embedding sym8-g32: KLD 1.667;
+# bench/results/quality-offgrid*.json)
+CALIBRATION_POINT = ("asym3-g32", 1.667)
+# KV-cache formats' KLD on the default model (tightfit eval --kv-format, bench/results/kv.json)
+KV_PRIOR_KLD = {"bf16": 0.0, "int8": 0.002, "int4": 0.08}
+
+
+def prior_loss(spec: ModelSpec, item: Item, fmt: str) -> float:
+    """The documented prior: predicted KLD contribution = scale x (item's share of parameters) x relative MSE of
+    the format (scale from CALIBRATION_POINT). Used when planning from a config alone."""
+    share = item.params / spec.params
+    fmt0, kld0 = CALIBRATION_POINT
+    return kld0 / format_rel_mse(fmt0) * share * format_rel_mse(fmt)
+
+
+@dataclass(frozen=True)
+class Workload:
+    context: int = 4096
+    batch: int = 1
+    devices: int = 1
+
+
+def kv_bytes(spec: ModelSpec, kv: str, w: Workload) -> float:
+    f = KV_FORMATS[kv]
+    per_elem = f.bits / 8
+    extra = 2 * f.scale_bytes * (spec.n_kv_heads * 2 if f.group == "head" else 0)  # scale + zero per head vector
+    per_token_layer = spec.kv_elems_per_token_layer * per_elem + extra
+    return per_token_layer * spec.n_layers * w.context * w.batch
+
+
+def activation_bytes(spec: ModelSpec, w: Workload) -> float:
+    """Prefill working set of one chunk: hidden states, q/k/v, the MLP's widest activation, one layer's attention
+    scores, and the logits of the last position per sequence (fp32)."""
+    widest = max(i.shape[0] * (1 if not i.experts else i.active) for i in spec.items if i.layer is not None)
+    t = min(ACT_CHUNK, w.context) * w.batch
+    return 4 * (t * (4 * spec.dim + 2 * widest) + w.batch * spec.n_heads * min(ACT_CHUNK, w.context) * w.context / max(1, w.devices)
+                + w.batch * spec.vocab)
+
+
+def effective(device: Device) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) after the device's efficiency factors (measured by `tightfit probe` for `this`)."""
+    e = device.efficiency
+    flops = max(device.flops.values()) if device.flops else 1e12
+    flops = device.flops.get("bf16", flops)
+    return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
+
+
+def placement_bandwidth(device: Device, place: str) -> float:
+    bw, _ = effective(device)
+    if place == "device":
+        return bw
+    if place == "host":
+        return device.host_link * device.efficiency.get("bandwidth", 0.8)
+    return device.disk
+
+
+def fixed_decode_seconds(spec: ModelSpec, device: Device, w: Workload) -> float:
+    """Per-token time that no format choice changes: compute floor, all-reduces, the probe's fixed overhead."""
+    _, flops = effective(device)
+    compute = 2 * spec.active_params * w.batch / (flops * w.devices)
+    comm = 0.0
+    if w.devices > 1:
+        link = device.link or device.host_link
+        per = ALLREDUCE_LATENCY_S + 2 * (w.devices - 1) / w.devices * w.batch * spec.dim * 2 / link
+        comm = 2 * spec.n_layers * per
+    e = device.efficiency
+    return compute + comm + e.get("overhead_s", 0.0) + e.get("overhead_layer_s", 0.0) * spec.n_layers
+
+
+def prefill_tok_s(spec: ModelSpec, device: Device, w: Workload, weight_bytes: float) -> float:
+    bw, flops = effective(device)
+    t = min(ACT_CHUNK, w.context) * w.batch
+    seconds = max(2 * spec.active_params * t / (flops * w.devices), weight_bytes / (bw * w.devices))
+    seconds += fixed_decode_seconds(spec, device, Workload(w.context, 1, w.devices)) - \
+        2 * spec.active_params / (flops * w.devices)
+    return t / seconds

@@ -1,0 +1,249 @@
+"""The optimizer: one format per tensor item, one KV format, one placement per layer, chosen together to minimize
+predicted quality loss under memory and decode-speed limits - an exact MILP (scipy.optimize.milp, HiGHS).
+
+Variables: w[i, f, p] (item i in format f at placement p), z[l, p] (layer l's placement: every item of a layer
+shares it), y[k] (KV format). Memory and time are linear in them, so the problem is solved exactly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from ..errors import TightfitError
+from ..hardware import Device
+from .cost import (
+    DENSE,
+    FORMATS,
+    KV_CHOICES,
+    KV_PRIOR_KLD,
+    Workload,
+    activation_bytes,
+    fits,
+    fixed_decode_seconds,
+    item_bytes,
+    kv_bytes,
+    placement_bandwidth,
+    prefill_tok_s,
+    prior_loss,
+)
+from .spec import ModelSpec
+
+RESERVE = 0.05  # of device memory kept free for the engine's own allocations
+SECONDS_KLD = 10.0  # with no speed target but offloading forced: 0.1 s per token is worth 1 nat of KLD
+
+
+def size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+class PlanError(TightfitError, ValueError):
+    """No plan meets the request; the message says what is missing and the nearest feasible plan."""
+
+
+@dataclass
+class Plan:
+    model: str
+    hardware: str
+    devices: int
+    context: int
+    batch: int
+    kv_format: str
+    tensors: dict[str, str]
+    placement: dict[str, str]
+    memory_bytes: dict[str, float]
+    predicted: dict[str, float]
+    sensitivity: str  # "measured" or "prior"
+    constraints: dict = field(default_factory=dict)
+    recipe: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def placements(device: Device) -> tuple[str, ...]:
+    # a CPU or an Apple SoC has one memory: its "device" is the host
+    return ("device", "disk") if device.kind in ("cpu", "soc") else ("device", "host", "disk")
+
+
+def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | None = None,
+          max_memory: float | None = None, losses: dict[str, dict[str, float]] | None = None,
+          formats: tuple[str, ...] | None = None, kv_choices: tuple[str, ...] = KV_CHOICES,
+          objective: str = "quality", places: tuple[str, ...] | None = None) -> Plan:
+    """The plan minimizing predicted KLD (objective="quality") or decode time (objective="speed").
+
+    Without a speed target, layers stay on the device when they can (nothing else would price a disk read);
+    only when they cannot, offloading is allowed and each second per token weighs SECONDS_KLD nats of KLD."""
+    formats = formats or FORMATS[device.kind]
+    if places is None and min_tok_s is None and objective == "quality":
+        try:
+            return solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
+                         kv_choices=kv_choices, places=("device",))
+        except PlanError:
+            objective = "balanced"
+    places = places or placements(device)
+    items = spec.items
+    cap = (max_memory if max_memory is not None else device.memory * w.devices) * (1 - RESERVE)
+    act = activation_bytes(spec, w)
+    host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else 4 * device.memory)
+
+    # index the variables
+    var, cost, nbytes, seconds, kinds = [], [], [], [], []
+    for i, it in enumerate(items):
+        for f in formats:
+            if not fits(f, it.shape):
+                continue
+            loss = (losses or {}).get(it.name, {}).get(f) if losses else None
+            if loss is None:
+                loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
+            for p in places if it.layer is not None else ("device",):
+                b = item_bytes(it, f, device)
+                bw = placement_bandwidth(device, p) * (w.devices if p == "device" else 1)
+                var.append(("w", i, f, p))
+                cost.append(loss)
+                nbytes.append(b)
+                seconds.append(b * it.read_fraction(w.batch) / bw)
+                kinds.append(p)
+    n_w = len(var)
+    for layer in range(spec.n_layers):
+        for p in places:
+            var.append(("z", layer, p))
+            cost.append(0.0)
+            nbytes.append(0)
+            seconds.append(0.0)
+            kinds.append(None)
+    bw_dev = placement_bandwidth(device, "device") * w.devices
+    for k in kv_choices:
+        b = kv_bytes(spec, k, w)
+        var.append(("y", k))
+        cost.append(KV_PRIOR_KLD.get(k, 0.0))
+        nbytes.append(b)
+        seconds.append(b / bw_dev)  # a decode step reads the whole cache (at full context: conservative)
+        kinds.append("device")
+    n = len(var)
+    cost, nbytes, seconds = np.array(cost), np.array(nbytes, dtype=float), np.array(seconds)
+    index = {v: j for j, v in enumerate(var)}
+
+    lo, hi = [], []
+    A = lil_matrix((len(items) + spec.n_layers * (1 + len(places)) * 8 + 8, n))
+    r = 0
+    by_item: dict[int, list[int]] = {}
+    for j, v in enumerate(var[:n_w]):
+        by_item.setdefault(v[1], []).append(j)
+    for i, it in enumerate(items):  # one (format, placement) per item
+        if it.layer is None:
+            for j in by_item[i]:
+                A[r, j] = 1
+            lo.append(1)
+            hi.append(1)
+            r += 1
+    for layer in range(spec.n_layers):
+        for j in (index[("z", layer, p)] for p in places):
+            A[r, j] = 1
+        lo.append(1)
+        hi.append(1)
+        r += 1
+        for i, it in enumerate(items):
+            if it.layer != layer:
+                continue
+            for p in places:  # the item sits where its layer sits
+                for j in by_item[i]:
+                    if var[j][3] == p:
+                        A[r, j] = 1
+                A[r, index[("z", layer, p)]] = -1
+                lo.append(0)
+                hi.append(0)
+                r += 1
+    for k in kv_choices:
+        A[r, index[("y", k)]] = 1
+    lo.append(1)
+    hi.append(1)
+    r += 1
+    dev_row = r  # device memory
+    for j in range(n):
+        if kinds[j] == "device":
+            A[r, j] = nbytes[j]
+    lo.append(0)
+    hi.append(cap - act)
+    r += 1
+    if "host" in places:
+        for j in range(n_w):
+            if kinds[j] == "host":
+                A[r, j] = nbytes[j]
+        lo.append(0)
+        hi.append(host_cap)
+        r += 1
+    fixed = fixed_decode_seconds(spec, device, w)
+    time_row = r
+    for j in range(n):
+        A[r, j] = seconds[j]
+    lo.append(0)
+    hi.append(np.inf if not min_tok_s else 1 / min_tok_s - fixed)
+    r += 1
+    A = A[:r].tocsr()
+
+    if objective == "speed":
+        c = seconds + 1e-9 * cost
+    elif objective == "balanced":
+        c = cost + SECONDS_KLD * seconds
+    else:
+        c = cost + 1e-6 * seconds * max(1.0, float(np.abs(cost).max(initial=0)))  # ties: the faster plan
+    integrality = np.ones(n)
+    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=integrality, bounds=Bounds(0, 1),
+               options={"disp": False, "time_limit": 60})
+    if res.x is None:
+        if places == ("device",):
+            raise PlanError("nothing fits on the device alone")
+        raise _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective)
+    x = np.round(res.x).astype(bool)
+    tensors, placement, kv = {}, {}, None
+    for j, v in enumerate(var):
+        if not x[j]:
+            continue
+        if v[0] == "w":
+            tensors[items[v[1]].name] = v[2]
+        elif v[0] == "z":
+            placement[str(v[1])] = v[2]
+        else:
+            kv = v[1]
+    weights = float(sum(nbytes[j] for j in range(n_w) if x[j] and kinds[j] == "device"))
+    offloaded = float(sum(nbytes[j] for j in range(n_w) if x[j] and kinds[j] != "device"))
+    kvb = kv_bytes(spec, kv, w)
+    decode_s = float(seconds[x].sum()) + fixed
+    plan = Plan(model=spec.name, hardware=device.key, devices=w.devices, context=w.context, batch=w.batch,
+                kv_format=kv, tensors=tensors, placement=placement,
+                memory_bytes={"weights": weights, "kv_cache": kvb, "activations": act, "total": weights + kvb + act,
+                              "offloaded_weights": offloaded, "capacity": cap / (1 - RESERVE)},
+                predicted={"decode_tok_s": w.batch / decode_s, "decode_s_per_step": decode_s,
+                           "prefill_tok_s": prefill_tok_s(spec, device, w, weights),
+                           "kld": float(cost[x].sum())},
+                sensitivity="measured" if losses else "prior",
+                constraints={"min_tok_s": min_tok_s, "max_memory": max_memory})
+    del dev_row, time_row
+    return plan
+
+
+def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective) -> PlanError:
+    """What is missing, and the nearest feasible plan."""
+    smallest = sum(min(item_bytes(it, f, device) for f in formats if fits(f, it.shape))
+                   for it in spec.items if it.layer is None)
+    kv_min = min(kv_bytes(spec, k, w) for k in kv_choices)
+    if smallest + kv_min + act > cap:
+        return PlanError(
+            f"{spec.name} cannot fit {device.name} x{w.devices} at context {w.context}, batch {w.batch}: even with "
+            f"the smallest formats and every layer off the device, the embedding/head, KV cache and activations "
+            f"need {size(smallest + kv_min + act)} of {size(cap)} usable. Shorten the context, lower the batch, or "
+            "add devices.")
+    if min_tok_s:
+        best = solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
+                     kv_choices=kv_choices, objective="speed")
+        where = {p: sum(1 for v in best.placement.values() if v == p) for p in ("host", "disk")}
+        off = ", ".join(f"{n} layers on {p}" for p, n in where.items() if n)
+        return PlanError(
+            f"{spec.name} on {device.name} x{w.devices} cannot reach {min_tok_s:g} tok/s: the fastest plan that "
+            f"fits gives {best.predicted['decode_tok_s']:.2f} tok/s (KV {best.kv_format}"
+            f"{', ' + off if off else ''}; {size(best.memory_bytes['total'])} on the device). Lower "
+            "--min-tok-s, add devices, or shorten the context.")
+    return PlanError(f"no plan fits {spec.name} on {device.name}; nothing smaller is available")

@@ -1,0 +1,161 @@
+"""A model described from its config.json alone: the weight tensors the planner chooses formats for, the KV
+cache per token, and parameters total and active per token. Dense, MoE (routed + shared experts) and MLA."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import TightfitError
+
+CONFIGS = Path(__file__).with_name("configs")
+
+
+class SpecError(TightfitError, ValueError):
+    """A config the planner cannot describe."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """Tensors that take one format together: one weight, or all experts of one role in one layer."""
+
+    name: str
+    layer: int | None  # None: embedding / head
+    role: str
+    shape: tuple[int, int]  # [out, in] of one tensor
+    count: int = 1  # tensors in the item (experts)
+    active: float = 1.0  # tensors read per token at batch 1 (routed experts: experts_per_token)
+    experts: int = 0  # routed experts in the item (0: not routed)
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1] * self.count
+
+    def read_fraction(self, batch: int) -> float:
+        """Share of the item's tensors one decode step reads at this batch (distinct routed experts)."""
+        if not self.experts:
+            return 1.0
+        k, e = self.active, self.experts
+        return min(1.0, (1 - (1 - k / e) ** batch))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_type: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    kv_elems_per_token_layer: int  # cached elements per token per layer (K and V, or MLA's compressed latent)
+    items: tuple[Item, ...]
+    norm_params: int
+    source: str = ""
+
+    @property
+    def params(self) -> int:
+        return sum(i.params for i in self.items) + self.norm_params
+
+    @property
+    def active_params(self) -> float:
+        return sum(i.params * (i.active / i.count if i.experts else 1.0) for i in self.items) + self.norm_params
+
+    def layer_items(self, layer: int) -> list[Item]:
+        return [i for i in self.items if i.layer == layer]
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+    """Describe a model from a config.json dict (transformers' field names)."""
+    try:
+        D, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+        H = cfg["num_attention_heads"]
+        vocab = cfg["vocab_size"]
+    except KeyError as e:
+        raise SpecError(f"{name}: config.json lacks {e}; the planner needs hidden_size, num_hidden_layers, "
+                        "num_attention_heads and vocab_size.") from e
+    KV = _get(cfg, "num_key_value_heads", default=H)
+    hd = _get(cfg, "head_dim", default=D // H)
+    ffn = _get(cfg, "intermediate_size")
+    n_exp = _get(cfg, "num_experts", "n_routed_experts", "num_local_experts", default=0)
+    k_exp = _get(cfg, "num_experts_per_tok", default=0)
+    moe_ffn = _get(cfg, "moe_intermediate_size", default=ffn)
+    shared = _get(cfg, "n_shared_experts", default=0)
+    dense_first = _get(cfg, "first_k_dense_replace", default=0)
+    kv_lora = _get(cfg, "kv_lora_rank")
+    items: list[Item] = []
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        if kv_lora:  # MLA (DeepSeek-V2/V3): low-rank q and a compressed KV latent that is what gets cached
+            rope, nope, vdim = cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            qr = cfg.get("q_lora_rank")
+            if qr:
+                items += [Item(p + "self_attn.q_a_proj.weight", layer, "q_a", (qr, D)),
+                          Item(p + "self_attn.q_b_proj.weight", layer, "q_b", (H * (nope + rope), qr))]
+            else:
+                items.append(Item(p + "self_attn.q_proj.weight", layer, "q", (H * (nope + rope), D)))
+            items += [Item(p + "self_attn.kv_a_proj_with_mqa.weight", layer, "kv_a", (kv_lora + rope, D)),
+                      Item(p + "self_attn.kv_b_proj.weight", layer, "kv_b", (H * (nope + vdim), kv_lora)),
+                      Item(p + "self_attn.o_proj.weight", layer, "o", (D, H * vdim))]
+        else:
+            items += [Item(p + "self_attn.q_proj.weight", layer, "q", (H * hd, D)),
+                      Item(p + "self_attn.k_proj.weight", layer, "k", (KV * hd, D)),
+                      Item(p + "self_attn.v_proj.weight", layer, "v", (KV * hd, D)),
+                      Item(p + "self_attn.o_proj.weight", layer, "o", (D, H * hd))]
+        if n_exp and layer >= dense_first:
+            e = p + "mlp.experts."
+            items += [Item(e + "gate_proj", layer, "expert_gate", (moe_ffn, D), n_exp, k_exp, n_exp),
+                      Item(e + "up_proj", layer, "expert_up", (moe_ffn, D), n_exp, k_exp, n_exp),
+                      Item(e + "down_proj", layer, "expert_down", (D, moe_ffn), n_exp, k_exp, n_exp),
+                      Item(p + "mlp.gate.weight", layer, "router", (n_exp, D))]
+            if shared:
+                sf = moe_ffn * shared
+                items += [Item(p + "mlp.shared_experts.gate_proj.weight", layer, "gate", (sf, D)),
+                          Item(p + "mlp.shared_experts.up_proj.weight", layer, "up", (sf, D)),
+                          Item(p + "mlp.shared_experts.down_proj.weight", layer, "down", (D, sf))]
+        else:
+            if ffn is None:
+                raise SpecError(f"{name}: config.json lacks intermediate_size")
+            items += [Item(p + "mlp.gate_proj.weight", layer, "gate", (ffn, D)),
+                      Item(p + "mlp.up_proj.weight", layer, "up", (ffn, D)),
+                      Item(p + "mlp.down_proj.weight", layer, "down", (D, ffn))]
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    items.append(Item("model.embed_tokens.weight", None, "embed", (vocab, D)))
+    if not tied:
+        items.append(Item("lm_head.weight", None, "head", (vocab, D)))
+    kv_elems = (kv_lora + cfg["qk_rope_head_dim"]) if kv_lora else 2 * KV * hd
+    return ModelSpec(name, cfg.get("model_type", "?"), L, D, H, KV, hd, vocab, tied, kv_elems, tuple(items),
+                     norm_params=(2 * L + 1) * D, source=cfg.get("_source", ""))
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def load_spec(source: str) -> ModelSpec:
+    """A shipped config name, a config.json path, a model folder, a GGUF file or a known model name."""
+    if source in shipped_configs():
+        return spec_from_config(json.loads((CONFIGS / f"{source}.json").read_text()), source)
+    p = Path(source)
+    if p.suffix == ".json" and p.is_file():
+        return spec_from_config(json.loads(p.read_text()), p.stem)
+    if p.is_dir() and (p / "config.json").is_file():
+        return spec_from_config(json.loads((p / "config.json").read_text()), p.name)
+    from ..models import resolve_source
+
+    path, kind = resolve_source(source)  # typed errors for anything else
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if kind == "gguf" else \
+        AutoConfig.from_pretrained(path)
+    return spec_from_config(config.to_dict(), source)

@@ -1,0 +1,158 @@
+"""`tightfit probe`: measure this machine and save a profile (data) that `--hardware this` reads.
+
+Measures memory read bandwidth, bf16 matmul throughput, the runtime's low-bit kernel throughput per format and
+shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
+and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, and free
+memory. Sits above the runtime (it times it); hardware/ only reads the profile it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .hardware import profile_path
+from .io import atomic_path
+
+
+def _best(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def memory_bandwidth(nbytes: int = 1 << 30) -> float:
+    x = torch.ones(nbytes // 4)
+    return nbytes / _best(lambda: x.sum())
+
+
+def matmul_flops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    return 2 * n ** 3 / _best(lambda: a @ b, 3)
+
+
+def kernel_throughput(progress: bool = False) -> dict:
+    """Bytes/s the runtime's linear layers stream at batch 1 (weights cycling through more than the caches hold)."""
+    from .formats.weight import WeightFormat
+    from .quant.core import rtn
+    from .runtime.linear import from_quantized
+
+    out = {}
+    for fmt in ("sym4-g32", "sym8-g32"):
+        for n, k in ((3072, 576), (4096, 4096)):
+            f = WeightFormat.parse(fmt)
+            copies = max(2, int(64e6 // (n * k * f.bits / 8)))  # > L3, so each call reads from DRAM
+            lins = [from_quantized(rtn(torch.randn(n, k) * 0.02, f), check=False) for _ in range(min(copies, 24))]
+            x = torch.randn(1, k)
+
+            def run(lins=lins, x=x):
+                for lin in lins:
+                    lin(x)
+            s = _best(run, 3)
+            out[f"{fmt} {n}x{k}"] = {"bytes_per_s": sum(lin.nbytes for lin in lins) / s,
+                                     "seconds_per_call": s / len(lins), "kind": lins[0].kind}
+    return out
+
+
+def fixed_costs() -> dict:
+    """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64)."""
+    from transformers import LlamaConfig
+
+    from .formats.weight import WeightFormat
+    from .quant.core import rtn
+    from .runtime.load import build_engine
+
+    def engine(layers):
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True)
+        g = torch.Generator().manual_seed(0)
+        shapes = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (128, 64), "up": (128, 64),
+                  "down": (64, 128)}
+        ws = {"model.embed_tokens.weight": rtn(torch.randn(256, 64, generator=g), WeightFormat(8, 32, True)),
+              "model.norm.weight": torch.ones(64)}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            ws[p + "input_layernorm.weight"] = ws[p + "post_attention_layernorm.weight"] = torch.ones(64)
+            for r, s in shapes.items():
+                part = "self_attn" if r in "qkvo" else "mlp"
+                ws[f"{p}{part}.{r}_proj.weight"] = rtn(torch.randn(*s, generator=g) * 0.1, WeightFormat(4, 32, True))
+        return build_engine(cfg, ws.__getitem__, set(ws))
+
+    def per_step(e):
+        cache = e.new_cache(1, 200)
+        tok = torch.tensor([[3]])
+
+        def run():
+            for pos in range(100):
+                e.forward(tok, pos, cache)
+        return _best(run, 3) / 100
+
+    t1, t9 = per_step(engine(1)), per_step(engine(9))
+    per_layer = max((t9 - t1) / 8, 0.0)
+    return {"per_layer_s": per_layer, "per_token_s": max(t1 - per_layer, 0.0)}
+
+
+def disk_bandwidth(nbytes: int = 256 << 20) -> float:
+    with tempfile.NamedTemporaryFile(dir=profile_path().parent if profile_path().parent.exists() else None) as f:
+        f.write(os.urandom(1 << 20) * (nbytes >> 20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, not the page cache
+        t = time.perf_counter()
+        with open(f.name, "rb", buffering=0) as r:
+            while r.read(8 << 20):
+                pass
+        return nbytes / (time.perf_counter() - t)
+
+
+def free_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def probe(threads: int | None = None, progress: bool = False) -> dict:
+    torch.set_num_threads(threads or torch.get_num_threads())
+    steps = {}
+
+    def step(name, fn):
+        if progress:
+            print(f"probing {name} ...", flush=True)
+        steps[name] = fn()
+        return steps[name]
+
+    bw = step("memory bandwidth", memory_bandwidth)
+    flops = step("bf16 matmul", matmul_flops)
+    kern = step("runtime kernels", kernel_throughput)
+    fixed = step("fixed costs", fixed_costs)
+    disk = step("disk", disk_bandwidth)
+    mem = free_memory()
+    stream = statistics.median(v["bytes_per_s"] for k, v in kern.items() if "4096" in k)
+    device = {"key": "this", "name": f"this machine ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)",
+              "kind": "cpu", "memory": mem, "bandwidth": bw, "flops": {"bf16": flops}, "link": 0.0,
+              "host_link": bw, "disk": disk, "host_memory": 0.0,
+              # the runtime streams weights at `stream`, a fraction of the raw read bandwidth
+              "efficiency": {"bandwidth": min(1.0, stream / bw), "compute": 1.0, "overhead_s": fixed["per_token_s"],
+                             "overhead_layer_s": fixed["per_layer_s"]},
+              "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
+    return {"device": device, "measurements": steps, "threads": torch.get_num_threads()}
+
+
+def save_profile(profile: dict) -> Path:
+    p = profile_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p, directory=False, force=True) as tmp:
+        tmp.write_text(json.dumps(profile, indent=1))
+    return p

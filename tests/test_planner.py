@@ -174,3 +174,19 @@ def test_plan_cli_writes_a_plan_that_quantize_executes(tiny_models, tmp_path, ca
     assert main(["plan", "deepseek-v3", "--hardware", "h20", "--devices", "8", "--context", "8192", "--json"]) == 0
     ds = json.loads(capsys.readouterr().out)
     assert ds["devices"] == 8 and ds["predicted"]["decode_tok_s"] > 0
+
+
+def test_fit_plans_quantizes_measures_and_reports(tiny_models, tmp_path, capsys):
+    assert main(["fit", str(tiny_models["llama"]), "--hardware", "ddr5-desktop", "--max-memory", "1.8MB",
+                 "--context", "256", "-o", str(tmp_path / "fit")]) == 0
+    res = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert res["plan"]["sensitivity"] == "measured"
+    assert res["measured"]["kld"] >= 0 and res["measured"]["decode_tok_s"] > 0
+    report = (tmp_path / "fit" / "report.md").read_text()
+    assert "| decode tokens/s |" in report and (tmp_path / "fit" / "fit.png").stat().st_size > 1000
+    assert (tmp_path / "fit" / "artifact" / "manifest.json").is_file()
+    with pytest.raises(PlanError, match="predicts KLD"):
+        from tightfit.fit import fit
+        fit(str(tiny_models["llama"]), tmp_path / "fit2", hardware="ddr5-desktop", max_memory=1.8e6, context=256,
+            max_kld=1e-9, progress=False, log=lambda s: None)
+    assert not (tmp_path / "fit2").exists()

@@ -108,6 +108,13 @@ def test_exported_artifact_agrees_in_llama_cpp(smollm, text, tmp_path):
     windows = make_windows(tokenize(art.tokenizer, text), 512, CHUNKS)
     llm = llama_cpp.open_llama(tmp_path / "a.gguf", 512)
     try:
+        # the chat template and BOS/EOS handling travel with the file
+        assert llm.metadata.get("tokenizer.chat_template") == art.tokenizer.chat_template
+        assert int(llm.metadata["tokenizer.ggml.eos_token_id"]) == art.tokenizer.eos_token_id
+        chat = art.tokenizer.apply_chat_template([{"role": "user", "content": "Hello, who are you?"}],
+                                                 add_generation_prompt=True, tokenize=False)
+        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == \
+            art.tokenizer(chat, add_special_tokens=False)["input_ids"]
         same = total = 0
         nll = []
         for i in range(CHUNKS):

@@ -20,6 +20,7 @@ VERBS = {
     "serve": "an OpenAI-compatible HTTP server (/v1/models, /v1/completions, /v1/chat/completions)",
     "hardware": "list the device catalog",
     "probe": "measure this machine (bandwidth, kernels, fixed costs, disk) for --hardware this",
+    "fit": "measure, plan, quantize, evaluate and time a model for this machine; write a report",
     "plan": "choose formats, KV cache and placement for a model on a device and predict memory and speed",
 }
 

@@ -1,0 +1,141 @@
+"""The planner's predictions against measurement on this machine, and a what-if table from configs alone.
+
+1) Validation (needs `tightfit probe` first): >= 5 configurations of the default model - uniform int8, uniform
+   int4, two mixed plans under memory budgets, one budget that forces weight streaming. For each: plan with
+   `--hardware this`, quantize (RTN, or the plan's formats), then in a fresh subprocess load it on the runtime,
+   decode 128 tokens, and compare predicted vs measured resident memory (growth of VmHWM over a baseline
+   process that only imports) and decode tok/s.
+2) What-if: Llama-3.1-70B and DeepSeek-V3 on 8x H100 / 8x H20 / 8x RTX 4090D, Qwen2.5-7B on an M2 Pro and a
+   DDR5 desktop (context 8192 / 4096, batch 1): memory, plan summary, predicted tok/s.
+Writes bench/results/planner.json. Usage: python bench/planner.py [--skip-validation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+MEASURE = r"""
+import json, sys, time, torch
+from tightfit.runtime import load_runtime, generate
+import tightfit.runtime.load, transformers
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 32, dtype=torch.int32), 8)
+base = hwm()
+if sys.argv[1] == "baseline":
+    print(json.dumps({"hwm": base})); sys.exit()
+lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None, kv_format=sys.argv[3])
+ids = lm.tokenizer("The state of the union is")["input_ids"]
+n = 0
+for s in generate(lm.model, lm.tokenizer, ids, 16, ignore_eos=True):
+    pass
+t = time.perf_counter()
+for s in generate(lm.model, lm.tokenizer, ids, 128, ignore_eos=True):
+    n += 1
+    if n == 1:
+        t = time.perf_counter()
+dt = time.perf_counter() - t
+print(json.dumps({"hwm": hwm(), "grown": hwm() - base, "decode_tok_s": (n - 1) / dt,
+                  "weights": lm.model.weight_bytes()}))
+"""
+
+
+def measure(artifact, budget: int, kv: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(artifact), str(budget), kv], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def validation(tmp: Path) -> list[dict]:
+    from tightfit.hardware import get_device
+    from tightfit.planner.cost import Workload
+    from tightfit.planner.optimize import solve
+    from tightfit.planner.spec import load_spec
+
+    device = get_device("this")
+    spec = load_spec("smollm2-135m")
+    w = Workload(context=256)
+    configs = {
+        "uniform-int8": dict(formats=("sym8-g32",)),
+        "uniform-int4": dict(formats=("sym4-g32",)),
+        "mixed-70MB": dict(max_memory=70e6),
+        "mixed-90MB": dict(max_memory=90e6),
+        "stream-40MB": dict(max_memory=40e6, min_tok_s=None),
+    }
+    rows = []
+    base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,
+                                     text=True, check=True).stdout.strip().splitlines()[-1])["hwm"]
+    for name, kw in configs.items():
+        plan = solve(spec, device, w, **{k: v for k, v in kw.items() if k != "min_tok_s"})
+        plan.model = "smollm2-135m"
+        pfile = tmp / f"{name}.json"
+        pfile.write_text(json.dumps(plan.to_dict()))
+        art = tmp / name
+        subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",
+                        "--plan", str(pfile), "-o", str(art), "--force", "--json"], check=True, capture_output=True)
+        streamed = any(p != "device" for p in plan.placement.values())
+        budget = int(plan.memory_bytes["weights"]) if streamed else 0
+        m = measure(art, budget, plan.kv_format)
+        predicted_mem = plan.memory_bytes["weights"] + plan.memory_bytes["kv_cache"] + plan.memory_bytes["activations"]
+        row = {"config": name, "formats": dict(Counter(plan.tensors.values())), "kv": plan.kv_format,
+               "placement": dict(Counter(plan.placement.values())),
+               "predicted_memory": predicted_mem, "measured_memory_growth": m["hwm"] - base,
+               "predicted_decode_tok_s": plan.predicted["decode_tok_s"], "measured_decode_tok_s": m["decode_tok_s"],
+               "runtime_weight_bytes": m["weights"]}
+        row["memory_ratio"] = row["measured_memory_growth"] / predicted_mem
+        row["decode_ratio"] = row["measured_decode_tok_s"] / row["predicted_decode_tok_s"]
+        print(json.dumps(row), file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def what_if() -> list[dict]:
+    from tightfit.hardware import get_device
+    from tightfit.planner.cost import Workload
+    from tightfit.planner.optimize import PlanError, solve
+    from tightfit.planner.spec import load_spec
+
+    cases = [("llama-3.1-70b", h, 8, 8192) for h in ("h100-sxm", "h20", "rtx-4090d")]
+    cases += [("deepseek-v3", h, 8, 8192) for h in ("h100-sxm", "h20", "rtx-4090d")]
+    cases += [("qwen2.5-7b", h, 1, 4096) for h in ("apple-m2-pro", "ddr5-desktop")]
+    rows = []
+    for model, hw, n, ctx in cases:
+        spec, dev = load_spec(model), get_device(hw)
+        try:
+            p = solve(spec, dev, Workload(ctx, 1, n))
+            rows.append({"model": model, "hardware": hw, "devices": n, "context": ctx,
+                         "formats": dict(Counter(p.tensors.values())), "kv": p.kv_format,
+                         "placement": dict(Counter(p.placement.values())), "memory_gb": p.memory_bytes["total"] / 1e9,
+                         "offloaded_gb": p.memory_bytes["offloaded_weights"] / 1e9,
+                         "decode_tok_s": p.predicted["decode_tok_s"], "prefill_tok_s": p.predicted["prefill_tok_s"],
+                         "kld": p.predicted["kld"]})
+        except PlanError as e:
+            rows.append({"model": model, "hardware": hw, "devices": n, "context": ctx, "infeasible": str(e)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-validation", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
+    args = ap.parse_args()
+    result = {"what_if": what_if()}
+    if not args.skip_validation:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["validation"] = validation(Path(tmp))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,17 +64,17 @@ def validation(tmp: Path) -> list[dict]:
     spec = load_spec("smollm2-135m")
     w = Workload(context=256)
     configs = {
-        "uniform-int8": dict(formats=("sym8-g32",)),
-        "uniform-int4": dict(formats=("sym4-g32",)),
-        "mixed-70MB": dict(max_memory=70e6),
-        "mixed-90MB": dict(max_memory=90e6),
-        "stream-40MB": dict(max_memory=40e6, min_tok_s=None),
+        "uniform-int8": {"formats": ("sym8-g32",)},
+        "uniform-int4": {"formats": ("sym4-g32",)},
+        "mixed-70MB": {"max_memory": 70e6},
+        "mixed-90MB": {"max_memory": 90e6},
+        "stream-40MB": {"max_memory": 40e6},
     }
     rows = []
     base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,
                                      text=True, check=True).stdout.strip().splitlines()[-1])["hwm"]
     for name, kw in configs.items():
-        plan = solve(spec, device, w, **{k: v for k, v in kw.items() if k != "min_tok_s"})
+        plan = solve(spec, device, w, **kw)
         plan.model = "smollm2-135m"
         pfile = tmp / f"{name}.json"
         pfile.write_text(json.dumps(plan.to_dict()))

@@ -7,8 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from .io import atomic_path
 
 
@@ -120,14 +118,14 @@ def _report(folder: Path, res: dict) -> None:
     from collections import Counter
 
     formats = Counter(res["plan"]["tensors"].values())
-    lines = [f"# tightfit fit: {res['model']} on {res['hardware']}", "",
-             f"Plan: {', '.join(f'{n} tensors {f}' for f, n in formats.most_common())}; KV cache "
-             f"{res['plan']['kv_format']}; layers {dict(Counter(res['plan']['placement'].values()))}; "
-             f"{m['bits_per_weight']:.3f} bits per weight.", "",
+    summary = (f"Plan: {', '.join(f'{n} tensors {f}' for f, n in formats.most_common())}; KV cache "
+               f"{res['plan']['kv_format']}; layers {dict(Counter(res['plan']['placement'].values()))}; "
+               f"{m['bits_per_weight']:.3f} bits per weight.")
+    lines = [f"# tightfit fit: {res['model']} on {res['hardware']}", "", summary, "",
              "| | predicted | measured | measured / predicted |", "|---|---|---|---|"]
     lines += [f"| {label} | {a:.4g} | {b:.4g} | {b / a if a else float('nan'):.2f} |" for label, a, b in rows]
-    lines += ["", f"Perplexity {m['perplexity']:.3f} (original {m['base_perplexity']:.3f}), top-1 agreement "
-              f"{100 * m['top1']:.1f}%, KLD {m['kld']:.4f} ± {m['kld_stderr']:.4f}.", "",
-              "![predicted vs measured](fit.png)", "", f"Took {res['seconds']:.0f} s. Artifact: `artifact/`, "
-              "plan: `plan.json`, numbers: `fit.json`."]
+    quality = (f"Perplexity {m['perplexity']:.3f} (original {m['base_perplexity']:.3f}), top-1 agreement "
+               f"{100 * m['top1']:.1f}%, KLD {m['kld']:.4f} ± {m['kld_stderr']:.4f}.")
+    took = f"Took {res['seconds']:.0f} s. Artifact: `artifact/`, plan: `plan.json`, numbers: `fit.json`."
+    lines += ["", quality, "", "![predicted vs measured](fit.png)", "", took]
     (folder / "report.md").write_text("\n".join(lines) + "\n")

@@ -88,7 +88,7 @@ def brute_force(spec, device, w, formats, min_tok_s):
                         ok = False
                         break
                     p = places[it.layer] if it.layer is not None else "device"
-                    b = item_bytes(it, f, device)
+                    b = item_bytes(it, f, device, spec.tied)
                     mem += b if p == "device" else 0
                     t += b / placement_bandwidth(device, p)
                     loss += 0.0 if f == "bf16" else prior_loss(spec, it, f)

@@ -33,6 +33,9 @@ FORMATS = {
     "soc": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
 }
 KV_CHOICES = ("bf16", "int8", "int4")
+# tightfit's runtime decodes fast (one C call per layer) with a float cache only; int8/int4 caches run the slower
+# torch path and exist to measure their quality cost, so CPU plans keep bf16
+KV_CHOICES_BY_KIND = {"cpu": ("bf16",), "soc": ("bf16",)}
 
 
 def fits(fmt: str, shape: tuple[int, int]) -> bool:
@@ -54,8 +57,21 @@ def tensor_bytes(fmt: str, shape: tuple[int, int], device: Device) -> int:
     return f.nbytes(shape)
 
 
-def item_bytes(item: Item, fmt: str, device: Device) -> int:
-    return tensor_bytes(fmt, item.shape, device) * item.count
+def item_bytes(item: Item, fmt: str, device: Device, tied: bool = False) -> int:
+    """Bytes an item keeps resident. On CPUs a tied embedding is held twice by the runtime: as the head's kernel
+    layout and as the stored codes its rows are read from."""
+    b = tensor_bytes(fmt, item.shape, device) * item.count
+    if item.role == "embed" and tied and device.kind in ("cpu", "soc"):
+        b += 2 * item.params if fmt == DENSE else WeightFormat.parse(fmt).nbytes(item.shape)
+    return b
+
+
+def item_read_bytes(item: Item, fmt: str, device: Device, tied: bool, batch: int) -> float:
+    """Bytes one decode step reads: all of a layer's tensors, the routed share of experts, the head; of an untied
+    embedding only the rows looked up (nothing, to this model's precision)."""
+    if item.role == "embed" and not tied:
+        return 0.0
+    return tensor_bytes(fmt, item.shape, device) * item.count * item.read_fraction(batch)
 
 
 @cache

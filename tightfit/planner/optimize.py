@@ -18,12 +18,14 @@ from .cost import (
     DENSE,
     FORMATS,
     KV_CHOICES,
+    KV_CHOICES_BY_KIND,
     KV_PRIOR_KLD,
     Workload,
     activation_bytes,
     fits,
     fixed_decode_seconds,
     item_bytes,
+    item_read_bytes,
     kv_bytes,
     placement_bandwidth,
     prefill_tok_s,
@@ -70,13 +72,14 @@ def placements(device: Device) -> tuple[str, ...]:
 
 def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | None = None,
           max_memory: float | None = None, losses: dict[str, dict[str, float]] | None = None,
-          formats: tuple[str, ...] | None = None, kv_choices: tuple[str, ...] = KV_CHOICES,
+          formats: tuple[str, ...] | None = None, kv_choices: tuple[str, ...] | None = None,
           objective: str = "quality", places: tuple[str, ...] | None = None) -> Plan:
     """The plan minimizing predicted KLD (objective="quality") or decode time (objective="speed").
 
     Without a speed target, layers stay on the device when they can (nothing else would price a disk read);
     only when they cannot, offloading is allowed and each second per token weighs SECONDS_KLD nats of KLD."""
     formats = formats or FORMATS[device.kind]
+    kv_choices = kv_choices or KV_CHOICES_BY_KIND.get(device.kind, KV_CHOICES)
     if places is None and min_tok_s is None and objective == "quality":
         try:
             return solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
@@ -99,12 +102,12 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
             if loss is None:
                 loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
             for p in places if it.layer is not None else ("device",):
-                b = item_bytes(it, f, device)
+                b = item_bytes(it, f, device, spec.tied)
                 bw = placement_bandwidth(device, p) * (w.devices if p == "device" else 1)
                 var.append(("w", i, f, p))
                 cost.append(loss)
                 nbytes.append(b)
-                seconds.append(b * it.read_fraction(w.batch) / bw)
+                seconds.append(item_read_bytes(it, f, device, spec.tied, w.batch) / bw)
                 kinds.append(p)
     n_w = len(var)
     for layer in range(spec.n_layers):
@@ -227,7 +230,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
 
 def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective) -> PlanError:
     """What is missing, and the nearest feasible plan."""
-    smallest = sum(min(item_bytes(it, f, device) for f in formats if fits(f, it.shape))
+    smallest = sum(min(item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape))
                    for it in spec.items if it.layer is None)
     kv_min = min(kv_bytes(spec, k, w) for k in kv_choices)
     if smallest + kv_min + act > cap:

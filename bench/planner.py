@@ -26,12 +26,12 @@ MEASURE = r"""
 import json, sys, time, torch
 from tightfit.runtime import load_runtime, generate
 import tightfit.runtime.load, transformers
-def hwm():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+def hwm(key="VmHWM"):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 32, dtype=torch.int32), 8)
-base = hwm()
+base, base_rss = hwm(), hwm("VmRSS")
 if sys.argv[1] == "baseline":
-    print(json.dumps({"hwm": base})); sys.exit()
+    print(json.dumps({"hwm": base, "rss": base_rss})); sys.exit()
 lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None, kv_format=sys.argv[3])
 ids = lm.tokenizer("The state of the union is")["input_ids"]
 n = 0
@@ -43,7 +43,7 @@ for s in generate(lm.model, lm.tokenizer, ids, 128, ignore_eos=True):
     if n == 1:
         t = time.perf_counter()
 dt = time.perf_counter() - t
-print(json.dumps({"hwm": hwm(), "grown": hwm() - base, "decode_tok_s": (n - 1) / dt,
+print(json.dumps({"hwm": hwm(), "rss": hwm("VmRSS"), "decode_tok_s": (n - 1) / dt,
                   "weights": lm.model.weight_bytes()}))
 """
 
@@ -72,7 +72,7 @@ def validation(tmp: Path) -> list[dict]:
     }
     rows = []
     base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,
-                                     text=True, check=True).stdout.strip().splitlines()[-1])["hwm"]
+                                     text=True, check=True).stdout.strip().splitlines()[-1])
     for name, kw in configs.items():
         plan = solve(spec, device, w, **kw)
         plan.model = "smollm2-135m"
@@ -87,10 +87,11 @@ def validation(tmp: Path) -> list[dict]:
         predicted_mem = plan.memory_bytes["weights"] + plan.memory_bytes["kv_cache"] + plan.memory_bytes["activations"]
         row = {"config": name, "formats": dict(Counter(plan.tensors.values())), "kv": plan.kv_format,
                "placement": dict(Counter(plan.placement.values())),
-               "predicted_memory": predicted_mem, "measured_memory_growth": m["hwm"] - base,
+               "predicted_memory": predicted_mem, "measured_resident_growth": m["rss"] - base["rss"],
+               "measured_peak_growth": m["hwm"] - base["hwm"],
                "predicted_decode_tok_s": plan.predicted["decode_tok_s"], "measured_decode_tok_s": m["decode_tok_s"],
                "runtime_weight_bytes": m["weights"]}
-        row["memory_ratio"] = row["measured_memory_growth"] / predicted_mem
+        row["memory_ratio"] = row["measured_resident_growth"] / predicted_mem
         row["decode_ratio"] = row["measured_decode_tok_s"] / row["predicted_decode_tok_s"]
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
@@ -126,9 +127,12 @@ def what_if() -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-validation", action="store_true")
+    ap.add_argument("--skip-what-if", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
     args = ap.parse_args()
-    result = {"what_if": what_if()}
+    result = {} if args.skip_what_if else {"what_if": what_if()}
+    if args.skip_what_if and Path(args.out).is_file():
+        result["what_if"] = json.loads(Path(args.out).read_text()).get("what_if")
     if not args.skip_validation:
         with tempfile.TemporaryDirectory() as tmp:
             result["validation"] = validation(Path(tmp))

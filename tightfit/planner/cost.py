@@ -140,9 +140,13 @@ def effective(device: Device) -> tuple[float, float]:
     return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
 
 
-def placement_bandwidth(device: Device, place: str) -> float:
+def placement_bandwidth(device: Device, place: str, fmt: str | None = None) -> float:
     bw, _ = effective(device)
     if place == "device":
+        # a probed machine knows how fast the runtime streams 4- and 8-bit codes (`tightfit probe`)
+        by_bits = device.efficiency.get("stream_by_bits")
+        if by_bits and fmt and fmt != DENSE:
+            return by_bits["4" if WeightFormat.parse(fmt).bits <= 4 else "8"]
         return bw
     if place == "host":
         return device.host_link * device.efficiency.get("bandwidth", 0.8)

@@ -145,6 +145,9 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
     With max_memory, weights beyond the budget are streamed from a scratch file every token."""
     from .stream import DiskEmbedding, StreamedHead, Streamer
 
+    from ..io import release_freed_memory_eagerly
+
+    release_freed_memory_eagerly()  # conversion temporaries go back to the OS: resident size tracks the model
     args = ModelArgs.from_config(config)
     streamer = Streamer() if max_memory is not None else None
     layers, errs = [], {}

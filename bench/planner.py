@@ -54,7 +54,7 @@ def measure(artifact, budget: int, kv: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def validation(tmp: Path) -> list[dict]:
+def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
     from tightfit.hardware import get_device
     from tightfit.planner.cost import Workload
     from tightfit.planner.optimize import solve
@@ -76,6 +76,8 @@ def validation(tmp: Path) -> list[dict]:
     from tightfit.planner.optimize import PlanError
 
     for name, kw in configs.items():
+        if only and name not in only:
+            continue
         try:
             plan = solve(spec, device, w, **kw)
         except PlanError as e:
@@ -90,7 +92,7 @@ def validation(tmp: Path) -> list[dict]:
         streamed = any(p != "device" for p in plan.placement.values())
         budget = int(plan.memory_bytes["weights"]) if streamed else 0
         m = measure(art, budget, plan.kv_format)
-        predicted_mem = plan.memory_bytes["weights"] + plan.memory_bytes["kv_cache"] + plan.memory_bytes["activations"]
+        predicted_mem = plan.memory_bytes["total"]
         row = {"config": name, "formats": dict(Counter(plan.tensors.values())), "kv": plan.kv_format,
                "placement": dict(Counter(plan.placement.values())),
                "predicted_memory": predicted_mem, "measured_resident_growth": m["rss"] - base["rss"],
@@ -134,6 +136,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-validation", action="store_true")
     ap.add_argument("--skip-what-if", action="store_true")
+    ap.add_argument("--configs", nargs="*", help="validation configurations to run (default: all)")
     ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
     args = ap.parse_args()
     result = {} if args.skip_what_if else {"what_if": what_if()}
@@ -141,7 +144,7 @@ def main() -> int:
         result["what_if"] = json.loads(Path(args.out).read_text()).get("what_if")
     if not args.skip_validation:
         with tempfile.TemporaryDirectory() as tmp:
-            result["validation"] = validation(Path(tmp))
+            result["validation"] = validation(Path(tmp), args.configs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -123,6 +123,19 @@ def kv_bytes(spec: ModelSpec, kv: str, w: Workload) -> float:
     return per_token_layer * spec.n_layers * w.context * w.batch
 
 
+# what tightfit's process holds besides weights, KV cache and activations, measured here (transformers 5.24):
+# the tokenizer ~2.0 kB per vocabulary entry (SmolLM2's 49,152 entries: 98 MB), and fp32 rope tables
+TOKENIZER_BYTES_PER_ENTRY = 2000
+
+
+def runtime_overhead_bytes(spec: ModelSpec, device: Device) -> float:
+    """The runtime's own memory on CPUs/SoCs (tokenizer, rope tables); 0 for GPU engines (their host process
+    is not on the device)."""
+    if device.kind not in ("cpu", "soc"):
+        return 0.0
+    return spec.vocab * TOKENIZER_BYTES_PER_ENTRY + 2 * spec.max_ctx * spec.head_dim * 4
+
+
 def activation_bytes(spec: ModelSpec, w: Workload) -> float:
     """Prefill working set of one chunk: hidden states, q/k/v, the MLP's widest activation, one layer's attention
     scores, and the logits of the last position per sequence (fp32)."""

@@ -30,6 +30,7 @@ from .cost import (
     placement_bandwidth,
     prefill_tok_s,
     prior_loss,
+    runtime_overhead_bytes,
 )
 from .spec import ModelSpec
 
@@ -89,7 +90,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     places = places or placements(device)
     items = spec.items
     cap = (max_memory if max_memory is not None else device.memory * w.devices) * (1 - RESERVE)
-    act = activation_bytes(spec, w)
+    act = activation_bytes(spec, w) + runtime_overhead_bytes(spec, device)
     host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else 4 * device.memory)
 
     # index the variables
@@ -125,12 +126,18 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         nbytes.append(b)
         seconds.append(b / bw_dev)  # a decode step reads the whole cache (at full context: conservative)
         kinds.append("device")
+    # the arena streamed layers are read into: as large as the largest layer kept off the device
+    var.append(("a",))
+    cost.append(0.0)
+    nbytes.append(1.0)
+    seconds.append(0.0)
+    kinds.append("device")
     n = len(var)
     cost, nbytes, seconds = np.array(cost), np.array(nbytes, dtype=float), np.array(seconds)
     index = {v: j for j, v in enumerate(var)}
 
     lo, hi = [], []
-    A = lil_matrix((len(items) + spec.n_layers * (1 + len(places)) * 8 + 8, n))
+    A = lil_matrix((len(items) + spec.n_layers * (1 + len(places)) * 8 + 8 + 2 * spec.n_layers, n))
     r = 0
     by_item: dict[int, list[int]] = {}
     for j, v in enumerate(var[:n_w]):
@@ -164,6 +171,18 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     lo.append(1)
     hi.append(1)
     r += 1
+    arena = index[("a",)]
+    for layer in range(spec.n_layers):
+        for p in places:
+            if p == "device":
+                continue
+            for j in range(n_w):
+                if var[j][3] == p and items[var[j][1]].layer == layer:
+                    A[r, j] = nbytes[j]
+            A[r, arena] = -1
+            lo.append(-np.inf)
+            hi.append(0)
+            r += 1
     dev_row = r  # device memory
     for j in range(n):
         if kinds[j] == "device":
@@ -194,13 +213,18 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     else:
         c = cost + 1e-6 * seconds * max(1.0, float(np.abs(cost).max(initial=0)))  # ties: the faster plan
     integrality = np.ones(n)
-    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=integrality, bounds=Bounds(0, 1),
+    integrality[arena] = 0
+    upper = np.ones(n)
+    upper[arena] = np.inf
+    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=integrality, bounds=Bounds(0, upper),
                options={"disp": False, "time_limit": 60})
     if res.x is None:
         if places == ("device",):
             raise PlanError("nothing fits on the device alone")
         raise _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective)
+    arena_bytes = float(res.x[arena])
     x = np.round(res.x).astype(bool)
+    x[arena] = False
     tensors, placement, kv = {}, {}, None
     for j, v in enumerate(var):
         if not x[j]:
@@ -212,12 +236,15 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         else:
             kv = v[1]
     weights = float(sum(nbytes[j] for j in range(n_w) if x[j] and kinds[j] == "device"))
+    overhead = runtime_overhead_bytes(spec, device)
     offloaded = float(sum(nbytes[j] for j in range(n_w) if x[j] and kinds[j] != "device"))
     kvb = kv_bytes(spec, kv, w)
     decode_s = float(seconds[x].sum()) + fixed
     plan = Plan(model=spec.name, hardware=device.key, devices=w.devices, context=w.context, batch=w.batch,
                 kv_format=kv, tensors=tensors, placement=placement,
-                memory_bytes={"weights": weights, "kv_cache": kvb, "activations": act, "total": weights + kvb + act,
+                memory_bytes={"weights": weights + arena_bytes, "stream_arena": arena_bytes, "kv_cache": kvb,
+                              "activations": act - overhead, "runtime": overhead,
+                              "total": weights + arena_bytes + kvb + act,
                               "offloaded_weights": offloaded, "capacity": cap / (1 - RESERVE)},
                 predicted={"decode_tok_s": w.batch / decode_s, "decode_s_per_step": decode_s,
                            "prefill_tok_s": prefill_tok_s(spec, device, w, weights),

@@ -55,6 +55,7 @@ class ModelSpec:
     items: tuple[Item, ...]
     norm_params: int
     source: str = ""
+    max_ctx: int = 8192
 
     @property
     def params(self) -> int:
@@ -135,7 +136,8 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         items.append(Item("lm_head.weight", None, "head", (vocab, D)))
     kv_elems = (kv_lora + cfg["qk_rope_head_dim"]) if kv_lora else 2 * KV * hd
     return ModelSpec(name, cfg.get("model_type", "?"), L, D, H, KV, hd, vocab, tied, kv_elems, tuple(items),
-                     norm_params=(2 * L + 1) * D, source=cfg.get("_source", ""))
+                     norm_params=(2 * L + 1) * D, source=cfg.get("_source", ""),
+                     max_ctx=int(cfg.get("max_position_embeddings") or 8192))
 
 
 def shipped_configs() -> list[str]:

@@ -115,8 +115,9 @@ def open_quantized(path: Path):
         raise ArtifactError(f"{file} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
 
     def read(*names):
+        # copies, not views of the memory map: a view would keep the file's touched pages resident
         with safe_open(file, framework="pt") as h:
-            return [h.get_tensor(n) if n in keys else None for n in names]
+            return [h.get_tensor(n).clone() if n in keys else None for n in names]
 
     def get(name: str):
         e = manifest["tensors"][name]

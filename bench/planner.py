@@ -66,9 +66,9 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
     configs = {
         "uniform-int8": {"formats": ("sym8-g32",)},
         "uniform-int4": {"formats": ("sym4-g32",)},
-        "mixed-70MB": {"max_memory": 70e6},
-        "mixed-90MB": {"max_memory": 90e6},
-        "stream-55MB": {"max_memory": 55e6},
+        "mixed-260MB": {"max_memory": 260e6},
+        "mixed-230MB": {"max_memory": 230e6},
+        "stream-200MB": {"max_memory": 200e6},
     }
     rows = []
     base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,

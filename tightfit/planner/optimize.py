@@ -263,9 +263,10 @@ def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, format
     if smallest + kv_min + act > cap:
         return PlanError(
             f"{spec.name} cannot fit {device.name} x{w.devices} at context {w.context}, batch {w.batch}: even with "
-            f"the smallest formats and every layer off the device, the embedding/head, KV cache and activations "
-            f"need {size(smallest + kv_min + act)} of {size(cap)} usable. Shorten the context, lower the batch, or "
-            "add devices.")
+            f"the smallest formats and every layer off the device, the embedding/head, KV cache, activations and "
+            f"the runtime's own memory ({size(runtime_overhead_bytes(spec, device))}: tokenizer, tables) need "
+            f"{size(smallest + kv_min + act)} of {size(cap)} usable. Shorten the context, lower the batch, or add "
+            "devices.")
     if min_tok_s:
         best = solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
                      kv_choices=kv_choices, objective="speed")

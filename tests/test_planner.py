@@ -127,6 +127,10 @@ def test_plan_respects_limits_and_beats_every_uniform_format_that_fits():
     w = Workload(context=8192)
     plan = solve(spec, dev, w, min_tok_s=40)
     assert plan.memory_bytes["total"] <= dev.memory * 0.95 + 1 and plan.predicted["decode_tok_s"] >= 40
+    t = plan.tensors
+    for layer in range(spec.n_layers):  # fused matmuls (q/k/v, gate/up) hold one format
+        assert len({t[f"model.layers.{layer}.self_attn.{x}_proj.weight"] for x in "qkv"}) == 1
+        assert len({t[f"model.layers.{layer}.mlp.{x}_proj.weight"] for x in ("gate", "up")}) == 1
     for fmt in FORMATS["gpu"]:
         try:
             uniform = solve(spec, dev, w, min_tok_s=40, formats=(fmt,))

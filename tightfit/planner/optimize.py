@@ -35,6 +35,7 @@ from .cost import (
 from .spec import ModelSpec
 
 RESERVE = 0.05  # of device memory kept free for the engine's own allocations
+FUSED = (("q", "k", "v"), ("gate", "up"), ("expert_gate", "expert_up"))
 SECONDS_KLD = 10.0  # with no speed target but offloading forced: 0.1 s per token is worth 1 nat of KLD
 
 
@@ -166,6 +167,32 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                 lo.append(0)
                 hi.append(0)
                 r += 1
+    # engines fuse q/k/v and gate/up into one matmul (tightfit's runtime, vLLM's QKV/MergedColumn layers), which
+    # holds one format: members of a fused group take the same format
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        fuse = next((g for g in FUSED if it.role in g), None)
+        if fuse is not None and it.layer is not None:
+            groups.setdefault((it.layer, fuse), []).append(i)
+    extra = []
+    for members in groups.values():
+        lead = members[0]
+        for other in members[1:]:
+            for f in formats:
+                row = {j: 1.0 for j in by_item[lead] if var[j][2] == f}
+                for j in by_item[other]:
+                    if var[j][2] == f:
+                        row[j] = row.get(j, 0.0) - 1.0
+                if row:
+                    extra.append(row)
+    if extra:
+        A.resize((A.shape[0] + len(extra), n))
+    for row in extra:
+        for j, v in row.items():
+            A[r, j] = v
+        lo.append(0)
+        hi.append(0)
+        r += 1
     for k in kv_choices:
         A[r, index[("y", k)]] = 1
     lo.append(1)

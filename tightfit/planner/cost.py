@@ -24,12 +24,13 @@ DENSE = "bf16"
 ALLREDUCE_LATENCY_S = 10e-6  # order of a small NCCL all-reduce within one node (a modelling constant)
 ACT_CHUNK = 512  # prefill tokens per chunk, for the activation estimate
 
-# formats each kind of device runs: GPUs/NPUs as vLLM's int4/int8 kernels take them (symmetric), CPUs and Apple
-# SoCs as tightfit's runtime does
+# formats each kind of device runs: GPUs/NPUs as vLLM's int4/int8 kernels take them (symmetric); CPUs as
+# tightfit's runtime runs them on its fast path (a bf16 tensor would drop a layer to the slower torch path);
+# Apple SoCs as engines there do
 FORMATS = {
     "gpu": ("sym4-g128", "sym4-g64", "sym4-g32", "sym8-pc", DENSE),
     "npu": ("sym4-g128", "sym8-pc", DENSE),
-    "cpu": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
+    "cpu": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32"),
     "soc": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
 }
 KV_CHOICES = ("bf16", "int8", "int4")

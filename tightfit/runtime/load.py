@@ -143,9 +143,8 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
                  info: dict | None = None, max_memory: int | None = None, kernel: str = "auto") -> Engine:
     """Turn per-tensor weights (quantized or float, read one layer at a time through `get`) into an Engine.
     With max_memory, weights beyond the budget are streamed from a scratch file every token."""
-    from .stream import DiskEmbedding, StreamedHead, Streamer
-
     from ..io import release_freed_memory_eagerly
+    from .stream import DiskEmbedding, StreamedHead, Streamer
 
     release_freed_memory_eagerly()  # conversion temporaries go back to the OS: resident size tracks the model
     args = ModelArgs.from_config(config)

@@ -128,25 +128,27 @@ class Engine:
             def q(lin):
                 return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
                             0 if lin.bias is None else lin.bias.data_ptr(), lin.out_features, lin.in_features, lin.group)
+            import ctypes
+
             a = self.args
-            self._fused = (lib, Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale),
-                           [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
-                                      q(L.down)) for L in self.layers])
+            dims = Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale)
+            layers = [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
+                                q(L.down)) for L in self.layers]
+            # references made once: the per-token loop passes them as they are
+            self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers])
         return self._fused
 
     def _fused_decode(self, h: torch.Tensor, pos: int, cache: KVCache) -> None:
-        import ctypes
-
-        lib, dims, layers = self._fused
+        lib, _, _, dims_ref, layer_refs = self._fused
         stride = self.cos.stride(0) * 4
         cos, sin = self.cos.data_ptr() + pos * stride, self.sin.data_ptr() + pos * stride
         kb, vb = cache.k.data_ptr(), cache.v.data_ptr()
         per_layer = cache.k[0].numel() * cache.k.element_size()
         bf16, threads, hp = int(cache.k.dtype == torch.bfloat16), torch.get_num_threads(), h.data_ptr()
-        for i, la in enumerate(layers):
+        for i, la in enumerate(layer_refs):
             if self.streamer is not None:
                 self.streamer.fetch(i)
-            lib.decode_layer(ctypes.byref(dims), ctypes.byref(la), hp, pos, cos, sin, kb + i * per_layer,
+            lib.decode_layer(dims_ref, la, hp, pos, cos, sin, kb + i * per_layer,
                              vb + i * per_layer, cache.max_ctx, bf16, threads)
 
     # ---- forward ----

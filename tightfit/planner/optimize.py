@@ -210,7 +210,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
             lo.append(-np.inf)
             hi.append(0)
             r += 1
-    dev_row = r  # device memory
+    # device memory
     for j in range(n):
         if kinds[j] == "device":
             A[r, j] = nbytes[j]
@@ -225,7 +225,6 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         hi.append(host_cap)
         r += 1
     fixed = fixed_decode_seconds(spec, device, w)
-    time_row = r
     for j in range(n):
         A[r, j] = seconds[j]
     lo.append(0)
@@ -278,7 +277,6 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                            "kld": float(cost[x].sum())},
                 sensitivity="measured" if losses else "prior",
                 constraints={"min_tok_s": min_tok_s, "max_memory": max_memory})
-    del dev_row, time_row
     return plan
 
 

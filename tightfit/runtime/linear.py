@@ -90,7 +90,7 @@ def _kernel_group(group_len: int, in_features: int) -> int | None:
     return None
 
 
-def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto") -> RuntimeLinear:
+def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> RuntimeLinear:
     n, k = w.shape
     return RuntimeLinear("bf16", w.to(torch.bfloat16).contiguous(), None, 0, n, k,
                          None if bias is None else bias.to(torch.bfloat16))

@@ -170,10 +170,7 @@ class Engine:
                 and self.act_dtype == torch.float32 and self.fused() is not None):
             h = h.contiguous()
             self._fused_decode(h, pos, cache)
-            x = self.rms_norm(h, self.norm)
-            if self.streamer is not None:
-                self.streamer.fetch("head")
-            return self.head(x).float()
+            return self._logits(h)
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         mask = None
         if T > 1 and pos > 0:
@@ -202,7 +199,9 @@ class Engine:
             x = self.rms_norm(h, L.mlp_norm)
             g, u = L.gate_up(x).split(a.ffn_dim, -1)
             h += L.down(F.silu(g) * u)
-        h = h[:, -logits_to_keep:]
+        return self._logits(h[:, -logits_to_keep:])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = self.rms_norm(h, self.norm)
         if self.streamer is not None:
             self.streamer.fetch("head")

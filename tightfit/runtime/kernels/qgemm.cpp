@@ -186,16 +186,6 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
     }
 }
 
-void gemm_q4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-             const float* DX, const float* XS, int M, float* Y, int threads) {
-    gemm<4>(W, D, Mn, N, K, XQ, DX, XS, M, Y, threads);
-}
-
-void gemm_q8(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-             const float* DX, const float* XS, int M, float* Y, int threads) {
-    gemm<8>(W, D, Mn, N, K, XQ, DX, XS, M, Y, threads);
-}
-
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
             float* Y, int threads) {

@@ -28,7 +28,8 @@ from tightfit.quant.config import QuantConfig
 
 HERE = Path(__file__).parent
 WORK = Path.home() / ".cache" / "tightfit" / "bench"
-LLAMA_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_NL", "IQ3_S", "IQ2_S"]
+LLAMA_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS",
+               "IQ2_S", "IQ2_XXS"]
 
 
 def sh(cmd: list[str]) -> str:
@@ -60,8 +61,14 @@ def llama_files(bin_dir: Path, base: Path, types: list[str], imatrix: bool, chun
     for t in types:
         path = base.with_name(f"{base.stem}-{t}{'-imat' if imatrix else ''}.gguf")
         if not path.exists():
-            sh([str(bin_dir / "llama-quantize"), *(["--imatrix", str(imat)] if imatrix else []), str(base), str(path),
-                t, "2"])
+            try:
+                sh([str(bin_dir / "llama-quantize"), *(["--imatrix", str(imat)] if imatrix else []), str(base),
+                    str(path), t, "2"])
+            except subprocess.CalledProcessError as e:  # e.g. IQ2 types refuse to run without an importance matrix
+                print(f"llama-quantize {t}{' +imatrix' if imatrix else ''} refused: {(e.stderr or e.stdout)[-300:]}",
+                      file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
         out.append((f"llama.cpp {t}{' +imatrix' if imatrix else ''}", path))
     return out
 
@@ -76,6 +83,8 @@ def main() -> int:
     ap.add_argument("--mixed", nargs="*", type=float, default=[4.5, 3.5, 2.5], help="mixed-precision targets (bpw)")
     ap.add_argument("--mixed-method", default="gptq")
     ap.add_argument("--llama", nargs="*", default=LLAMA_TYPES)
+    ap.add_argument("--imatrix", choices=["both", "only", "none"], default="both",
+                    help="llama.cpp types with an importance matrix, without, or both")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -113,18 +122,21 @@ def main() -> int:
         t = time.time()
         m = quantize(base_path, cfg, out, force=True)
         record(label, out, m["bits_per_weight"], time.time() - t)
+    measured = None
     for target in args.mixed:
         label = f"tightfit mixed {args.mixed_method} {target} bpw"
         if label in done:
             continue
-        from tightfit.quant.mixed import plan_mixed
+        from tightfit.quant.mixed import measure, plan_mixed
 
         t = time.time()
-        cfg = plan_mixed(base_path, QuantConfig(method=args.mixed_method, calib_samples=args.calib_samples), target)
+        mcfg = QuantConfig(method=args.mixed_method, calib_samples=args.calib_samples)
+        measured = measured or measure(base_path, mcfg, progress=True)  # one sweep serves every target
+        cfg = plan_mixed(base_path, mcfg, target, measured=measured)
         out = WORK / f"{args.base}-mixed{target}"
         m = quantize(base_path, cfg, out, force=True)
         record(label, out, m["bits_per_weight"], time.time() - t, predicted_kld=cfg.predicted_kld)
-    for imatrix in (False, True):
+    for imatrix in {"both": (False, True), "only": (True,), "none": (False,)}[args.imatrix]:
         for label, path in llama_files(bin_dir, base_path, args.llama, imatrix, 100):
             if label not in done:
                 record(label, path, gguf_bits_per_weight(path))

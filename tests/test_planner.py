@@ -18,7 +18,7 @@ from tightfit.planner.cost import (
     prior_loss,
     tensor_bytes,
 )
-from tightfit.planner.optimize import PlanError, solve
+from tightfit.planner.optimize import RESERVE, PlanError, solve
 from tightfit.planner.recipe import recipe, tp_problems
 from tightfit.planner.spec import load_spec, spec_from_config
 
@@ -194,3 +194,34 @@ def test_fit_plans_quantizes_measures_and_reports(tiny_models, tmp_path, capsys)
         fit(str(tiny_models["llama"]), tmp_path / "fit2", hardware="ddr5-desktop", max_memory=2.6e6, context=256,
             max_kld=1e-9, progress=False, log=lambda s: None)
     assert not (tmp_path / "fit2").exists()
+
+
+def test_streamed_layers_are_priced_from_the_page_cache_only_when_free_ram_holds_the_model():
+    from tightfit.planner.cost import placement_bandwidth, served_from_page_cache
+
+    spec = tiny_spec()
+    w = Workload(context=64)
+
+    def cpu(free_ram):
+        return Device(key="box", name="box", kind="cpu", memory=free_ram, bandwidth=1e9, flops={"bf16": 1e12},
+                      disk=1e7, efficiency={"bandwidth": 1.0, "compute": 1.0, "overhead_s": 0.0,
+                                            "stream_by_bits": {"4": 1e9, "8": 1e9}, "page_cache": 4e9})
+
+    big, small = cpu(10 * GB), cpu(200e3)
+    # a streamed layer is copied into the arena, then read by the kernel: the times add
+    assert placement_bandwidth(big, "disk", "sym8-g32", cached=True) == pytest.approx(1 / (1 / 4e9 + 1 / 1e9))
+    assert placement_bandwidth(big, "disk", "sym8-g32") == pytest.approx(1 / (1 / 1e7 + 1 / 1e9))
+    assert served_from_page_cache(big, 5e6, max_memory=1e6)
+    assert not served_from_page_cache(small, 5e6, max_memory=1e6)  # the cache cannot hold it: disk
+    assert not served_from_page_cache(big, 5e6, max_memory=None)  # no budget: nothing is streamed
+    full = solve(spec, big, w)
+    for frac in (0.5, 0.45, 0.4, 0.35, 0.3):  # the largest budget at which fewer bits alone no longer fit
+        budget = (full.memory_bytes["total"] - (1 - frac) * full.memory_bytes["weights"]) / (1 - RESERVE)
+        cached = solve(spec, big, w, max_memory=budget)
+        if "disk" in cached.placement.values():
+            break
+    cold = solve(spec, small, w, max_memory=budget)
+    assert "disk" in cached.placement.values() and "disk" in cold.placement.values()
+    assert cached.constraints["streamed_from"] == "page cache" and cold.constraints["streamed_from"] == "disk"
+    assert full.constraints["streamed_from"] is None
+    assert cached.predicted["decode_tok_s"] > 10 * cold.predicted["decode_tok_s"]

@@ -2,12 +2,13 @@
 
 Measures memory read bandwidth, bf16 matmul throughput, the runtime's low-bit kernel throughput per format and
 shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
-and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, and free
-memory. Sits above the runtime (it times it); hardware/ only reads the profile it writes.
+and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, the rate at
+which streamed layers come back from the page cache, and free memory. Sits above the runtime (it times it); hardware/ only reads the profile it writes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -116,6 +117,30 @@ def disk_bandwidth(nbytes: int = 256 << 20) -> float:
         return nbytes / (time.perf_counter() - t)
 
 
+def page_cache_bandwidth(units: int = 24, rows: int = 4096, cols: int = 1024) -> float:
+    """Bytes/s at which the runtime's Streamer re-reads layer-sized units from its scratch file while the file
+    sits in the page cache - how streamed layers are served when the model fits in free RAM but not in the
+    --max-memory budget. Units: 8-bit codes of a [rows, cols] weight (~4.5 MB each), all streamed."""
+    from .formats.weight import WeightFormat
+    from .quant.core import rtn
+    from .runtime.linear import from_quantized
+    from .runtime.stream import Streamer, unit_bytes
+
+    s = Streamer(directory=str(profile_path().parent) if profile_path().parent.exists() else None)
+    try:
+        template = from_quantized(rtn(torch.randn(rows, cols), WeightFormat(8, 32, True)), None, kernel="torch")
+        for k in range(units):
+            s.store(k, copy.copy(template))  # store() empties the copy's slots; the template keeps its tensors
+        s.place(unit_bytes(template) + (1 << 20))  # room for the arena only: every unit streams
+
+        def run():
+            for k in range(units):
+                s.fetch(k)
+        return s.bytes_per_token / _best(run, 5)
+    finally:
+        s.close()
+
+
 def free_memory() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable"):
@@ -138,6 +163,7 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
     kern = step("runtime kernels", kernel_throughput)
     fixed = step("fixed costs", fixed_costs)
     disk = step("disk", disk_bandwidth)
+    cache = step("page cache", page_cache_bandwidth)
     mem = free_memory()
     stream = statistics.median(v["bytes_per_s"] for v in kern.values())
     by_bits = {b: statistics.mean(v["bytes_per_s"] for k, v in kern.items() if k.startswith(f"sym{b}-"))
@@ -147,7 +173,8 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
               "host_link": bw, "disk": disk, "host_memory": 0.0,
               # the runtime streams weights at `stream`, a fraction of the raw read bandwidth
               "efficiency": {"bandwidth": min(1.0, stream / bw), "compute": 1.0, "overhead_s": fixed["per_token_s"],
-                             "overhead_layer_s": fixed["per_layer_s"], "stream_by_bits": by_bits},
+                             "overhead_layer_s": fixed["per_layer_s"], "stream_by_bits": by_bits,
+                             "page_cache": cache},
               "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
     return {"device": device, "measurements": steps, "threads": torch.get_num_threads()}
 

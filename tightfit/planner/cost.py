@@ -154,7 +154,10 @@ def effective(device: Device) -> tuple[float, float]:
     return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
 
 
-def placement_bandwidth(device: Device, place: str, fmt: str | None = None) -> float:
+def placement_bandwidth(device: Device, place: str, fmt: str | None = None, cached: bool = False) -> float:
+    """Bytes/s at which a decode step gets a weight placed at `place`. On a CPU/SoC a streamed layer is first
+    copied into the runtime's arena (from the page cache when `cached` and the probe measured it, else from
+    disk), then read by the kernel: the two rates add as times."""
     bw, _ = effective(device)
     if place == "device":
         # a probed machine knows how fast the runtime streams 4- and 8-bit codes (`tightfit probe`)
@@ -164,7 +167,18 @@ def placement_bandwidth(device: Device, place: str, fmt: str | None = None) -> f
         return bw
     if place == "host":
         return device.host_link * device.efficiency.get("bandwidth", 0.8)
-    return device.disk
+    source = device.efficiency.get("page_cache") if cached else None
+    source = source or device.disk
+    if device.kind in ("cpu", "soc"):
+        return 1.0 / (1.0 / source + 1.0 / placement_bandwidth(device, "device", fmt))
+    return source
+
+
+def served_from_page_cache(device: Device, most_bytes: float, max_memory: float | None) -> bool:
+    """Whether streamed weights stay in the page cache: a process budget (--max-memory) on a machine whose free
+    RAM (as probed) holds the whole model besides it - the kernel keeps the scratch file cached."""
+    return (device.kind in ("cpu", "soc") and max_memory is not None and "page_cache" in device.efficiency
+            and most_bytes <= device.memory - max_memory)
 
 
 def fixed_decode_seconds(spec: ModelSpec, device: Device, w: Workload) -> float:

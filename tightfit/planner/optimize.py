@@ -31,6 +31,7 @@ from .cost import (
     prefill_tok_s,
     prior_loss,
     runtime_overhead_bytes,
+    served_from_page_cache,
 )
 from .spec import ModelSpec
 
@@ -93,6 +94,9 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     cap = (max_memory if max_memory is not None else device.memory * w.devices) * (1 - RESERVE)
     act = activation_bytes(spec, w) + runtime_overhead_bytes(spec, device)
     host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else 4 * device.memory)
+    most = sum(max((item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape)), default=0)
+               for it in items)
+    cached = served_from_page_cache(device, most, max_memory)
 
     # index the variables
     var, cost, nbytes, seconds, kinds = [], [], [], [], []
@@ -105,7 +109,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                 loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
             for p in places if it.layer is not None else ("device",):
                 b = item_bytes(it, f, device, spec.tied)
-                bw = placement_bandwidth(device, p, f) * (w.devices if p == "device" else 1)
+                bw = placement_bandwidth(device, p, f, cached) * (w.devices if p == "device" else 1)
                 var.append(("w", i, f, p))
                 cost.append(loss)
                 nbytes.append(b)
@@ -276,7 +280,8 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                            "prefill_tok_s": prefill_tok_s(spec, device, w, weights),
                            "kld": float(cost[x].sum())},
                 sensitivity="measured" if losses else "prior",
-                constraints={"min_tok_s": min_tok_s, "max_memory": max_memory})
+                constraints={"min_tok_s": min_tok_s, "max_memory": max_memory,
+                             "streamed_from": ("page cache" if cached else "disk") if offloaded else None})
     return plan
 
 

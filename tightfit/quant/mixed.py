@@ -114,9 +114,18 @@ def budget_for(sens: Sensitivity, target_bpw: float, kept_bytes: int, kept_param
     return budget
 
 
-def plan_mixed(source, cfg: QuantConfig, target_bpw: float, *, calib: str | None = None, progress: bool = False,
-               fisher_windows: int = 16, formats=CANDIDATES) -> QuantConfig:
-    """The QuantConfig with a per-tensor plan for target_bpw (and the predicted KLD in `predicted_kld`)."""
+@dataclass
+class Measured:
+    """Sensitivities of one model plus the bytes/parameters of what stays unquantized (norms, fp32)."""
+
+    sens: Sensitivity
+    kept_bytes: int
+    kept_params: int
+
+
+def measure(source, cfg: QuantConfig, *, calib: str | None = None, progress: bool = False, fisher_windows: int = 16,
+            formats=CANDIDATES) -> Measured:
+    """Fisher diagonal on calibration windows, then the proxy loss of every (tensor, format) pair."""
     from .. import load
     from .api import calibration_ids, calibration_text
 
@@ -125,8 +134,17 @@ def plan_mixed(source, cfg: QuantConfig, target_bpw: float, *, calib: str | None
     ids = calibration_ids(lm.tokenizer, text, fisher_windows, cfg.calib_ctx, cfg.seed + 1)
     fisher = fisher_diagonal(lm.model, ids, cfg.seed, progress)
     sens = sensitivities(lm.model, fisher, formats, progress)
-    kept = {n: p for n, p in lm.model.state_dict().items() if p.ndim != 2}
-    kept_bytes = sum(p.numel() * 4 for p in kept.values())  # norms stay fp32
-    budget = budget_for(sens, target_bpw, kept_bytes, sum(p.numel() for p in kept.values()))
-    plan, predicted = choose(sens, budget)
+    kept = [p for p in lm.model.state_dict().values() if p.ndim != 2]
+    return Measured(sens, sum(p.numel() * 4 for p in kept), sum(p.numel() for p in kept))  # norms stay fp32
+
+
+def plan_mixed(source, cfg: QuantConfig, target_bpw: float, *, calib: str | None = None, progress: bool = False,
+               fisher_windows: int = 16, formats=CANDIDATES, measured: Measured | None = None) -> QuantConfig:
+    """The QuantConfig with a per-tensor plan for target_bpw (and the predicted KLD in `predicted_kld`).
+
+    Pass `measured` (from `measure`) to plan several targets from one sensitivity sweep."""
+    m = measured or measure(source, cfg, calib=calib, progress=progress, fisher_windows=fisher_windows,
+                            formats=formats)
+    budget = budget_for(m.sens, target_bpw, m.kept_bytes, m.kept_params)
+    plan, predicted = choose(m.sens, budget)
     return replace(cfg, tensor_formats=plan, predicted_kld=predicted)

@@ -194,17 +194,21 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
 
 
 def _rotary(config, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_ctx, 1, head_dim] from transformers' own rotary embedding (rope scaling included)."""
-    if config.model_type == "qwen2":
-        from transformers.models.qwen2.modeling_qwen2 import (
-            Qwen2RotaryEmbedding as Rotary,
-        )
+    """cos/sin tables [max_ctx, 1, head_dim], rope scaling by transformers' own init functions. Importing only
+    modeling_rope_utils, not the Llama/Qwen2 modeling modules, keeps ~50 MB of Python modules out of the process."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float) / args.head_dim))
+        scaling = 1.0
     else:
-        from transformers.models.llama.modeling_llama import (
-            LlamaRotaryEmbedding as Rotary,
-        )
-    cos, sin = Rotary(config)(torch.zeros(1), torch.arange(args.max_ctx)[None])
-    return cos[0, :, None], sin[0, :, None]
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config)
+    freqs = torch.arange(args.max_ctx, dtype=torch.float)[:, None] * inv_freq.float()[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling)[:, None], (emb.sin() * scaling)[:, None]
 
 
 def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,

@@ -225,3 +225,9 @@ def test_streamed_layers_are_priced_from_the_page_cache_only_when_free_ram_holds
     assert cached.constraints["streamed_from"] == "page cache" and cold.constraints["streamed_from"] == "disk"
     assert full.constraints["streamed_from"] is None
     assert cached.predicted["decode_tok_s"] > 10 * cold.predicted["decode_tok_s"]
+
+
+def test_probe_measures_page_cache_streaming_through_the_runtimes_streamer():
+    from tightfit.probe import page_cache_bandwidth
+
+    assert page_cache_bandwidth(units=3, rows=256, cols=256) > 1e8  # bytes/s; RAM copies run at GB/s

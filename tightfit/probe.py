@@ -131,7 +131,7 @@ def page_cache_bandwidth(units: int = 24, rows: int = 4096, cols: int = 1024) ->
         template = from_quantized(rtn(torch.randn(rows, cols), WeightFormat(8, 32, True)), None, kernel="torch")
         for k in range(units):
             s.store(k, copy.copy(template))  # store() empties the copy's slots; the template keeps its tensors
-        s.place(unit_bytes(template) + (1 << 20))  # room for the arena only: every unit streams
+        s.place(unit_bytes(template))  # room for the arena only: every unit streams
 
         def run():
             for k in range(units):

@@ -106,21 +106,40 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
     return rows
 
 
+# Published single-request decode figures for settings the catalog and configs describe, each planned with the
+# uniform format closest to the one measured (int8 for FP8/Q8_0 weights, 4-bit g32 for Q4_K_M), for comparison.
+PUBLISHED = [
+    ("llama-3.1-8b", "apple-m2-pro", 1, 512, "sym4-g32",
+     {"decode_tok_s": 33.0, "setting": "llama.cpp (Metal), Meta-Llama-3.1-8B-Instruct Q4_K_M, avg of llmfit bench",
+      "source": "https://github.com/AlexsJones/llmfit/pull/1031 (community result, 2026-09-13)"}),
+    ("llama-3.1-8b", "apple-m2-pro", 1, 512, "sym8-g32",
+     {"decode_tok_s": 22.0, "setting": "llama.cpp (Metal), Meta-Llama-3.1-8B-Instruct Q8_0, avg of llmfit bench",
+      "source": "https://github.com/AlexsJones/llmfit/pull/1031 (community result, 2026-09-13)"}),
+    ("deepseek-v3", "h20", 8, 4096, "sym8-pc",
+     {"decode_tok_s": 30.0, "setting": "vLLM 0.13 TP8, DeepSeek-V3.2 FP8 weights, one request",
+      "source": "https://github.com/vllm-project/vllm/issues/30832 (user report, 2025-12-17)"}),
+    ("deepseek-v3", "h200", 8, 4096, "sym8-pc",
+     {"decode_tok_s": 26.0, "setting": "SGLang TP8, DeepSeek-V3 FP8, max concurrency 1 (bench_serving)",
+      "source": "https://github.com/vllm-project/vllm/issues/11539 (comment, 2025-01-10)"}),
+]
+
+
 def what_if() -> list[dict]:
     from tightfit.hardware import get_device
     from tightfit.planner.cost import Workload
     from tightfit.planner.optimize import PlanError, solve
     from tightfit.planner.spec import load_spec
 
-    cases = [("llama-3.1-70b", h, 8, 8192) for h in ("h100-sxm", "h20", "rtx-4090d")]
-    cases += [("deepseek-v3", h, 8, 8192) for h in ("h100-sxm", "h20", "rtx-4090d")]
-    cases += [("qwen2.5-7b", h, 1, 4096) for h in ("apple-m2-pro", "ddr5-desktop")]
+    cases = [("llama-3.1-70b", h, 8, 8192, None, None) for h in ("h100-sxm", "h20", "rtx-4090d")]
+    cases += [("deepseek-v3", h, 8, 8192, None, None) for h in ("h100-sxm", "h20", "rtx-4090d")]
+    cases += [("qwen2.5-7b", h, 1, 4096, None, None) for h in ("apple-m2-pro", "ddr5-desktop")]
+    cases += [(m, h, n, ctx, (f,), pub) for m, h, n, ctx, f, pub in PUBLISHED]
     rows = []
-    for model, hw, n, ctx in cases:
+    for model, hw, n, ctx, formats, published in cases:
         spec, dev = load_spec(model), get_device(hw)
         try:
-            p = solve(spec, dev, Workload(ctx, 1, n))
-            rows.append({"model": model, "hardware": hw, "devices": n, "context": ctx,
+            p = solve(spec, dev, Workload(ctx, 1, n), formats=formats)
+            rows.append({"model": model, "hardware": hw, "devices": n, "context": ctx, "published": published,
                          "formats": dict(Counter(p.tensors.values())), "kv": p.kv_format,
                          "placement": dict(Counter(p.placement.values())), "memory_gb": p.memory_bytes["total"] / 1e9,
                          "offloaded_gb": p.memory_bytes["offloaded_weights"] / 1e9,

@@ -231,3 +231,15 @@ def test_probe_measures_page_cache_streaming_through_the_runtimes_streamer():
     from tightfit.probe import page_cache_bandwidth
 
     assert page_cache_bandwidth(units=3, rows=256, cols=256) > 1e8  # bytes/s; RAM copies run at GB/s
+
+
+def test_kernel_rate_follows_the_probed_shapes():
+    from tightfit.planner.cost import kernel_rate
+
+    dev = Device(key="box", name="box", kind="cpu", memory=GB, bandwidth=5e10, flops={"bf16": 1e12},
+                 efficiency={"stream_by_bits": {"4": 2.5e10, "8": 3e10},
+                             "stream_by_shape": {"4": [[1e6, 3e10], [1e7, 2e10]], "8": [[1e6, 4e10], [1e7, 3e10]]}})
+    assert kernel_rate(dev, "sym4-g32", 1e6) == pytest.approx(3e10)
+    assert kernel_rate(dev, "asym3-g32", 10 ** 6.5) == pytest.approx(2.5e10)  # halfway in log-size
+    assert kernel_rate(dev, "sym4-g32", 1e9) == pytest.approx(2e10) and kernel_rate(dev, "sym4-g32", 1e3) == 3e10
+    assert kernel_rate(dev, "sym8-g32", None) == 3e10  # no size: the mean over shapes

@@ -168,12 +168,16 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
     stream = statistics.median(v["bytes_per_s"] for v in kern.values())
     by_bits = {b: statistics.mean(v["bytes_per_s"] for k, v in kern.items() if k.startswith(f"sym{b}-"))
                for b in ("4", "8")}
+    # per bits, (bytes one call reads, bytes/s) for each probed shape: small tensors stream at another rate
+    by_shape = {b: sorted((v["bytes_per_s"] * v["seconds_per_call"], v["bytes_per_s"]) for k, v in kern.items()
+                          if k.startswith(f"sym{b}-")) for b in ("4", "8")}
     device = {"key": "this", "name": f"this machine ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)",
               "kind": "cpu", "memory": mem, "bandwidth": bw, "flops": {"bf16": flops}, "link": 0.0,
               "host_link": bw, "disk": disk, "host_memory": 0.0,
               # the runtime streams weights at `stream`, a fraction of the raw read bandwidth
               "efficiency": {"bandwidth": min(1.0, stream / bw), "compute": 1.0, "overhead_s": fixed["per_token_s"],
                              "overhead_layer_s": fixed["per_layer_s"], "stream_by_bits": by_bits,
+                             "stream_by_shape": by_shape,
                              "page_cache": cache},
               "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
     return {"device": device, "measurements": steps, "threads": torch.get_num_threads()}

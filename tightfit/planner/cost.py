@@ -10,9 +10,11 @@ device link. MoE reads only the experts a step routes to (distinct experts at ba
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
+import numpy as np
 import torch
 
 from ..formats.kv import KV_FORMATS
@@ -154,23 +156,34 @@ def effective(device: Device) -> tuple[float, float]:
     return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
 
 
-def placement_bandwidth(device: Device, place: str, fmt: str | None = None, cached: bool = False) -> float:
+def kernel_rate(device: Device, fmt: str, nbytes: float | None = None) -> float | None:
+    """Bytes/s the probed runtime streams `fmt` codes at, for a tensor of `nbytes`: interpolated in log-size
+    between the probed shapes (clamped at the ends); the mean over shapes when no size is given."""
+    bits = "4" if WeightFormat.parse(fmt).bits <= 4 else "8"
+    points = device.efficiency.get("stream_by_shape", {}).get(bits)
+    if not points or nbytes is None:
+        by_bits = device.efficiency.get("stream_by_bits")
+        return by_bits[bits] if by_bits else None
+    xs = [math.log(b) for b, _ in points]
+    return float(np.interp(math.log(max(nbytes, 1.0)), xs, [r for _, r in points]))
+
+
+def placement_bandwidth(device: Device, place: str, fmt: str | None = None, cached: bool = False,
+                        nbytes: float | None = None) -> float:
     """Bytes/s at which a decode step gets a weight placed at `place`. On a CPU/SoC a streamed layer is first
     copied into the runtime's arena (from the page cache when `cached` and the probe measured it, else from
     disk), then read by the kernel: the two rates add as times."""
     bw, _ = effective(device)
     if place == "device":
         # a probed machine knows how fast the runtime streams 4- and 8-bit codes (`tightfit probe`)
-        by_bits = device.efficiency.get("stream_by_bits")
-        if by_bits and fmt and fmt != DENSE:
-            return by_bits["4" if WeightFormat.parse(fmt).bits <= 4 else "8"]
-        return bw
+        rate = kernel_rate(device, fmt, nbytes) if fmt and fmt != DENSE else None
+        return rate or bw
     if place == "host":
         return device.host_link * device.efficiency.get("bandwidth", 0.8)
     source = device.efficiency.get("page_cache") if cached else None
     source = source or device.disk
     if device.kind in ("cpu", "soc"):
-        return 1.0 / (1.0 / source + 1.0 / placement_bandwidth(device, "device", fmt))
+        return 1.0 / (1.0 / source + 1.0 / placement_bandwidth(device, "device", fmt, nbytes=nbytes))
     return source
 
 

@@ -109,7 +109,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                 loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
             for p in places if it.layer is not None else ("device",):
                 b = item_bytes(it, f, device, spec.tied)
-                bw = placement_bandwidth(device, p, f, cached) * (w.devices if p == "device" else 1)
+                bw = placement_bandwidth(device, p, f, cached, b) * (w.devices if p == "device" else 1)
                 var.append(("w", i, f, p))
                 cost.append(loss)
                 nbytes.append(b)

@@ -117,20 +117,25 @@ def test_exported_artifact_agrees_in_llama_cpp(smollm, text, tmp_path):
                                                  add_generation_prompt=True, tokenize=False)
         assert llm.tokenize(chat.encode(), add_bos=False, special=True) == \
             art.tokenizer(chat, add_special_tokens=False)["input_ids"]
-        same = total = 0
+        ref = tightfit.load(tmp_path / "a").model.float()  # the same codes evaluated exactly in fp32
+        same = ref_same = total = 0
         nll = []
         for i in range(CHUNKS):
             theirs = llama_cpp.window_logprobs(llm, windows, i)
             ours = window_logprobs(art.model, windows.tokens[i], windows.first)
             same += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
+            ref_same += int((theirs.argmax(-1) == window_logprobs(ref, windows.tokens[i], windows.first).argmax(-1))
+                            .sum())
             total += theirs.shape[0]
             nll.append(-theirs.gather(-1, windows.targets(i)[:, None])[:, 0])
     finally:
         llm.close()
     peer_ppl = float(torch.cat(nll).mean().exp())
-    # Measured here (2 windows): runtime vs llama.cpp 0.941 on this export, fp32 reference vs llama.cpp 0.959,
-    # runtime vs reference 0.967; on the shipped Q4_1 file 0.969 / 0.976 / 0.965. This 4-bit 135M model has many
-    # near-ties, so any two engines' rounding flips ~3-5% of top-1 tokens; the issue's 98% is not reached.
+    # bench/engine_agreement.py (8 windows): llama.cpp agrees with itself across micro-batch sizes on 100% of
+    # positions, but with an exact fp32 evaluation of the same codes on only 95.9% (Q4_0) / 96.7% (Q4_1) /
+    # 96.2% (Q8_0): its 8-bit activation rounding flips near-ties on this model, so no other engine reaches the
+    # issue's 98%. Our runtime: 94.9% / 96.1% / 95.9%. Held here: within 2.5 points of the fp32 evaluation.
+    assert same / total >= ref_same / total - 0.025, (same / total, ref_same / total)
     assert same / total >= 0.93, same / total
     assert abs(run(art, text).perplexity / peer_ppl - 1) < 0.01
 
@@ -236,5 +241,5 @@ def test_algorithms_beat_rtn_on_real_layers(smollm, fmt):
         assert awq_clip(w, f, H).error["output_rel_err"] < 0.85 * base["output_rel_err"], name
         h = hqq(w, f, H).error
         assert h["weight_rel_mse"] < 0.95 * base["weight_rel_mse"], name
-        if not f.sym:
+        if not f.symmetric:
             assert h["output_rel_err"] < 0.95 * base["output_rel_err"], name

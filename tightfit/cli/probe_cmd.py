@@ -23,8 +23,10 @@ def run(args) -> int:
     print(f"memory read {d['bandwidth'] / 1e9:.1f} GB/s, bf16 matmul {d['flops']['bf16'] / 1e9:.0f} GFLOP/s, "
           f"disk {d['disk'] / 1e9:.2f} GB/s, free memory {d['memory'] / 1e9:.1f} GB")
     for k, v in m["runtime kernels"].items():
-        print(f"runtime {k} ({v['kind']}): {v['bytes_per_s'] / 1e9:.1f} GB/s, {v['seconds_per_call'] * 1e6:.0f} us/call")
+        print(f"runtime {k} ({v['kind']}): {v['bytes_per_s'] / 1e9:.1f} GB/s, {v['seconds_per_call'] * 1e6:.0f} us/call "
+              f"(of which {v['dispatch_s'] * 1e6:.0f} us dispatch)")
     f = m["fixed costs"]
     print(f"fixed cost per decoder layer {f['per_layer_s'] * 1e6:.1f} us, per token {f['per_token_s'] * 1e6:.1f} us")
+    print(f"streamed layers re-read from the page cache at {m['page cache'] / 1e9:.1f} GB/s")
     print(f"saved {path}", file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@
 Measures memory read bandwidth, bf16 matmul throughput, the runtime's low-bit kernel throughput per format and
 shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
 and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, the rate at
-which streamed layers come back from the page cache, and free memory. Sits above the runtime (it times it); hardware/ only reads the profile it writes.
+which streamed layers come back from the page cache, and free memory. Sits above the runtime (it times it);
+hardware/ only reads the profile it writes.
 """
 
 from __future__ import annotations

@@ -87,11 +87,18 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
         pfile = tmp / f"{name}.json"
         pfile.write_text(json.dumps(plan.to_dict()))
         art = tmp / name
-        subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",
-                        "--plan", str(pfile), "-o", str(art), "--force", "--json"], check=True, capture_output=True)
         streamed = any(p != "device" for p in plan.placement.values())
         budget = int(plan.memory_bytes["weights"]) if streamed else 0
-        m = measure(art, budget, plan.kv_format)
+        try:
+            subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",
+                            "--plan", str(pfile), "-o", str(art), "--force", "--json"], check=True,
+                           capture_output=True, text=True)
+            m = measure(art, budget, plan.kv_format)
+        except subprocess.CalledProcessError as e:  # keep going; the row says what failed and why
+            rows.append({"config": name, "failed": " ".join(e.cmd[:5]), "returncode": e.returncode,
+                         "stderr": (e.stderr or "")[-2000:]})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            continue
         predicted_mem = plan.memory_bytes["total"]
         row = {"config": name, "formats": dict(Counter(plan.tensors.values())), "kv": plan.kv_format,
                "placement": dict(Counter(plan.placement.values())),

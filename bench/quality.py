@@ -12,7 +12,9 @@ Writes bench/results/quality-<base>.json and a Pareto plot. Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -140,8 +142,57 @@ def main() -> int:
         for label, path in llama_files(bin_dir, base_path, args.llama, imatrix, 100):
             if label not in done:
                 record(label, path, gguf_bits_per_weight(path))
+    table = compare(rows)
+    out_path.write_text(json.dumps({"base": args.base, "base_file": str(base_path), "rows": rows,
+                                    "comparison": table}, indent=1))
     plot(rows, out_path.with_suffix(".png"), args.base)
+    print(markdown(table))
     return 0
+
+
+def front(rows, who: str) -> list[tuple[float, float]]:
+    """The Pareto front (bits per weight, KLD) of one side: each point beats every smaller one."""
+    pts, best = [], float("inf")
+    for r in sorted(rows, key=lambda r: (r["bits_per_weight"], r["kld_mean"])):
+        if r["label"].startswith(who) and r["kld_mean"] < best:
+            best = r["kld_mean"]
+            pts.append((r["bits_per_weight"], best))
+    return pts
+
+
+def at(pts: list[tuple[float, float]], bpw: float) -> float | None:
+    """A front's KLD at bpw, linear in log KLD between its neighbours; None outside its range."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= bpw <= x1:
+            return y0 if x1 == x0 else math.exp(math.log(y0) + (bpw - x0) / (x1 - x0) * (math.log(y1) - math.log(y0)))
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == bpw else None
+
+
+def compare(rows) -> list[dict]:
+    """Every point of either side beside the other side's front at the same bits per weight."""
+    ours, theirs = front(rows, "tightfit"), front(rows, "llama.cpp")
+    table = []
+    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
+        mine = r["label"].startswith("tightfit")
+        other = at(theirs if mine else ours, r["bits_per_weight"])
+        row = {"label": r["label"], "bits_per_weight": r["bits_per_weight"], "kld": r["kld_mean"],
+               "kld_stderr": r["kld_stderr"], "top1": r["top1_agreement"], "perplexity": r["perplexity"],
+               "other_side_kld": other}
+        if other is not None:
+            row["ratio_ours_to_llama"] = r["kld_mean"] / other if mine else other / r["kld_mean"]
+        table.append(row)
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| point | bpw | KLD +- se | top-1 | ppl | other side at this bpw | ours / llama.cpp |",
+             "|---|---|---|---|---|---|---|"]
+    for t in table:
+        other = "no point near" if t["other_side_kld"] is None else f"{t['other_side_kld']:.4f}"
+        ratio = f"{t['ratio_ours_to_llama']:.2f}x" if "ratio_ours_to_llama" in t else "-"
+        lines.append(f"| {t['label']} | {t['bits_per_weight']:.3f} | {t['kld']:.4f} +- {t['kld_stderr']:.4f} | "
+                     f"{t['top1']:.3f} | {t['perplexity']:.2f} | {other} | {ratio} |")
+    return "\n".join(lines)
 
 
 def plot(rows, path: Path, base: str) -> None:

@@ -46,7 +46,9 @@ def quantize(source, cfg: QuantConfig, out, *, calib: str | None = None, progres
 
     lazy = load_lazy(source)
     ids, calib_info = None, None
-    if cfg.needs_calibration or cfg.tensor_formats:
+    # rtn/hqq read calibration text only when asked (--calib), to report each tensor's output error; a plan's
+    # formats alone do not need it (128 x 512 tokens through every layer costs minutes on 2 cores)
+    if cfg.needs_calibration or calib is not None:
         text, calib_info = calibration_text(calib)
         ids = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed)
         calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed}

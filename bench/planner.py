@@ -3,11 +3,12 @@
 1) Validation (needs `tightfit probe` first): >= 5 configurations of the default model - uniform int8, uniform
    int4, two mixed plans under memory budgets, one budget that forces weight streaming. For each: plan with
    `--hardware this`, quantize (RTN, or the plan's formats), then in a fresh subprocess load it on the runtime,
-   decode 128 tokens, and compare predicted vs measured resident memory (growth of VmHWM over a baseline
+   decode 128 tokens five times (median; min and max kept), and compare predicted vs measured resident memory (growth of VmHWM over a baseline
    process that only imports) and decode tok/s.
 2) What-if: Llama-3.1-70B and DeepSeek-V3 on 8x H100 / 8x H20 / 8x RTX 4090D, Qwen2.5-7B on an M2 Pro and a
    DDR5 desktop (context 8192 / 4096, batch 1): memory, plan summary, predicted tok/s.
-Writes bench/results/planner.json. Usage: python bench/planner.py [--skip-validation]
+Writes bench/results/planner.json. Usage: python bench/planner.py [--probe] [--skip-validation] [--skip-what-if]
+(--probe measures this machine first, minutes before the check, since its speed drifts through a day)
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ if sys.argv[1] == "baseline":
     print(json.dumps({"hwm": base, "rss": base_rss})); sys.exit()
 lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None, kv_format=sys.argv[3])
 ids = lm.tokenizer("The state of the union is")["input_ids"]
-n = 0
 for s in generate(lm.model, lm.tokenizer, ids, 16, ignore_eos=True):
     pass
-t = time.perf_counter()
-for s in generate(lm.model, lm.tokenizer, ids, 128, ignore_eos=True):
-    n += 1
-    if n == 1:
-        t = time.perf_counter()
-dt = time.perf_counter() - t
-print(json.dumps({"hwm": hwm(), "rss": hwm("VmRSS"), "decode_tok_s": (n - 1) / dt,
+runs = []
+for _ in range(5):  # this host's speed swings between seconds: repeat, report min / median / max
+    n = 0
+    for s in generate(lm.model, lm.tokenizer, ids, 128, ignore_eos=True):
+        n += 1
+        if n == 1:
+            t = time.perf_counter()
+    runs.append((n - 1) / (time.perf_counter() - t))
+runs.sort()
+print(json.dumps({"hwm": hwm(), "rss": hwm("VmRSS"), "decode_tok_s": runs[len(runs) // 2], "decode_runs": runs,
                   "weights": lm.model.weight_bytes()}))
 """
 
@@ -105,6 +108,7 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
                "predicted_memory": predicted_mem, "measured_resident_growth": m["rss"] - base["rss"],
                "measured_peak_growth": m["hwm"] - base["hwm"],
                "predicted_decode_tok_s": plan.predicted["decode_tok_s"], "measured_decode_tok_s": m["decode_tok_s"],
+               "measured_decode_min_max": [m["decode_runs"][0], m["decode_runs"][-1]],
                "runtime_weight_bytes": m["weights"]}
         row["memory_ratio"] = row["measured_resident_growth"] / predicted_mem
         row["decode_ratio"] = row["measured_decode_tok_s"] / row["predicted_decode_tok_s"]
@@ -162,12 +166,17 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-validation", action="store_true")
     ap.add_argument("--skip-what-if", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="run `tightfit probe` first and save its profile")
     ap.add_argument("--configs", nargs="*", help="validation configurations to run (default: all)")
     ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
     args = ap.parse_args()
     result = {} if args.skip_what_if else {"what_if": what_if()}
     if args.skip_what_if and Path(args.out).is_file():
         result["what_if"] = json.loads(Path(args.out).read_text()).get("what_if")
+    if args.probe:
+        from tightfit.probe import probe, save_profile
+
+        save_profile(probe(progress=True))
     if not args.skip_validation:
         with tempfile.TemporaryDirectory() as tmp:
             result["validation"] = validation(Path(tmp), args.configs)

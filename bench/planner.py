@@ -3,7 +3,8 @@
 1) Validation (needs `tightfit probe` first): >= 5 configurations of the default model - uniform int8, uniform
    int4, two mixed plans under memory budgets, one budget that forces weight streaming. For each: plan with
    `--hardware this`, quantize (RTN, or the plan's formats), then in a fresh subprocess load it on the runtime,
-   decode 128 tokens five times (median; min and max kept), and compare predicted vs measured resident memory (growth of VmHWM over a baseline
+   fill the planned context (a 128-token prompt, 128 new tokens; decode timed five times: median, min and max
+   kept), and compare predicted vs measured resident memory (growth of VmHWM over a baseline
    process that only imports) and decode tok/s.
 2) What-if: Llama-3.1-70B and DeepSeek-V3 on 8x H100 / 8x H20 / 8x RTX 4090D, Qwen2.5-7B on an M2 Pro and a
    DDR5 desktop (context 8192 / 4096, batch 1): memory, plan summary, predicted tok/s.
@@ -34,7 +35,9 @@ base, base_rss = hwm(), hwm("VmRSS")
 if sys.argv[1] == "baseline":
     print(json.dumps({"hwm": base, "rss": base_rss})); sys.exit()
 lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None, kv_format=sys.argv[3])
-ids = lm.tokenizer("The state of the union is")["input_ids"]
+from tightfit.data import CALIBRATION, read_part
+# the workload planned for (context 256): a 128-token prompt, then 128 new tokens
+ids = lm.tokenizer(read_part(CALIBRATION)[:4000])["input_ids"][:128]
 for s in generate(lm.model, lm.tokenizer, ids, 16, ignore_eos=True):
     pass
 runs = []
@@ -90,7 +93,7 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
         pfile = tmp / f"{name}.json"
         pfile.write_text(json.dumps(plan.to_dict()))
         art = tmp / name
-        streamed = any(p != "device" for p in plan.placement.values())
+        streamed = plan.streams
         budget = int(plan.memory_bytes["weights"]) if streamed else 0
         try:
             subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",

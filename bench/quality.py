@@ -180,6 +180,11 @@ def compare(rows) -> list[dict]:
                "other_side_kld": other}
         if other is not None:
             row["ratio_ours_to_llama"] = r["kld_mean"] / other if mine else other / r["kld_mean"]
+        # a point of the other side no larger and no worse, even where its front does not reach this size
+        beats = [o for o in rows if o["label"].startswith("llama.cpp" if mine else "tightfit")
+                 and o["bits_per_weight"] <= r["bits_per_weight"] and o["kld_mean"] <= r["kld_mean"]]
+        if beats:
+            row["dominated_by"] = min(beats, key=lambda o: o["bits_per_weight"])["label"]
         table.append(row)
     return table
 
@@ -188,9 +193,11 @@ def markdown(table: list[dict]) -> str:
     lines = ["| point | bpw | KLD +- se | top-1 | ppl | other side at this bpw | ours / llama.cpp |",
              "|---|---|---|---|---|---|---|"]
     for t in table:
-        other = "no point near" if t["other_side_kld"] is None else f"{t['other_side_kld']:.4f}"
+        other = "no point near" if t["other_side_kld"] is None else f"{t['other_side_kld']:.4g}"
+        if "dominated_by" in t:
+            other += f" (beaten by {t['dominated_by']})"
         ratio = f"{t['ratio_ours_to_llama']:.2f}x" if "ratio_ours_to_llama" in t else "-"
-        lines.append(f"| {t['label']} | {t['bits_per_weight']:.3f} | {t['kld']:.4f} +- {t['kld_stderr']:.4f} | "
+        lines.append(f"| {t['label']} | {t['bits_per_weight']:.3f} | {t['kld']:.4g} +- {t['kld_stderr']:.2g} | "
                      f"{t['top1']:.3f} | {t['perplexity']:.2f} | {other} | {ratio} |")
     return "\n".join(lines)
 

@@ -225,12 +225,49 @@ def test_streamed_layers_are_priced_from_the_page_cache_only_when_free_ram_holds
     assert cached.constraints["streamed_from"] == "page cache" and cold.constraints["streamed_from"] == "disk"
     assert full.constraints["streamed_from"] is None
     assert cached.predicted["decode_tok_s"] > 10 * cold.predicted["decode_tok_s"]
+    # where the probe timed what streaming adds to a decode step, that is the cached copy's rate
+    hot = cpu(10 * GB)
+    hot.efficiency["stream_extra"] = {"4": 2e9, "8": 3e9}
+    assert placement_bandwidth(hot, "disk", "sym8-g32", cached=True) == pytest.approx(1 / (1 / 3e9 + 1 / 1e9))
+    assert placement_bandwidth(hot, "disk", "sym4-g32", cached=True) == pytest.approx(1 / (1 / 2e9 + 1 / 1e9))
+    assert placement_bandwidth(hot, "disk", "sym8-g32") == pytest.approx(1 / (1 / 1e7 + 1 / 1e9))
+
+
+def test_a_streaming_plan_reads_embedding_rows_from_disk_as_the_runtime_does():
+    from tightfit.planner.cost import item_bytes, tensor_bytes
+
+    spec = tiny_spec()
+    w = Workload(context=64)
+    box = Device(key="box", name="box", kind="cpu", memory=10 * GB, bandwidth=1e9, flops={"bf16": 1e12},
+                 disk=1e7, efficiency={"bandwidth": 1.0, "compute": 1.0, "overhead_s": 0.0, "page_cache": 4e9})
+    full = solve(spec, box, w, formats=("sym8-g32",))
+    assert full.embedding_rows == "device" and not full.streams
+    embed = next(it for it in spec.items if it.role == "embed")
+    fmt = full.tensors[embed.name]
+    # resident, a tied embedding is held twice (head kernel layout + row codes); streaming, only the head stays
+    saved = item_bytes(embed, fmt, box, spec.tied) - tensor_bytes(fmt, embed.shape, box)
+    assert saved > 0
+    budget = (full.memory_bytes["total"] - 0.5 * saved) / (1 - RESERVE)
+    tight = solve(spec, box, w, max_memory=budget, formats=("sym8-g32",))
+    # the row copy goes to disk before any layer does: it costs no time per token
+    assert tight.embedding_rows == "disk" and tight.streams and set(tight.placement.values()) == {"device"}
+    assert tight.memory_bytes["total"] <= budget * (1 - RESERVE) + 1
+    assert "embedding rows read from disk" not in json.dumps(tight.to_dict())  # a field, not prose
+    assert tight.to_dict()["embedding_rows"] == "disk"
 
 
 def test_probe_measures_page_cache_streaming_through_the_runtimes_streamer():
     from tightfit.probe import page_cache_bandwidth
 
     assert page_cache_bandwidth(units=3, rows=256, cols=256) > 1e8  # bytes/s; RAM copies run at GB/s
+
+
+def test_probe_times_the_fused_engine_and_what_streaming_adds_to_it():
+    from tightfit.probe import engine_rates
+
+    r = engine_rates({"per_token_s": 0.0, "per_layer_s": 0.0}, layers=3, hidden=128, ffn=256, steps=4)
+    for kind in ("resident", "stream_extra"):
+        assert set(r[kind]) == {"4", "8"} and min(r[kind].values()) > 1e8  # bytes/s from RAM, not a disk
 
 
 def test_kernel_rate_follows_the_probed_shapes():
@@ -243,3 +280,8 @@ def test_kernel_rate_follows_the_probed_shapes():
     assert kernel_rate(dev, "asym3-g32", 10 ** 6.5) == pytest.approx(2.5e10)  # halfway in log-size
     assert kernel_rate(dev, "sym4-g32", 1e9) == pytest.approx(2e10) and kernel_rate(dev, "sym4-g32", 1e3) == 3e10
     assert kernel_rate(dev, "sym8-g32", None) == 3e10  # no size: the mean over shapes
+    # where the probe timed the fused engine, a decoder layer's tensors take its rate; the head keeps the shape's
+    dev.efficiency["engine_by_bits"] = {"4": 3.5e10, "8": 4.5e10}
+    assert kernel_rate(dev, "sym4-g32", 1e6, in_layer=True) == 3.5e10
+    assert kernel_rate(dev, "sym8-g32", 1e7, in_layer=True) == 4.5e10
+    assert kernel_rate(dev, "sym8-g32", 1e7) == pytest.approx(3e10)

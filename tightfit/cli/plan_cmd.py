@@ -53,7 +53,8 @@ def run(args) -> int:
     for role_fmt, n in sorted(Counter(plan.tensors.values()).items(), key=lambda x: -x[1]):
         print(f"  {n:5d} tensor groups in {role_fmt}")
     where = Counter(plan.placement.values())
-    print(f"  layers: {', '.join(f'{n} on {p}' for p, n in where.items())}; KV cache {plan.kv_format}")
+    print(f"  layers: {', '.join(f'{n} on {p}' for p, n in where.items())}; KV cache {plan.kv_format}"
+          + ("; embedding rows read from disk" if plan.embedding_rows != "device" else ""))
     print(f"memory   weights {m['weights'] / 1e9:.2f} GB + KV {m['kv_cache'] / 1e9:.2f} GB + activations "
           f"{m['activations'] / 1e9:.2f} GB = {m['total'] / 1e9:.2f} GB of {m['capacity'] / 1e9:.1f} GB"
           + (f"; {m['offloaded_weights'] / 1e9:.2f} GB off the device" if m["offloaded_weights"] else ""))

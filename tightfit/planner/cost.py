@@ -156,10 +156,15 @@ def effective(device: Device) -> tuple[float, float]:
     return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
 
 
-def kernel_rate(device: Device, fmt: str, nbytes: float | None = None) -> float | None:
-    """Bytes/s the probed runtime streams `fmt` codes at, for a tensor of `nbytes`: interpolated in log-size
-    between the probed shapes (clamped at the ends); the mean over shapes when no size is given."""
+def kernel_rate(device: Device, fmt: str, nbytes: float | None = None, in_layer: bool = False) -> float | None:
+    """Bytes/s the probed runtime streams `fmt` codes at. A decoder layer's tensor: the fused engine's rate
+    where the probe timed it; else (and for the head, one large matmul), for a tensor of `nbytes`, the lone
+    kernel's rate interpolated in log-size between the probed shapes (clamped at the ends); the mean over
+    shapes when no size is given."""
     bits = "4" if WeightFormat.parse(fmt).bits <= 4 else "8"
+    engine = device.efficiency.get("engine_by_bits", {}).get(bits) if in_layer else None
+    if engine:
+        return engine
     points = device.efficiency.get("stream_by_shape", {}).get(bits)
     if not points or nbytes is None:
         by_bits = device.efficiency.get("stream_by_bits")
@@ -169,21 +174,27 @@ def kernel_rate(device: Device, fmt: str, nbytes: float | None = None) -> float 
 
 
 def placement_bandwidth(device: Device, place: str, fmt: str | None = None, cached: bool = False,
-                        nbytes: float | None = None) -> float:
+                        nbytes: float | None = None, in_layer: bool = False) -> float:
     """Bytes/s at which a decode step gets a weight placed at `place`. On a CPU/SoC a streamed layer is first
     copied into the runtime's arena (from the page cache when `cached` and the probe measured it, else from
-    disk), then read by the kernel: the two rates add as times."""
+    disk), then read by the kernel: the rates add as times. From the page cache, the copy's rate is what the
+    probe measured streaming to add to a decode step (`stream_extra`: the copy competes with the kernel's
+    threads), where it has it."""
     bw, _ = effective(device)
     if place == "device":
         # a probed machine knows how fast the runtime streams 4- and 8-bit codes (`tightfit probe`)
-        rate = kernel_rate(device, fmt, nbytes) if fmt and fmt != DENSE else None
+        rate = kernel_rate(device, fmt, nbytes, in_layer) if fmt and fmt != DENSE else None
         return rate or bw
     if place == "host":
         return device.host_link * device.efficiency.get("bandwidth", 0.8)
     source = device.efficiency.get("page_cache") if cached else None
     source = source or device.disk
     if device.kind in ("cpu", "soc"):
-        return 1.0 / (1.0 / source + 1.0 / placement_bandwidth(device, "device", fmt, nbytes=nbytes))
+        kernel = placement_bandwidth(device, "device", fmt, nbytes=nbytes, in_layer=in_layer)
+        # what streaming from the page cache adds to a step, as the probe timed it through the runtime's engine
+        bits = "4" if fmt and fmt != DENSE and WeightFormat.parse(fmt).bits <= 4 else "8"
+        extra = device.efficiency.get("stream_extra", {}).get(bits) if cached else None
+        return 1.0 / (1.0 / (extra or source) + 1.0 / kernel)
     return source
 
 

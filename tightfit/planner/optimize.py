@@ -32,6 +32,7 @@ from .cost import (
     prior_loss,
     runtime_overhead_bytes,
     served_from_page_cache,
+    tensor_bytes,
 )
 from .spec import ModelSpec
 
@@ -63,14 +64,28 @@ class Plan:
     sensitivity: str  # "measured" or "prior"
     constraints: dict = field(default_factory=dict)
     recipe: list[str] = field(default_factory=list)
+    embedding_rows: str = "device"  # "disk": rows looked up in the runtime's scratch file (CPU streaming mode)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the runtime realizes this plan in its streaming mode (a budget, some weights on disk)."""
+        return self.embedding_rows != "device" or any(p != "device" for p in self.placement.values())
 
 
 def placements(device: Device) -> tuple[str, ...]:
     # a CPU or an Apple SoC has one memory: its "device" is the host
     return ("device", "disk") if device.kind in ("cpu", "soc") else ("device", "host", "disk")
+
+
+def embedding_places(item, device: Device, places: tuple[str, ...]) -> tuple[str, ...]:
+    """Where an embedding/head item may go: on a CPU/SoC whose plan streams, the embedding's rows may stay on
+    disk (the runtime's streaming mode reads a looked-up row from its scratch file); elsewhere, the device."""
+    if item.role == "embed" and device.kind in ("cpu", "soc") and "disk" in places:
+        return ("device", "disk")
+    return ("device",)
 
 
 def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | None = None,
@@ -107,14 +122,21 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
             loss = (losses or {}).get(it.name, {}).get(f) if losses else None
             if loss is None:
                 loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
-            for p in places if it.layer is not None else ("device",):
+            for p in places if it.layer is not None else embedding_places(it, device, places):
                 b = item_bytes(it, f, device, spec.tied)
-                bw = placement_bandwidth(device, p, f, cached, b) * (w.devices if p == "device" else 1)
+                where = p
+                if it.layer is None and p == "disk":
+                    # the runtime's streaming mode looks embedding rows up in its scratch file; what stays is a
+                    # tied head's kernel layout, read from memory every token
+                    b = tensor_bytes(f, it.shape, device) if spec.tied else 0
+                    where = "device"
+                bw = placement_bandwidth(device, where, f, cached, b, in_layer=it.layer is not None) * (
+                    w.devices if where == "device" else 1)
                 var.append(("w", i, f, p))
                 cost.append(loss)
                 nbytes.append(b)
                 seconds.append(item_read_bytes(it, f, device, spec.tied, w.batch) / bw)
-                kinds.append(p)
+                kinds.append(where)
     n_w = len(var)
     for layer in range(spec.n_layers):
         for p in places:
@@ -255,12 +277,14 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     arena_bytes = float(res.x[arena])
     x = np.round(res.x).astype(bool)
     x[arena] = False
-    tensors, placement, kv = {}, {}, None
+    tensors, placement, kv, embedding_rows = {}, {}, None, "device"
     for j, v in enumerate(var):
         if not x[j]:
             continue
         if v[0] == "w":
             tensors[items[v[1]].name] = v[2]
+            if items[v[1]].layer is None and v[3] != "device":
+                embedding_rows = v[3]
         elif v[0] == "z":
             placement[str(v[1])] = v[2]
         else:
@@ -271,7 +295,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     kvb = kv_bytes(spec, kv, w)
     decode_s = float(seconds[x].sum()) + fixed
     plan = Plan(model=spec.name, hardware=device.key, devices=w.devices, context=w.context, batch=w.batch,
-                kv_format=kv, tensors=tensors, placement=placement,
+                kv_format=kv, tensors=tensors, placement=placement, embedding_rows=embedding_rows,
                 memory_bytes={"weights": weights + arena_bytes, "stream_arena": arena_bytes, "kv_cache": kvb,
                               "activations": act - overhead, "runtime": overhead,
                               "total": weights + arena_bytes + kvb + act,

@@ -143,7 +143,7 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
                  info: dict | None = None, max_memory: int | None = None, kernel: str = "auto") -> Engine:
     """Turn per-tensor weights (quantized or float, read one layer at a time through `get`) into an Engine.
     With max_memory, weights beyond the budget are streamed from a scratch file every token."""
-    from ..io import release_freed_memory_eagerly
+    from ..io import release_freed_memory_eagerly, return_free_heap
     from .stream import DiskEmbedding, StreamedHead, Streamer
 
     release_freed_memory_eagerly()  # conversion temporaries go back to the OS: resident size tracks the model
@@ -190,6 +190,7 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
     engine = Engine(config, args, embed, layers, get("model.norm.weight").float(), head, _rotary(config, args),
                     kv_format, info)
     engine.streamer = streamer
+    return_free_heap()
     return engine
 
 

@@ -1,5 +1,6 @@
-"""Merge every bench/results/quality-<base>*.json into one table (markdown) and one Pareto plot per base.
-Usage: python bench/plot_quality.py [--base offgrid]"""
+"""Merge every bench/results/quality-<base>*.json into one table (markdown; each point beside the other side's
+front at the same bits per weight) and one Pareto plot per base. Where a point was measured more than once, the
+run over the most evaluation windows wins. Usage: python bench/plot_quality.py [--base offgrid]"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import plot
+from quality import compare, markdown, plot
 
 
 def main() -> int:
@@ -21,15 +22,12 @@ def main() -> int:
     rows = {}
     for f in sorted(glob.glob(str(HERE / "results" / f"quality-{args.base}*.json"))):
         for r in json.loads(Path(f).read_text())["rows"]:
-            rows.setdefault(r["label"], r)
+            if r["label"] not in rows or r["chunks"] > rows[r["label"]]["chunks"]:
+                rows[r["label"]] = r
     rows = sorted(rows.values(), key=lambda r: r["bits_per_weight"])
     plot(rows, HERE / "results" / f"pareto-{args.base}.png", args.base)
-    print("| point | bits per weight | KLD mean ± se | top-1 | perplexity |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['label']} | {r['bits_per_weight']:.3f} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
-              f"{r['top1_agreement']:.3f} | {r['perplexity']:.2f} |")
+    print(markdown(compare(rows)))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -177,7 +177,7 @@ def compare(rows) -> list[dict]:
         other = at(theirs if mine else ours, r["bits_per_weight"])
         row = {"label": r["label"], "bits_per_weight": r["bits_per_weight"], "kld": r["kld_mean"],
                "kld_stderr": r["kld_stderr"], "top1": r["top1_agreement"], "perplexity": r["perplexity"],
-               "other_side_kld": other}
+               "windows": r["chunks"], "other_side_kld": other}
         if other is not None:
             row["ratio_ours_to_llama"] = r["kld_mean"] / other if mine else other / r["kld_mean"]
         # a point of the other side no larger and no worse, even where its front does not reach this size
@@ -190,15 +190,15 @@ def compare(rows) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| point | bpw | KLD +- se | top-1 | ppl | other side at this bpw | ours / llama.cpp |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| point | bpw | KLD +- se | top-1 | ppl | windows | other side at this bpw | ours / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in table:
         other = "no point near" if t["other_side_kld"] is None else f"{t['other_side_kld']:.4g}"
         if "dominated_by" in t:
             other += f" (beaten by {t['dominated_by']})"
         ratio = f"{t['ratio_ours_to_llama']:.2f}x" if "ratio_ours_to_llama" in t else "-"
         lines.append(f"| {t['label']} | {t['bits_per_weight']:.3f} | {t['kld']:.4g} +- {t['kld_stderr']:.2g} | "
-                     f"{t['top1']:.3f} | {t['perplexity']:.2f} | {other} | {ratio} |")
+                     f"{t['top1']:.3f} | {t['perplexity']:.2f} | {t['windows']} | {other} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -173,9 +173,10 @@ def main() -> int:
     ap.add_argument("--configs", nargs="*", help="validation configurations to run (default: all)")
     ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
     args = ap.parse_args()
-    result = {} if args.skip_what_if else {"what_if": what_if()}
-    if args.skip_what_if and Path(args.out).is_file():
-        result["what_if"] = json.loads(Path(args.out).read_text()).get("what_if")
+    before = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    result = {"what_if": before.get("what_if") if args.skip_what_if else what_if()}
+    if args.skip_validation:
+        result["validation"] = before.get("validation")  # a part not rerun keeps its last results
     if args.probe:
         from tightfit.probe import probe, save_profile
 

@@ -15,6 +15,7 @@ import os
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -87,41 +88,53 @@ def kernel_throughput(progress: bool = False) -> dict:
     return out
 
 
-def fixed_costs() -> dict:
-    """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64)."""
+def _synthetic_engine(layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, bits: int,
+                      max_memory: int | None = None):
+    """A runtime engine over random RTN weights (vocab 256, tied head): what the probe times."""
     from transformers import LlamaConfig
 
     from .formats.weight import WeightFormat
     from .quant.core import rtn
     from .runtime.load import build_engine
 
-    def engine(layers):
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True)
-        g = torch.Generator().manual_seed(0)
-        shapes = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (128, 64), "up": (128, 64),
-                  "down": (64, 128)}
-        ws = {"model.embed_tokens.weight": rtn(torch.randn(256, 64, generator=g), WeightFormat(8, 32, True)),
-              "model.norm.weight": torch.ones(64)}
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            ws[p + "input_layernorm.weight"] = ws[p + "post_attention_layernorm.weight"] = torch.ones(64)
-            for r, s in shapes.items():
-                part = "self_attn" if r in "qkvo" else "mlp"
-                ws[f"{p}{part}.{r}_proj.weight"] = rtn(torch.randn(*s, generator=g) * 0.1, WeightFormat(4, 32, True))
-        return build_engine(cfg, ws.__getitem__, set(ws))
+    hd = hidden // heads
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    shapes = {"self_attn.q": (hidden, hidden), "self_attn.k": (kv_heads * hd, hidden),
+              "self_attn.v": (kv_heads * hd, hidden), "self_attn.o": (hidden, hidden), "mlp.gate": (ffn, hidden),
+              "mlp.up": (ffn, hidden), "mlp.down": (hidden, ffn)}
+    fmt = WeightFormat(bits, 32, True)
 
-    def per_step(e):
-        cache = e.new_cache(1, 200)
-        tok = torch.tensor([[3]])
+    def get(name: str):
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            return torch.ones(hidden)
+        if name == "model.embed_tokens.weight":
+            return rtn(torch.randn(256, hidden, generator=g), WeightFormat(8, 32, True))
+        return rtn(torch.randn(*shapes[name.split(".", 3)[3].removesuffix("_proj.weight")], generator=g) * 0.05, fmt)
 
-        def run():
-            for pos in range(100):
-                e.forward(tok, pos, cache)
-        return _typical(run, 5) / 100
+    names = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}" for i in range(layers)
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] + [f"{k}_proj.weight" for k in shapes]}
+    layer_bytes = sum(fmt.nbytes(sh) for sh in shapes.values())
+    return build_engine(cfg, get, names, max_memory=max_memory), layer_bytes
 
-    t1, t9 = per_step(engine(1)), per_step(engine(9))
+
+def _step_seconds(e, steps: int) -> float:
+    """Median seconds of one single-token decode step of engine e."""
+    cache = e.new_cache(1, steps + 2)
+    tok = torch.tensor([[3]])
+
+    def run():
+        for pos in range(steps):
+            e.forward(tok, pos, cache)
+    return _typical(run, 5) / steps
+
+
+def fixed_costs() -> dict:
+    """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64)."""
+    t1, t9 = (_step_seconds(_synthetic_engine(n, 64, 128, 4, 2, 4)[0], 100) for n in (1, 9))
     per_layer = max((t9 - t1) / 8, 0.0)
     return {"per_layer_s": per_layer, "per_token_s": max(t1 - per_layer, 0.0)}
 
@@ -170,56 +183,17 @@ def engine_rates(fixed: dict, layers: int = 16, hidden: int = 576, ffn: int = 15
     fused path overlaps small matmuls); "stream_extra", what streaming every layer from the page cache through
     the runtime's Streamer adds, over the bytes streamed: a copy-alone timing misses that the copy competes
     with the kernel's threads and that the kernel then reads a just-copied layer from the CPU's caches."""
-    from transformers import LlamaConfig
-
-    from .formats.weight import WeightFormat
-    from .quant.core import rtn
-    from .runtime.load import build_engine
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 192),
-                      max_position_embeddings=256, tie_word_embeddings=True)
-    kv = cfg.num_key_value_heads * 64
-    shapes = {"self_attn.q": (hidden, hidden), "self_attn.k": (kv, hidden), "self_attn.v": (kv, hidden),
-              "self_attn.o": (hidden, hidden), "mlp.gate": (ffn, hidden), "mlp.up": (ffn, hidden),
-              "mlp.down": (hidden, ffn)}
-
-    def getter(fmt: WeightFormat):
-        def get(name: str):
-            g = torch.Generator().manual_seed(hash(name) % (1 << 31))
-            if name.endswith("norm.weight"):
-                return torch.ones(hidden)
-            if name == "model.embed_tokens.weight":
-                return rtn(torch.randn(256, hidden, generator=g), WeightFormat(8, 32, True))
-            key = name.split(".", 3)[3].removesuffix("_proj.weight")
-            return rtn(torch.randn(*shapes[key], generator=g) * 0.05, fmt)
-        names = {"model.embed_tokens.weight", "model.norm.weight"} | {
-            f"model.layers.{i}.{n}" for i in range(layers)
-            for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] + [f"{k}_proj.weight" for k in shapes]}
-        return get, names
-
-    def per_token(e) -> float:
-        cache = e.new_cache(1, steps + 2)
-        tok = torch.tensor([[3]])
-
-        def run():
-            for pos in range(steps):
-                e.forward(tok, pos, cache)
-        return _typical(run, 5) / steps
-
     out = {"resident": {}, "stream_extra": {}}
     for bits in (8, 4):
-        get, names = getter(WeightFormat(bits, 32, True))
-        e = build_engine(cfg, get, names)
-        resident = per_token(e)
+        shape = (layers, hidden, ffn, hidden // 64, max(1, hidden // 192), bits)
+        e, layer = _synthetic_engine(*shape)
+        resident = _step_seconds(e, steps)
         net = resident - fixed["per_token_s"] - layers * fixed["per_layer_s"]
         out["resident"][str(bits)] = e.weight_bytes()["layers"] / max(net, 0.25 * resident)
-        layer = sum(WeightFormat(bits, 32, True).nbytes(sh) for sh in shapes.values())
         # room for the arena (the runtime's layout is a few % over the codes' bytes) and no second layer: all stream
-        e = build_engine(cfg, get, names, max_memory=int(1.3 * layer) + (64 << 10))
+        e, _ = _synthetic_engine(*shape, max_memory=int(1.3 * layer) + (64 << 10))
         try:
-            streamed = per_token(e)
-            extra = max(streamed - resident, 1e-9)
+            extra = max(_step_seconds(e, steps) - resident, 1e-9)
             out["stream_extra"][str(bits)] = e.streamer.bytes_per_token / extra
         finally:
             e.streamer.close()

@@ -93,8 +93,7 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
         pfile = tmp / f"{name}.json"
         pfile.write_text(json.dumps(plan.to_dict()))
         art = tmp / name
-        streamed = plan.streams
-        budget = int(plan.memory_bytes["weights"]) if streamed else 0
+        budget = int(plan.memory_bytes["weights"]) if plan.streams else 0
         try:
             subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",
                             "--plan", str(pfile), "-o", str(art), "--force", "--json"], check=True,

@@ -74,8 +74,7 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
             f"{plan.predicted['decode_tok_s']:.0f} tok/s")
         cfg = formats_from_plan(tmp / "plan.json", QuantConfig(method=method, calib_samples=16, calib_ctx=256), model)
         manifest = quantize(model, cfg, tmp / "artifact", progress=progress)
-        streamed = plan.streams
-        budget = int(plan.memory_bytes["weights"]) if streamed else None
+        budget = int(plan.memory_bytes["weights"]) if plan.streams else None
         log("[4/5] evaluating against the original")
         lm = load_runtime(tmp / "artifact", plan.kv_format, max_memory=budget)
         r = evaluate(lm, read_part(EVALUATION), text_name="eval", text_sha256=EVALUATION.sha256, ctx=512,

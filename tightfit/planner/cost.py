@@ -156,12 +156,17 @@ def effective(device: Device) -> tuple[float, float]:
     return device.bandwidth * e.get("bandwidth", 0.8), flops * e.get("compute", 0.5)
 
 
+def code_width(fmt: str | None) -> str:
+    """The probe's key for a format: "4" (the runtime's 4-bit kernels run 2-4-bit codes), else "8"."""
+    return "4" if fmt and fmt != DENSE and WeightFormat.parse(fmt).bits <= 4 else "8"
+
+
 def kernel_rate(device: Device, fmt: str, nbytes: float | None = None, in_layer: bool = False) -> float | None:
     """Bytes/s the probed runtime streams `fmt` codes at. A decoder layer's tensor: the fused engine's rate
     where the probe timed it; else (and for the head, one large matmul), for a tensor of `nbytes`, the lone
     kernel's rate interpolated in log-size between the probed shapes (clamped at the ends); the mean over
     shapes when no size is given."""
-    bits = "4" if WeightFormat.parse(fmt).bits <= 4 else "8"
+    bits = code_width(fmt)
     engine = device.efficiency.get("engine_by_bits", {}).get(bits) if in_layer else None
     if engine:
         return engine
@@ -192,8 +197,7 @@ def placement_bandwidth(device: Device, place: str, fmt: str | None = None, cach
     if device.kind in ("cpu", "soc"):
         kernel = placement_bandwidth(device, "device", fmt, nbytes=nbytes, in_layer=in_layer)
         # what streaming from the page cache adds to a step, as the probe timed it through the runtime's engine
-        bits = "4" if fmt and fmt != DENSE and WeightFormat.parse(fmt).bits <= 4 else "8"
-        extra = device.efficiency.get("stream_extra", {}).get(bits) if cached else None
+        extra = device.efficiency.get("stream_extra", {}).get(code_width(fmt)) if cached else None
         return 1.0 / (1.0 / (extra or source) + 1.0 / kernel)
     return source
 

@@ -4,11 +4,14 @@
    int4, two mixed plans under memory budgets, one budget that forces weight streaming. For each: plan with
    `--hardware this`, quantize (RTN, or the plan's formats), then in a fresh subprocess load it on the runtime,
    fill the planned context (a 128-token prompt, 128 new tokens; decode timed five times: median, min and max
-   kept), and compare predicted vs measured resident memory (growth of VmHWM over a baseline
-   process that only imports) and decode tok/s.
+   kept), and compare predicted vs measured resident memory (growth of VmRSS over a baseline
+   process that only imports) and decode tok/s. With --rounds N the machine is probed N times, each round's
+   measurements priced on the profile taken just before them (tightfit.planner.optimize.decode_seconds of the
+   fixed plan), and the median ratio over rounds is reported beside each round's pair.
 2) What-if: Llama-3.1-70B and DeepSeek-V3 on 8x H100 / 8x H20 / 8x RTX 4090D, Qwen2.5-7B on an M2 Pro and a
    DDR5 desktop (context 8192 / 4096, batch 1): memory, plan summary, predicted tok/s.
-Writes bench/results/planner.json. Usage: python bench/planner.py [--probe] [--skip-validation] [--skip-what-if]
+Writes bench/results/planner.json. Usage: python bench/planner.py [--probe] [--rounds N] [--skip-validation]
+[--skip-what-if]
 (--probe measures this machine first, minutes before the check, since its speed drifts through a day)
 """
 
@@ -60,11 +63,18 @@ def measure(artifact, budget: int, kv: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
-    from tightfit.hardware import get_device
+def validation(tmp: Path, only: list[str] | None = None, rounds: int = 1) -> list[dict]:
+    """Plan and build each configuration, then `rounds` times: probe this machine, and measure every
+    configuration right after, each against the plan priced on that round's profile (the host's speed drifts
+    25% within minutes here; a prediction is only as good as the probe it is made from). Decode: the median over
+    rounds of measured / predicted, each round's pair kept."""
+    import statistics
+
+    from tightfit.hardware import Device, get_device
     from tightfit.planner.cost import Workload
-    from tightfit.planner.optimize import solve
+    from tightfit.planner.optimize import PlanError, decode_seconds, solve
     from tightfit.planner.spec import load_spec
+    from tightfit.probe import probe
 
     device = get_device("this")
     spec = load_spec("smollm2-135m")
@@ -76,11 +86,7 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
         "mixed-230MB": {"max_memory": 230e6},
         "stream-200MB": {"max_memory": 200e6},
     }
-    rows = []
-    base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,
-                                     text=True, check=True).stdout.strip().splitlines()[-1])
-    from tightfit.planner.optimize import PlanError
-
+    rows, built = [], {}
     for name, kw in configs.items():
         if only and name not in only:
             continue
@@ -93,28 +99,59 @@ def validation(tmp: Path, only: list[str] | None = None) -> list[dict]:
         pfile = tmp / f"{name}.json"
         pfile.write_text(json.dumps(plan.to_dict()))
         art = tmp / name
-        budget = int(plan.memory_bytes["weights"]) if plan.streams else 0
         try:
             subprocess.run([sys.executable, "-m", "tightfit.cli", "quantize", "smollm2-135m", "--method", "rtn",
                             "--plan", str(pfile), "-o", str(art), "--force", "--json"], check=True,
                            capture_output=True, text=True)
-            m = measure(art, budget, plan.kv_format)
         except subprocess.CalledProcessError as e:  # keep going; the row says what failed and why
             rows.append({"config": name, "failed": " ".join(e.cmd[:5]), "returncode": e.returncode,
                          "stderr": (e.stderr or "")[-2000:]})
             print(json.dumps(rows[-1]), file=sys.stderr)
             continue
+        built[name] = (plan, art)
+    base = json.loads(subprocess.run([sys.executable, "-c", MEASURE, "baseline", "0", "bf16"], capture_output=True,
+                                     text=True, check=True).stdout.strip().splitlines()[-1])
+    runs: dict[str, list] = {name: [] for name in built}
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"round {r + 1}/{rounds}: probing", file=sys.stderr)
+            device = Device(**probe()["device"])
+        for name, (plan, art) in built.items():
+            budget = int(plan.memory_bytes["weights"]) if plan.streams else 0
+            try:
+                m = measure(art, budget, plan.kv_format)
+            except subprocess.CalledProcessError as e:
+                runs[name].append({"failed": (e.stderr or "")[-2000:]})
+                continue
+            m["predicted_decode_tok_s"] = w.batch / decode_seconds(spec, device, w, plan)
+            runs[name].append(m)
+            print(json.dumps({"config": name, "round": r + 1, "predicted": m["predicted_decode_tok_s"],
+                              "measured": m["decode_tok_s"]}), file=sys.stderr)
+    for name, (plan, _) in built.items():
+        ok = [m for m in runs[name] if "failed" not in m]
+        if not ok:
+            rows.append({"config": name, "failed": "measure", "stderr": runs[name][-1]["failed"]})
+            continue
+        med = statistics.median
         predicted_mem = plan.memory_bytes["total"]
+        ratios = [m["decode_tok_s"] / m["predicted_decode_tok_s"] for m in ok]
         row = {"config": name, "formats": dict(Counter(plan.tensors.values())), "kv": plan.kv_format,
-               "placement": dict(Counter(plan.placement.values())),
-               "predicted_memory": predicted_mem, "measured_resident_growth": m["rss"] - base["rss"],
-               "measured_peak_growth": m["hwm"] - base["hwm"],
-               "predicted_decode_tok_s": plan.predicted["decode_tok_s"], "measured_decode_tok_s": m["decode_tok_s"],
-               "measured_decode_min_max": [m["decode_runs"][0], m["decode_runs"][-1]],
-               "runtime_weight_bytes": m["weights"]}
+               "placement": dict(Counter(plan.placement.values())), "embedding_rows": plan.embedding_rows,
+               "predicted_memory": predicted_mem,
+               "measured_resident_growth": med(m["rss"] for m in ok) - base["rss"],
+               "measured_peak_growth": med(m["hwm"] for m in ok) - base["hwm"],
+               "predicted_decode_tok_s": med(m["predicted_decode_tok_s"] for m in ok),
+               "measured_decode_tok_s": med(m["decode_tok_s"] for m in ok),
+               "measured_decode_min_max": [min(m["decode_runs"][0] for m in ok),
+                                           max(m["decode_runs"][-1] for m in ok)],
+               "rounds": [{"predicted_decode_tok_s": m["predicted_decode_tok_s"],
+                           "measured_decode_tok_s": m["decode_tok_s"], "decode_runs": m["decode_runs"]}
+                          for m in ok],
+               "runtime_weight_bytes": ok[0]["weights"]}
         row["memory_ratio"] = row["measured_resident_growth"] / predicted_mem
-        row["decode_ratio"] = row["measured_decode_tok_s"] / row["predicted_decode_tok_s"]
-        print(json.dumps(row), file=sys.stderr)
+        row["decode_ratio"] = med(ratios)
+        row["decode_ratio_min_max"] = [min(ratios), max(ratios)]
+        print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), file=sys.stderr)
         rows.append(row)
     return rows
 
@@ -170,6 +207,8 @@ def main() -> int:
     ap.add_argument("--skip-what-if", action="store_true")
     ap.add_argument("--probe", action="store_true", help="run `tightfit probe` first and save its profile")
     ap.add_argument("--configs", nargs="*", help="validation configurations to run (default: all)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="probe and measure this many times, each measurement against the probe just before it")
     ap.add_argument("--out", default=str(HERE / "results" / "planner.json"))
     args = ap.parse_args()
     before = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
@@ -182,7 +221,7 @@ def main() -> int:
         save_profile(probe(progress=True))
     if not args.skip_validation:
         with tempfile.TemporaryDirectory() as tmp:
-            result["validation"] = validation(Path(tmp), args.configs)
+            result["validation"] = validation(Path(tmp), args.configs, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

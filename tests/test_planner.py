@@ -285,3 +285,29 @@ def test_kernel_rate_follows_the_probed_shapes():
     assert kernel_rate(dev, "sym4-g32", 1e6, in_layer=True) == 3.5e10
     assert kernel_rate(dev, "sym8-g32", 1e7, in_layer=True) == 4.5e10
     assert kernel_rate(dev, "sym8-g32", 1e7) == pytest.approx(3e10)
+
+
+def test_a_fixed_plan_is_priced_as_the_solver_priced_it_and_reprices_on_another_profile():
+    import dataclasses
+
+    from tightfit.planner.optimize import decode_seconds
+
+    spec = tiny_spec()
+    w = Workload(context=64)
+    box = Device(key="box", name="box", kind="cpu", memory=10 * GB, bandwidth=1e9, flops={"bf16": 1e12},
+                 disk=1e7, efficiency={"bandwidth": 1.0, "compute": 1.0, "overhead_s": 1e-4, "page_cache": 4e9,
+                                       "engine_by_bits": {"4": 2e9, "8": 3e9}, "stream_extra": {"4": 2e9, "8": 3e9}})
+    full = solve(spec, box, w)
+    plans = [full, solve(spec, box, w, formats=("sym4-g32",))]
+    for frac in (0.5, 0.4, 0.3):
+        budget = (full.memory_bytes["total"] - (1 - frac) * full.memory_bytes["weights"]) / (1 - RESERVE)
+        plans.append(solve(spec, box, w, max_memory=budget))
+    assert any(p.streams for p in plans)
+    for p in plans:
+        assert decode_seconds(spec, box, w, p) == pytest.approx(p.predicted["decode_s_per_step"], rel=1e-9)
+    # the same plan on a machine whose engine runs at half the rate: every layer tensor costs twice as long
+    slow = dataclasses.replace(box, efficiency=box.efficiency | {"engine_by_bits": {"4": 1e9, "8": 1.5e9}})
+    assert decode_seconds(spec, slow, w, plans[0]) > decode_seconds(spec, box, w, plans[0])
+    other = dataclasses.replace(plans[0], tensors={})
+    with pytest.raises(PlanError, match="no format for .*made for another model"):
+        decode_seconds(spec, box, w, other)

@@ -41,6 +41,34 @@ def test_algorithms_beat_rtn(fmt):
     assert hqq(w, fmt).error["weight_rel_mse"] < base["weight_rel_mse"]  # no calibration at all
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat(3, 32, False), WeightFormat(2, 64, True), WeightFormat(4, 0, False)],
+                         ids=lambda f: f.name)
+def test_searched_group_ranges_are_never_worse_than_min_max(fmt):
+    from tightfit.quant.core import (
+        dequantize_codes,
+        diagonal_blocks,
+        grouped,
+        minmax_params,
+        quantize_codes,
+        searched_params,
+    )
+
+    w, H = correlated()
+    w[::7, 3] *= 6  # a few outlier weights, whose groups gain most from a clipped range
+    wg = grouped(w, fmt)
+    Hb = diagonal_blocks(H, wg.shape[2])
+
+    def err(params):
+        d = wg - dequantize_codes(quantize_codes(wg, fmt, *params), *params)
+        return torch.einsum("ogi,gij,ogj->og", d, Hb, d)
+
+    searched, plain = err(searched_params(wg, fmt, Hb)), err(minmax_params(wg, fmt))
+    assert (searched <= plain * (1 + 1e-6)).all()  # min/max is one of the candidates
+    assert searched.sum() < 0.9 * plain.sum()
+    # and GPTQ starting from the searched ranges ends with less output error than from min/max
+    assert gptq(w, H, fmt).error["output_rel_err"] < gptq(w, H, fmt, clip_search=False).error["output_rel_err"]
+
+
 def test_gptq_act_order_with_dynamic_groups_stores_g_idx():
     w, H = correlated()
     qw = gptq(w, H, F3, act_order=True, static_groups=False)
@@ -78,12 +106,13 @@ def test_offgrid_preserves_the_function(tiny_models, arch, short_eval_text):
 def test_quantize_api_orders_methods_on_tiny_model(tiny_models, calib, short_eval_text):
     base = tightfit.load(tiny_models["llama"])
     result = {}
-    for method in ("rtn", "hqq", "gptq", "awq"):
+    for method in ("rtn", "hqq", "gptq", "awq", "awq-gptq"):
         lm = tightfit.load(tiny_models["llama"])
         qm = quantize_(lm, QuantConfig(method=method, fmt=F3, embed_fmt=None), calib)
         assert set(qm.weights) >= {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}
         result[method] = kld(lm, base, short_eval_text)
     assert result["gptq"] < result["rtn"] and result["hqq"] < result["rtn"] and result["awq"] < result["rtn"]
+    assert result["awq-gptq"] < result["awq"] and result["awq-gptq"] < result["rtn"]
 
 
 def test_artifact_round_trip_from_disk(tiny_models, tmp_path, short_eval_text):

@@ -224,7 +224,8 @@ def test_algorithms_beat_rtn_on_real_layers(smollm, fmt):
 
     handles = [m.register_forward_pre_hook(keep(n)) for n, m in mods.items()]
     try:
-        ids = calibration_ids(lm.tokenizer, read_part(CALIBRATION), 4, 256, 1)
+        # 16 x 256 tokens: more than down_proj's 1536 inputs (fewer leave H singular and GPTQ fits them alone)
+        ids = calibration_ids(lm.tokenizer, read_part(CALIBRATION), 16, 256, 1)
         with torch.no_grad():
             for row in ids:
                 lm.model(row[None])
@@ -233,11 +234,14 @@ def test_algorithms_beat_rtn_on_real_layers(smollm, fmt):
             h.remove()
     f = WeightFormat.parse(fmt)
     for name, mod in mods.items():
-        w, H = mod.weight.detach().float(), (grams[name] / 4).float()
+        w, H = mod.weight.detach().float(), (grams[name] / 16).float()
         base = rtn(w, f, H).error
-        # measured (layer 7): GPTQ 0.12-0.16x RTN's output error, AWQ's clip 0.46-0.79x, HQQ 0.87-0.92x on weight
-        # MSE; HQQ's output error 0.85-0.93x with a zero point, but 1.39x on the symmetric q_proj
-        assert gptq(w, H, f).error["output_rel_err"] < 0.3 * base["output_rel_err"], name
+        # measured (layer 7): GPTQ 0.15-0.36x RTN's output error, AWQ's clip 0.46-0.80x, HQQ 0.87-0.92x on weight
+        # MSE; HQQ's output error 0.85-0.92x with a zero point, but 1.40x on the symmetric q_proj; GPTQ from
+        # searched group ranges 0.94-0.96x GPTQ from min/max at 3 bits, 0.62-0.64x at 2 bits
+        g = gptq(w, H, f).error["output_rel_err"]
+        assert g < 0.45 * base["output_rel_err"], name
+        assert g < 0.98 * gptq(w, H, f, clip_search=False).error["output_rel_err"], name
         assert awq_clip(w, f, H).error["output_rel_err"] < 0.85 * base["output_rel_err"], name
         h = hqq(w, f, H).error
         assert h["weight_rel_mse"] < 0.95 * base["weight_rel_mse"], name

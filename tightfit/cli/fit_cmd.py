@@ -6,13 +6,15 @@ import sys
 
 
 def add_arguments(p):
+    from ..quant.config import METHODS
+
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
     p.add_argument("--hardware", default="this", help="'this' (probed on first use) or a catalog device")
     p.add_argument("--max-memory", metavar="SIZE", help="memory the weights, KV cache and activations may use")
     p.add_argument("--min-tok-s", type=float, help="decode tokens/s the plan must reach")
     p.add_argument("--max-kld", type=float, help="refuse plans predicting a larger KL divergence")
     p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "hqq"])
+    p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the artifact and report")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 

@@ -1,4 +1,4 @@
-"""tightfit quantize MODEL --method {rtn,gptq,awq,hqq} --bits B --group-size G [--sym] [--target-bpw X]
+"""tightfit quantize MODEL --method {rtn,gptq,awq,hqq,awq-gptq} --bits B --group-size G [--sym] [--target-bpw X]
 [--calib FILE] -o OUT"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ def add_arguments(p):
     from ..quant.config import METHODS
 
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
-    p.add_argument("--method", choices=METHODS, default="gptq", help="quantization algorithm (default gptq)")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="quantization algorithm (default gptq); awq-gptq: AWQ's scales, then GPTQ")
     p.add_argument("--bits", type=int, default=4, help="bits per weight code: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=32, help="32, 64, 128, or 0 for per-channel (default 32)")
     p.add_argument("--sym", action="store_true", help="symmetric codes (no min/zero per group)")
@@ -23,6 +23,8 @@ def add_arguments(p):
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
+    p.add_argument("--no-clip-search", action="store_true",
+                   help="GPTQ: each group's scale from its min/max instead of the searched clipped range")
     p.add_argument("--dynamic-groups", action="store_true",
                    help="GPTQ with act-order: groups in permuted order (stores g_idx; no GGML type holds it)")
     p.add_argument("--plan", metavar="PLAN.json", help="execute a plan from `tightfit plan` (its per-tensor formats)")
@@ -41,7 +43,8 @@ def run(args) -> int:
     fmt = WeightFormat(args.bits, args.group_size, args.sym)
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
     cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
-                      static_groups=not args.dynamic_groups, calib_samples=args.calib_samples, calib_ctx=args.calib_ctx)
+                      static_groups=not args.dynamic_groups, clip_search=not args.no_clip_search,
+                      calib_samples=args.calib_samples, calib_ctx=args.calib_ctx)
     if args.plan:
         from ..planner.plan_io import formats_from_plan
 

@@ -88,6 +88,36 @@ def embedding_places(item, device: Device, places: tuple[str, ...]) -> tuple[str
     return ("device",)
 
 
+def item_cost(spec: ModelSpec, device: Device, w: Workload, it, fmt: str, place: str,
+              cached: bool) -> tuple[float, float, str]:
+    """(bytes held, seconds per decode step, where its bytes are held) of one item in `fmt` at `place`."""
+    b = item_bytes(it, fmt, device, spec.tied)
+    where = place
+    if it.layer is None and place == "disk":
+        # the runtime's streaming mode looks embedding rows up in its scratch file; what stays is a tied head's
+        # kernel layout, read from memory every token
+        b = tensor_bytes(fmt, it.shape, device) if spec.tied else 0
+        where = "device"
+    bw = placement_bandwidth(device, where, fmt, cached, b, in_layer=it.layer is not None) * (
+        w.devices if where == "device" else 1)
+    return b, item_read_bytes(it, fmt, device, spec.tied, w.batch) / bw, where
+
+
+def decode_seconds(spec: ModelSpec, device: Device, w: Workload, plan: Plan) -> float:
+    """Seconds per decode step of a plan fixed beforehand, priced on `device` as solve() prices its choices:
+    e.g. an artifact built from a plan, re-predicted from a fresh probe of a machine whose speed drifts."""
+    cached = plan.constraints.get("streamed_from") == "page cache"
+    total = kv_bytes(spec, plan.kv_format, w) / (placement_bandwidth(device, "device") * w.devices)
+    for it in spec.items:
+        fmt = plan.tensors.get(it.name)
+        if fmt is None:
+            raise PlanError(f"the plan has no format for {it.name}: it was made for another model")
+        place = plan.placement[str(it.layer)] if it.layer is not None else (
+            plan.embedding_rows if it.role == "embed" else "device")
+        total += item_cost(spec, device, w, it, fmt, place, cached)[1]
+    return total + fixed_decode_seconds(spec, device, w)
+
+
 def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | None = None,
           max_memory: float | None = None, losses: dict[str, dict[str, float]] | None = None,
           formats: tuple[str, ...] | None = None, kv_choices: tuple[str, ...] | None = None,
@@ -123,19 +153,11 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
             if loss is None:
                 loss = 0.0 if f == DENSE else prior_loss(spec, it, f)
             for p in places if it.layer is not None else embedding_places(it, device, places):
-                b = item_bytes(it, f, device, spec.tied)
-                where = p
-                if it.layer is None and p == "disk":
-                    # the runtime's streaming mode looks embedding rows up in its scratch file; what stays is a
-                    # tied head's kernel layout, read from memory every token
-                    b = tensor_bytes(f, it.shape, device) if spec.tied else 0
-                    where = "device"
-                bw = placement_bandwidth(device, where, f, cached, b, in_layer=it.layer is not None) * (
-                    w.devices if where == "device" else 1)
+                b, s, where = item_cost(spec, device, w, it, f, p, cached)
                 var.append(("w", i, f, p))
                 cost.append(loss)
                 nbytes.append(b)
-                seconds.append(item_read_bytes(it, f, device, spec.tied, w.batch) / bw)
+                seconds.append(s)
                 kinds.append(where)
     n_w = len(var)
     for layer in range(spec.n_layers):

@@ -13,17 +13,18 @@ import torch
 from .core import (
     QuantizedWeight,
     dequantize_codes,
+    diagonal_blocks,
     grouped,
     minmax_params,
     pack_result,
     quantize_codes,
+    searched_params,
 )
 from .equivalence import PAIRS, apply_scale, expand_gqa
 
 LEAD = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
         "mlp_out": "mlp.down_proj"}
 ALPHAS = torch.linspace(0, 1, 21).tolist()
-CLIPS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
 
 
 def fake_quant(w: torch.Tensor, fmt, clip=1.0) -> torch.Tensor:
@@ -80,18 +81,6 @@ def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None) -> QuantizedWeight:
     wg = grouped(w, fmt)
     if H is None:
         scale, mn = minmax_params(wg, fmt)
-        return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w)
-    n_groups, gl = wg.shape[1], wg.shape[2]
-    Hb = torch.stack([H[g * gl:(g + 1) * gl, g * gl:(g + 1) * gl] for g in range(n_groups)])  # [G, gl, gl]
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best_scale = best_mn = None
-    for c in CLIPS:
-        scale, mn = minmax_params(wg, fmt, c)
-        d = wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn)
-        err = torch.einsum("ogi,gij,ogj->og", d, Hb, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
-        if mn is not None:
-            best_mn = mn if best_mn is None else torch.where(better, mn, best_mn)
-    return pack_result(fmt, quantize_codes(wg, fmt, best_scale, best_mn), best_scale, best_mn, w, H)
+    else:
+        scale, mn = searched_params(wg, fmt, diagonal_blocks(H.float(), wg.shape[2]))
+    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import QuantizeError
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
-from .config import QuantConfig
+from .config import SCALED, QuantConfig
 from .core import QuantizedWeight, rtn
 from .equivalence import check_rescalable
 from .gptq import gptq
@@ -42,8 +42,9 @@ class QuantizedModel:
 
 def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str) -> QuantizedWeight:
     fmt.check_shape(tuple(w.shape), name)
-    if cfg.method == "gptq" and H is not None:
-        return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp)
+    if cfg.method in ("gptq", "awq-gptq") and H is not None:
+        return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
+                    clip_search=cfg.clip_search)
     if cfg.method == "awq":
         return awq_clip(w, fmt, H)
     if cfg.method == "hqq":
@@ -94,7 +95,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         raise QuantizeError(f"{cfg.method} needs calibration text")
     weights: dict[str, QuantizedWeight] = {}
     kept: dict[str, torch.Tensor] = {}
-    extra: dict = {"awq_scales": {}} if cfg.method == "awq" else {}
+    extra: dict = {"awq_scales": {}} if cfg.method in SCALED else {}
     embed = lazy.get("model.embed_tokens.weight")
 
     xs = pe = None
@@ -118,7 +119,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
             for h in handles:
                 h.remove()
             hessians = {n: h.result() for n, h in hooks.items()}
-        if cfg.method == "awq":
+        if cfg.method in SCALED:
             extra["awq_scales"][i] = awq_layer(state, prefix, hessians, cfg, config,
                                                lambda n: cfg.format_for(prefix + n + ".weight"))
         for lead, group in INPUT_GROUPS.items():

@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, field
 from ..errors import QuantizeError
 from ..formats.weight import WeightFormat
 
-METHODS = ("rtn", "gptq", "awq", "hqq")
-CALIBRATED = ("gptq", "awq")
+# awq-gptq: AWQ's activation-aware scales folded in, then GPTQ's rounding (as llm-compressor's AWQ + GPTQ recipe)
+METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")
+CALIBRATED = ("gptq", "awq", "awq-gptq")
+SCALED = ("awq", "awq-gptq")  # methods that search and fold per-channel scales
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class QuantConfig:
     act_order: bool = True
     static_groups: bool = True
     damp: float = 0.01
+    clip_search: bool = True  # GPTQ: each group's range searched (clipped) by its output error, not min/max
     calib_samples: int = 128
     calib_ctx: int = 512
     seed: int = 0

@@ -36,7 +36,8 @@ def hwm(key="VmHWM"):
 torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 32, dtype=torch.int32), 8)
 base, base_rss = hwm(), hwm("VmRSS")
 if sys.argv[1] == "baseline":
-    print(json.dumps({"hwm": base, "rss": base_rss})); sys.exit()
+    print(json.dumps({"hwm": base, "rss": base_rss, "rss_anon": hwm("RssAnon"), "rss_file": hwm("RssFile")}))
+    sys.exit()
 lm = load_runtime(sys.argv[1], max_memory=int(sys.argv[2]) or None, kv_format=sys.argv[3])
 from tightfit.data import CALIBRATION, read_part
 # the workload planned for (context 256): a 128-token prompt, then 128 new tokens
@@ -52,7 +53,8 @@ for _ in range(5):  # this host's speed swings between seconds: repeat, report m
             t = time.perf_counter()
     runs.append((n - 1) / (time.perf_counter() - t))
 runs.sort()
-print(json.dumps({"hwm": hwm(), "rss": hwm("VmRSS"), "decode_tok_s": runs[len(runs) // 2], "decode_runs": runs,
+print(json.dumps({"hwm": hwm(), "rss": hwm("VmRSS"), "rss_anon": hwm("RssAnon"), "rss_file": hwm("RssFile"),
+                  "decode_tok_s": runs[len(runs) // 2], "decode_runs": runs,
                   "weights": lm.model.weight_bytes()}))
 """
 

@@ -79,7 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", choices=["original", "offgrid"], default="offgrid")
     ap.add_argument("--chunks", type=int, help="evaluation windows (default: all 88)")
-    ap.add_argument("--ours", nargs="*", default=[f"{m}:{b}:{g}" for m in ("rtn", "hqq", "gptq", "awq")
+    ap.add_argument("--ours", nargs="*", default=[f"{m}:{b}:{g}" for m in ("rtn", "hqq", "gptq", "awq", "awq-gptq")
                                                     for b in (4, 3, 2) for g in (64, 32)],
                     help="METHOD:BITS:GROUP entries")
     ap.add_argument("--mixed", nargs="*", type=float, default=[4.5, 3.5, 2.5], help="mixed-precision targets (bpw)")
@@ -97,7 +97,9 @@ def main() -> int:
     text = read_part(EVALUATION)
     cache: dict = {}
     out_path = Path(args.out or HERE / "results" / f"quality-{args.base}.json")
-    rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
+    prior = json.loads(out_path.read_text()) if out_path.exists() else {}
+    rows = prior.get("rows", [])
+    notes = {"notes": prior["notes"]} if "notes" in prior else {}
     done = {r["label"] for r in rows}
 
     def record(label: str, path: Path, bpw: float, seconds: float | None = None, **extra):
@@ -111,7 +113,8 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({"base": args.base, "base_file": str(base_path), "rows": rows}, indent=1))
+        out_path.write_text(json.dumps({"base": args.base, "base_file": str(base_path), **notes, "rows": rows},
+                                       indent=1))
 
     for entry in args.ours:
         method, bits, group = entry.split(":")
@@ -143,7 +146,7 @@ def main() -> int:
             if label not in done:
                 record(label, path, gguf_bits_per_weight(path))
     table = compare(rows)
-    out_path.write_text(json.dumps({"base": args.base, "base_file": str(base_path), "rows": rows,
+    out_path.write_text(json.dumps({"base": args.base, "base_file": str(base_path), **notes, "rows": rows,
                                     "comparison": table}, indent=1))
     plot(rows, out_path.with_suffix(".png"), args.base)
     print(markdown(table))

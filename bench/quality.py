@@ -83,7 +83,7 @@ def main() -> int:
                                                     for b in (4, 3, 2) for g in (64, 32)],
                     help="METHOD:BITS:GROUP entries")
     ap.add_argument("--mixed", nargs="*", type=float, default=[4.5, 3.5, 2.5], help="mixed-precision targets (bpw)")
-    ap.add_argument("--mixed-method", default="gptq")
+    ap.add_argument("--mixed-method", default="awq-gptq")
     ap.add_argument("--llama", nargs="*", default=LLAMA_TYPES)
     ap.add_argument("--imatrix", choices=["both", "only", "none"], default="both",
                     help="llama.cpp types with an importance matrix, without, or both")

@@ -11,7 +11,8 @@ def add_arguments(p):
     from ..quant.config import METHODS
 
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or a known name")
-    p.add_argument("--method", choices=METHODS, default="gptq", help="quantization algorithm (default gptq); awq-gptq: AWQ's scales, then GPTQ")
+    p.add_argument("--method", choices=METHODS, default="awq-gptq",
+                   help="quantization algorithm (default awq-gptq: AWQ's activation-aware scales, then GPTQ)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight code: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=32, help="32, 64, 128, or 0 for per-channel (default 32)")
     p.add_argument("--sym", action="store_true", help="symmetric codes (no min/zero per group)")

@@ -41,7 +41,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
-    H_perm = H.clone()  # undamped, in the order groups form when they are not static
+    H_perm = H.clone() if static is None else None  # undamped, in the order dynamic groups form
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 

@@ -89,3 +89,53 @@ def test_fisher_proxy_ranks_like_the_true_kld(tiny_models, short_eval_text):
             state[name].copy_(keep)
         predicted.append(sens.loss[t, k])
     assert spearmanr(predicted, measured).statistic >= 0.8
+
+
+def test_method_aware_proxy_ranks_like_the_true_kld_of_gptq(tiny_models, short_eval_text):
+    """The proxy prices each (tensor, format) by RTN's Fisher-weighted error times GPTQ's output error over RTN's;
+    it must rank (tensor, format) pairs as the KLD of GPTQ-quantizing that one tensor does, and predict its size."""
+    import copy
+
+    import torch
+    from scipy.stats import spearmanr
+
+    from tightfit.data import CALIBRATION, read_part
+    from tightfit.quant.api import calibration_ids
+    from tightfit.quant.gptq import gptq
+    from tightfit.quant.mixed import fisher_diagonal, input_hessians, method_ratios, sensitivities
+
+    base = tightfit.load(tiny_models["qwen2"])
+    lm = copy.copy(base)
+    lm.model = copy.deepcopy(base.model)
+    ids = calibration_ids(lm.tokenizer, read_part(CALIBRATION), 16, CTX, seed=1)
+    with input_hessians(lm.model) as hooks:
+        fisher = fisher_diagonal(lm.model, ids)
+    H = {n: h.result() for n, h in hooks.items()}
+    cfg = QuantConfig(method="gptq")
+    ratios = method_ratios(lm.model, H, cfg)
+    assert method_ratios(lm.model, H, QuantConfig(method="rtn")) == {}
+    assert "model.embed_tokens.weight" in ratios and "lm_head.weight" not in ratios  # tied: one item
+    r = np.array([v for d in ratios.values() for v in d.values()])
+    assert np.median(r) < 0.8 and (r < 1.0 + 1e-6).mean() > 0.9, np.percentile(r, [10, 50, 90])
+    sens, plain = sensitivities(lm.model, fisher, ratios=ratios), sensitivities(lm.model, fisher)
+    assert (sens.loss[np.isfinite(sens.loss)] < plain.loss[np.isfinite(plain.loss)]).mean() > 0.9
+    rng = np.random.default_rng(0)
+    cols = [k for k, f in enumerate(sens.formats) if f.group_size == 32 and not f.symmetric and f.bits <= 4]
+    linears = [t for t, n in enumerate(sens.names) if n in H]
+    state = lm.model.state_dict()
+    predicted, measured, plain_pred = [], [], []
+    for _ in range(16):
+        t, k = int(rng.choice(linears)), int(rng.choice(cols))
+        name = sens.names[t]
+        keep = state[name].clone()
+        with torch.no_grad():
+            state[name].copy_(gptq(keep, H[name], sens.formats[k]).dequantize())
+        measured.append(kld(lm, base, short_eval_text))
+        with torch.no_grad():
+            state[name].copy_(keep)
+        predicted.append(sens.loss[t, k])
+        plain_pred.append(plain.loss[t, k])
+    assert spearmanr(predicted, measured).statistic >= 0.8
+    # and in magnitude: here 0.95x the measured KLD, where RTN's pricing says 1.9x
+    scale, plain_scale = np.median(np.divide(predicted, measured)), np.median(np.divide(plain_pred, measured))
+    assert 0.67 < scale < 1.5 and abs(np.log(scale)) < abs(np.log(plain_scale)), (scale, plain_scale)

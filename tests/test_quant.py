@@ -183,3 +183,15 @@ def test_corrupt_or_mismatched_manifest(tiny_models, tmp_path):
     m.write_text(json.dumps(bad))
     with pytest.raises(ArtifactError, match="the manifest lists model.layers.9.mlp.up_proj.weight but"):
         tightfit.load(tmp_path / "a")
+
+
+def test_stacked_gptq_errors_equal_one_gptq_per_format():
+    from tightfit.quant.gptq import gptq_errors
+
+    w, H = correlated(n_out=24)
+    H[:, 9] = H[9, :] = 0  # a dead input
+    fmts = [WeightFormat(2, 32, True), WeightFormat(3, 64, False), WeightFormat(4, 0, False), WeightFormat(8, 32, True)]
+    stacked = gptq_errors(w, H, fmts)
+    for f, e in zip(fmts, stacked):
+        assert e == pytest.approx(gptq(w, H, f).error["output_sq_err"], rel=1e-5), f.name
+    assert stacked[0] > stacked[1] > stacked[3]

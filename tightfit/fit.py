@@ -10,16 +10,28 @@ from pathlib import Path
 from .io import atomic_path
 
 
-def measured_losses(lm, formats: list[str], windows: int = 8, ctx: int = 256, progress: bool = False) -> dict:
-    """Per (tensor, format) predicted KLD from the diagonal Fisher on calibration text (quant/mixed.py)."""
+def measured_losses(lm, formats: list[str], method: str = "rtn", windows: int = 8, ctx: int = 256,
+                    progress: bool = False) -> dict:
+    """Per (tensor, format) predicted KLD of quantizing with `method`: the diagonal Fisher on calibration text
+    times the method's error (quant/mixed.py)."""
     from .formats.weight import WeightFormat
     from .quant.api import calibration_ids, calibration_text
-    from .quant.mixed import fisher_diagonal, sensitivities
+    from .quant.config import QuantConfig
+    from .quant.mixed import (
+        fisher_diagonal,
+        input_hessians,
+        method_ratios,
+        sensitivities,
+    )
 
     text, _ = calibration_text(None)
     ids = calibration_ids(lm.tokenizer, text, windows, ctx, 1)
-    fisher = fisher_diagonal(lm.model, ids, 0, progress)
-    sens = sensitivities(lm.model, fisher, [WeightFormat.parse(f) for f in formats], progress)
+    fmts = [WeightFormat.parse(f) for f in formats]
+    with input_hessians(lm.model) as hooks:
+        fisher = fisher_diagonal(lm.model, ids, 0, progress)
+    ratios = method_ratios(lm.model, {n: h.result() for n, h in hooks.items()}, QuantConfig(method=method), fmts,
+                           progress=progress)
+    sens = sensitivities(lm.model, fisher, fmts, progress, ratios)
     return {n: {f.name: float(sens.loss[i, j]) for j, f in enumerate(sens.formats)} for i, n in enumerate(sens.names)}
 
 
@@ -61,7 +73,7 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
     spec = load_spec(model)
     log(f"[1/5] measuring sensitivities of {spec.name} ({spec.params / 1e6:.0f}M parameters)")
     base = load(model, progress=progress)
-    losses = measured_losses(base, [f for f in FORMATS[device.kind] if f != DENSE], progress=progress)
+    losses = measured_losses(base, [f for f in FORMATS[device.kind] if f != DENSE], method, progress=progress)
     log(f"[2/5] planning for {device.name}" + (f" within {max_memory / 1e6:.0f} MB" if max_memory else ""))
     plan = solve(spec, device, Workload(context), min_tok_s=min_tok_s, max_memory=max_memory, losses=losses)
     plan.model = model

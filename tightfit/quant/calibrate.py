@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import QuantizeError
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
-from .config import SCALED, QuantConfig
+from .config import GPTQ_METHODS, SCALED, QuantConfig
 from .core import QuantizedWeight, rtn
 from .equivalence import check_rescalable
 from .gptq import gptq
@@ -42,7 +42,7 @@ class QuantizedModel:
 
 def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str) -> QuantizedWeight:
     fmt.check_shape(tuple(w.shape), name)
-    if cfg.method in ("gptq", "awq-gptq") and H is not None:
+    if cfg.method in GPTQ_METHODS and H is not None:
         return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
                     clip_search=cfg.clip_search)
     if cfg.method == "awq":
@@ -52,7 +52,13 @@ def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None,
     return rtn(w, fmt, H)
 
 
-class _HessianHook:
+def tied_hessian(H_head: torch.Tensor) -> torch.Tensor:
+    """One matrix is both the embedding table and the output head, quantized once: its error is weighed half by
+    the head's inputs, half unweighted (each embedding row is read as it is)."""
+    return H_head / H_head.diagonal().mean() + torch.eye(H_head.shape[0])
+
+
+class HessianHook:
     def __init__(self, n: int):
         self.H = torch.zeros(n, n, dtype=torch.float64)
         self.tokens = 0
@@ -113,7 +119,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         hessians = {}
         if xs is not None:
             layer = _load_layer(lazy, i, state, cfg.calib_torch_dtype)
-            hooks = {n: _HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
+            hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
             _run_layer(layer, xs, pe)
             for h in handles:
@@ -156,9 +162,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     fmt = cfg.format_for(head_name)
     if config.tie_word_embeddings:
-        # one matrix is both the embedding table and the output head, quantized once; its error is weighed
-        # half by the head's inputs, half unweighted (each embedding row is read as it is)
-        H_tied = None if H_head is None else H_head / H_head.diagonal().mean() + torch.eye(config.hidden_size)
+        H_tied = None if H_head is None else tied_hessian(H_head)
         weights[head_name] = quantize_one(embed, fmt, cfg, H_tied, head_name) if fmt else None
     else:
         e_fmt = cfg.format_for("model.embed_tokens.weight")

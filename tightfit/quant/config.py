@@ -11,6 +11,7 @@ from ..formats.weight import WeightFormat
 METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")
 CALIBRATED = ("gptq", "awq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold per-channel scales
+GPTQ_METHODS = ("gptq", "awq-gptq")  # methods that round with GPTQ
 
 
 @dataclass(frozen=True)

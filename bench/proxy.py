@@ -28,6 +28,7 @@ from tightfit.quant.calibrate import quantize_one
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.mixed import (
     fisher_diagonal,
+    held_out_pair,
     input_hessians,
     method_ratios,
     sensitivities,
@@ -53,7 +54,9 @@ def main() -> int:
         fisher = fisher_diagonal(lm.model, ids, progress=True)
     H = {n: h.result() for n, h in hooks.items()}
     cfg = QuantConfig(method=args.method)
-    sens = sensitivities(lm.model, fisher, progress=True, ratios=method_ratios(lm.model, H, cfg, progress=True))
+    fit, test = held_out_pair(hooks)
+    sens = sensitivities(lm.model, fisher, progress=True,
+                         ratios=method_ratios(lm.model, fit, cfg, progress=True, held_out=test))
     rng = random.Random(0)
     fmt_names = ["asym2-g64", "asym3-g32", "asym4-g32", "sym2-g32", "asym3-g64"]
     cols = [i for i, f in enumerate(sens.formats) if f.name in fmt_names]

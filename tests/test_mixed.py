@@ -102,7 +102,13 @@ def test_method_aware_proxy_ranks_like_the_true_kld_of_gptq(tiny_models, short_e
     from tightfit.data import CALIBRATION, read_part
     from tightfit.quant.api import calibration_ids
     from tightfit.quant.gptq import gptq
-    from tightfit.quant.mixed import fisher_diagonal, input_hessians, method_ratios, sensitivities
+    from tightfit.quant.mixed import (
+        fisher_diagonal,
+        held_out_pair,
+        input_hessians,
+        method_ratios,
+        sensitivities,
+    )
 
     base = tightfit.load(tiny_models["qwen2"])
     lm = copy.copy(base)
@@ -112,7 +118,8 @@ def test_method_aware_proxy_ranks_like_the_true_kld_of_gptq(tiny_models, short_e
         fisher = fisher_diagonal(lm.model, ids)
     H = {n: h.result() for n, h in hooks.items()}
     cfg = QuantConfig(method="gptq")
-    ratios = method_ratios(lm.model, H, cfg)
+    fit, test = held_out_pair(hooks)
+    ratios = method_ratios(lm.model, fit, cfg, held_out=test)
     assert method_ratios(lm.model, H, QuantConfig(method="rtn")) == {}
     assert "model.embed_tokens.weight" in ratios and "lm_head.weight" not in ratios  # tied: one item
     r = np.array([v for d in ratios.values() for v in d.values()])

@@ -19,6 +19,7 @@ def measured_losses(lm, formats: list[str], method: str = "rtn", windows: int = 
     from .quant.config import QuantConfig
     from .quant.mixed import (
         fisher_diagonal,
+        held_out_pair,
         input_hessians,
         method_ratios,
         sensitivities,
@@ -29,8 +30,8 @@ def measured_losses(lm, formats: list[str], method: str = "rtn", windows: int = 
     fmts = [WeightFormat.parse(f) for f in formats]
     with input_hessians(lm.model) as hooks:
         fisher = fisher_diagonal(lm.model, ids, 0, progress)
-    ratios = method_ratios(lm.model, {n: h.result() for n, h in hooks.items()}, QuantConfig(method=method), fmts,
-                           progress=progress)
+    fit_h, test_h = held_out_pair(hooks)
+    ratios = method_ratios(lm.model, fit_h, QuantConfig(method=method), fmts, progress=progress, held_out=test_h)
     sens = sensitivities(lm.model, fisher, fmts, progress, ratios)
     return {n: {f.name: float(sens.loss[i, j]) for j, f in enumerate(sens.formats)} for i, n in enumerate(sens.names)}
 

@@ -115,8 +115,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
 
 
 def gptq_errors(w: torch.Tensor, H: torch.Tensor, fmts: Sequence[WeightFormat], *, act_order: bool = True,
-                damp: float = 0.01, block_size: int = 128, clip_search: bool = True) -> list[float]:
-    """Output error tr(dW H dW^T) of static-group GPTQ in each format, from one sweep over the columns.
+                damp: float = 0.01, block_size: int = 128, clip_search: bool = True,
+                H_eval: torch.Tensor | None = None) -> list[float]:
+    """Output error tr(dW H_eval dW^T) of static-group GPTQ fitted to H, in each format, from one sweep over the
+    columns. H_eval (default H): inputs GPTQ did not see, for an error that is not fitted to its own data.
 
     GPTQ treats rows independently given H, so the rows of every format are stacked and quantized together,
     each row with its format's levels and its group's parameters: one column loop instead of one per format
@@ -124,7 +126,7 @@ def gptq_errors(w: torch.Tensor, H: torch.Tensor, fmts: Sequence[WeightFormat], 
     out_f, in_f = w.shape
     for fmt in fmts:
         fmt.check_shape((out_f, in_f))
-    H_in = H.float()
+    H_in = (H if H_eval is None else H_eval).float()
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
     S, M, lo, hi = [], [], [], []
     for fmt in fmts:

@@ -26,13 +26,7 @@ from tightfit.eval import evaluate
 from tightfit.quant.api import calibration_ids
 from tightfit.quant.calibrate import quantize_one
 from tightfit.quant.config import QuantConfig
-from tightfit.quant.mixed import (
-    fisher_diagonal,
-    held_out_pair,
-    input_hessians,
-    method_ratios,
-    sensitivities,
-)
+from tightfit.quant.mixed import priced_sensitivities
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -50,13 +44,8 @@ def main() -> int:
     path = make_base(args.base)
     base, lm = tightfit.load(path), tightfit.load(path)
     ids = calibration_ids(lm.tokenizer, read_part(CALIBRATION), args.fisher_windows, 512, seed=1)
-    with input_hessians(lm.model) as hooks:
-        fisher = fisher_diagonal(lm.model, ids, progress=True)
-    H = {n: h.result() for n, h in hooks.items()}
     cfg = QuantConfig(method=args.method)
-    fit, test = held_out_pair(hooks)
-    sens = sensitivities(lm.model, fisher, progress=True,
-                         ratios=method_ratios(lm.model, fit, cfg, progress=True, held_out=test))
+    sens, _, H = priced_sensitivities(lm.model, ids, cfg, progress=True)
     rng = random.Random(0)
     fmt_names = ["asym2-g64", "asym3-g32", "asym4-g32", "sym2-g32", "asym3-g64"]
     cols = [i for i, f in enumerate(sens.formats) if f.name in fmt_names]

@@ -17,22 +17,12 @@ def measured_losses(lm, formats: list[str], method: str = "rtn", windows: int = 
     from .formats.weight import WeightFormat
     from .quant.api import calibration_ids, calibration_text
     from .quant.config import QuantConfig
-    from .quant.mixed import (
-        fisher_diagonal,
-        held_out_pair,
-        input_hessians,
-        method_ratios,
-        sensitivities,
-    )
+    from .quant.mixed import priced_sensitivities
 
     text, _ = calibration_text(None)
     ids = calibration_ids(lm.tokenizer, text, windows, ctx, 1)
-    fmts = [WeightFormat.parse(f) for f in formats]
-    with input_hessians(lm.model) as hooks:
-        fisher = fisher_diagonal(lm.model, ids, 0, progress)
-    fit_h, test_h = held_out_pair(hooks)
-    ratios = method_ratios(lm.model, fit_h, QuantConfig(method=method), fmts, progress=progress, held_out=test_h)
-    sens = sensitivities(lm.model, fisher, fmts, progress, ratios)
+    sens, _, _ = priced_sensitivities(lm.model, ids, QuantConfig(method=method),
+                                      [WeightFormat.parse(f) for f in formats], progress)
     return {n: {f.name: float(sens.loss[i, j]) for j, f in enumerate(sens.formats)} for i, n in enumerate(sens.names)}
 
 

@@ -161,6 +161,19 @@ def sensitivities(model, fisher: dict[str, torch.Tensor], formats=CANDIDATES, pr
     return Sensitivity(names, list(formats), loss, nbytes, params)
 
 
+def priced_sensitivities(model, ids: torch.Tensor, cfg: QuantConfig, formats=CANDIDATES, progress: bool = False):
+    """The proxy loss of every (tensor, format), priced for cfg.method: Fisher and input Hessians from one pass
+    over the windows `ids`, the method's error ratios fitted on half of them and scored on the other.
+
+    -> (Sensitivity, method_ratios, {linear weight name: E[x x^T] over all windows})."""
+    with input_hessians(model) as hooks:
+        fisher = fisher_diagonal(model, ids, cfg.seed, progress)
+    fit, test = held_out_pair(hooks)
+    ratios = method_ratios(model, fit, cfg, formats, progress=progress, held_out=test)
+    return (sensitivities(model, fisher, formats, progress, ratios), ratios,
+            {n: h.result() for n, h in hooks.items()})
+
+
 def choose(sens: Sensitivity, budget_bytes: float) -> tuple[dict[str, WeightFormat], float]:
     """One format per tensor minimizing total predicted loss with total bytes <= budget (exact MILP)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -215,11 +228,7 @@ def measure(source, cfg: QuantConfig, *, calib: str | None = None, progress: boo
     lm = load(source, progress=progress)
     text, _ = calibration_text(calib)
     ids = calibration_ids(lm.tokenizer, text, fisher_windows, cfg.calib_ctx, cfg.seed + 1)
-    with input_hessians(lm.model) as hooks:
-        fisher = fisher_diagonal(lm.model, ids, cfg.seed, progress)
-    fit, test = held_out_pair(hooks)
-    ratios = method_ratios(lm.model, fit, cfg, formats, progress=progress, held_out=test)
-    sens = sensitivities(lm.model, fisher, formats, progress, ratios)
+    sens, ratios, _ = priced_sensitivities(lm.model, ids, cfg, formats, progress)
     kept = [p for p in lm.model.state_dict().values() if p.ndim != 2]
     return Measured(sens, sum(p.numel() * 4 for p in kept), sum(p.numel() for p in kept), ratios)  # norms: fp32
 

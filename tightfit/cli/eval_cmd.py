@@ -31,19 +31,21 @@ def load_for_eval(source: str, kv_format: str | None, progress: bool):
         if model_type not in RUNTIME_MODEL_TYPES:  # the runtime cannot run it: score the dequantized weights
             return load(source, progress=progress)
     if kv_format is None and kind != "artifact":
-        return load(source, progress=progress)
+        from ..eval.reference import load_reference
+
+        return load_reference(source, progress=progress)  # fp32, layer by layer where the family allows
     return load_runtime(source, kv_format or "bf16", progress=progress)
 
 
 def run(args) -> int:
     from ..eval import evaluate
-    from ..models import load
+    from ..eval.reference import load_reference
 
     quiet_libraries(True)
     progress = not args.json
     text, text_name, digest = read_text_arg(args.text)
     model = load_for_eval(args.model, args.kv_format, progress)
-    base = load(args.base, progress=progress) if args.base else None
+    base = load_reference(args.base, progress=progress) if args.base else None
     r = evaluate(model, text, text_name=text_name, text_sha256=digest, ctx=args.ctx, chunks=args.chunks,
                  base=base, progress=progress)
     if args.json:

@@ -91,18 +91,22 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
     bos = model.tokenizer.bos_token_id if adds_bos(model.tokenizer) else None
     win: Windows = make_windows(ids, ctx, chunks, bos)
     n = win.tokens.shape[0]
+    streamed = hasattr(base, "prepare")  # eval/reference.py: the base runs layer by layer over all windows
+    for lm in (model, base) if streamed else (model,):
+        if hasattr(lm, "prepare"):
+            lm.prepare(win.tokens, win.first, progress)
 
     nll, base_nll, kld, agree = [], [], [], []
     for i in tqdm(range(n), desc="evaluating", unit="window", disable=not progress):
         window, targets = win.tokens[i], win.targets(i)
-        logp = window_logprobs(model.model, window, win.first)
+        logp = model.logprobs(i) if hasattr(model, "prepare") else window_logprobs(model.model, window, win.first)
         nll.append(-logp.gather(-1, targets[:, None])[:, 0])
         if base is not None:
             key = (base.source, text_sha256, ctx, i)
             if base_cache is not None and key in base_cache:
                 base_logp = base_cache[key]
             else:
-                base_logp = window_logprobs(base.model, window, win.first)
+                base_logp = base.logprobs(i) if streamed else window_logprobs(base.model, window, win.first)
                 if base_cache is not None:
                     base_cache[key] = base_logp
             kld.append(kl_divergence(base_logp, logp))
@@ -116,8 +120,8 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
         text_sha256=text_sha256, text=text_name, perplexity=ppl, perplexity_stderr=ppl * _stderr(nll),
         nll_mean=float(nll.mean()),
     )
-    kv = getattr(model.model, "kv_format", None)  # the runtime's Engine; a transformers model has none
-    result.extra["runner"] = "transformers" if kv is None else "runtime"
+    kv = getattr(getattr(model, "model", None), "kv_format", None)  # the runtime's Engine has one
+    result.extra["runner"] = "layered" if hasattr(model, "prepare") else "transformers" if kv is None else "runtime"
     if kv is not None:
         result.extra["kv_format"] = kv
     if getattr(model, "manifest", None):

@@ -65,6 +65,13 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
 def load(source: str | os.PathLike = DEFAULT_MODEL, progress: bool = False) -> LoadedModel:
     """Load a model for evaluation or quantization: `load("smollm2-135m")`, `load("model.gguf")`, `load("dir/")`."""
     path, kind = resolve_source(source)
+    if kind != "artifact":
+        from ..memory import require
+
+        require(parameter_count(path, kind) * 4 + (500 << 20), f"loading {os.fspath(source)} whole in fp32",
+                "Verbs that stream layer by layer need far less: `tightfit eval` (with or without --base), "
+                "`quantize`, `fit`; `tightfit run`/`serve` run it on the runtime (with --max-memory SIZE to "
+                "stream what does not fit).")
     manifest = None
     if kind == "gguf":
         from .gguf_model import load_gguf
@@ -80,6 +87,23 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, progress: bool = False) -> L
         model, tokenizer = load_hf(path)
     model.eval()
     return LoadedModel(model, tokenizer, os.fspath(source), path, kind, manifest)
+
+
+def parameter_count(path: Path, kind: str) -> int:
+    """Parameters a GGUF file or a safetensors folder holds, from its headers alone."""
+    import math
+
+    if kind == "gguf":
+        import gguf
+
+        return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    return total
 
 
 def load_lazy(source: str | os.PathLike):

@@ -101,3 +101,15 @@ def _read_one(file: Path, key: str) -> torch.Tensor:
 def build(lazy: LazyModel, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A ready model from a full state dict (shared storage, no copy)."""
     return type(lazy.skeleton).from_pretrained(None, config=lazy.config, state_dict=state, dtype=dtype)
+
+
+def lazy_from_loaded(lm) -> LazyModel:
+    """A LazyModel over the weights of a loaded model (LoadedModel), each read as a copy."""
+    import copy
+
+    state = {k: v.detach() for k, v in lm.model.state_dict().items()}
+    with torch.device("meta"):
+        skeleton = type(lm.model)(copy.deepcopy(lm.config))
+    loaders = {k: (lambda v=v: v.float().clone()) for k, v in state.items()
+               if not (k == "lm_head.weight" and lm.config.tie_word_embeddings)}
+    return LazyModel(lm.config, lm.tokenizer, skeleton, loaders, lm.path, lm.format)

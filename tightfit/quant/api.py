@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..data import CALIBRATION, EVALUATION, read_part
@@ -61,14 +59,9 @@ def quantize_(lm, config: QuantConfig, calib_ids: torch.Tensor | None = None) ->
 
     Returns the QuantizedModel (codes, scales, errors) for inspection or saving.
     """
-    from ..models.lazy import LazyModel
+    from ..models.lazy import lazy_from_loaded
 
-    state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-    with torch.device("meta"):
-        skeleton = type(lm.model)(copy.deepcopy(lm.config))
-    loaders = {k: (lambda v=v: v.clone()) for k, v in state.items()
-               if not (k == "lm_head.weight" and lm.config.tie_word_embeddings)}
-    lazy = LazyModel(lm.config, lm.tokenizer, skeleton, loaders, lm.path, lm.format)
+    lazy = lazy_from_loaded(lm)
     if config.needs_calibration and calib_ids is None:
         raise QuantizeError(f"{config.method} needs calibration token ids: pass calib_ids")
     qm = quantize_model(lazy, config, calib_ids)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QuantizeError
+from ..models.layered import check_layered, drop_layer, load_layer, rotary, run_layer
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
@@ -72,31 +73,15 @@ class HessianHook:
         return (self.H / max(self.tokens, 1)).float()
 
 
-def _load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
-    layer = lazy.skeleton.model.layers[i]
-    layer.to_empty(device="cpu")
-    prefix = f"model.layers.{i}."
-    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
-    return layer.to(dtype)
-
-
-def _run_layer(layer, xs: torch.Tensor, pe, batch: int = 8) -> torch.Tensor:
-    out = torch.empty_like(xs)
-    with torch.inference_mode():
-        for b in range(0, xs.shape[0], batch):
-            x = xs[b : b + batch]
-            out[b : b + batch] = layer(x, attention_mask=None, position_embeddings=(pe[0].expand(x.shape[0], -1, -1),
-                                                                                     pe[1].expand(x.shape[0], -1, -1)))
-    return out
-
-
 def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None, progress: bool = False) -> QuantizedModel:
     """calib: [samples, ctx] token ids (needed for gptq/awq; used by rtn/hqq only to report output error)."""
     from ..io import release_freed_memory_eagerly
 
     release_freed_memory_eagerly()
     config = lazy.config
-    check_rescalable(config)  # the layer-by-layer path knows the Llama/Qwen2 decoder layer
+    check_layered(config, f"quantizing ({cfg.method})")
+    if cfg.method in SCALED:
+        check_rescalable(config)
     if cfg.needs_calibration and calib is None:
         raise QuantizeError(f"{cfg.method} needs calibration text")
     weights: dict[str, QuantizedWeight] = {}
@@ -107,9 +92,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     xs = pe = None
     if calib is not None:
         xs = embed[calib].to(cfg.calib_torch_dtype)  # [samples, ctx, hidden]
-        rotary = type(lazy.skeleton.model.rotary_emb)(config=config)
-        pos = torch.arange(calib.shape[1])[None]
-        pe = tuple(t.to(xs.dtype) for t in rotary(xs[:1].float(), pos))
+        pe = rotary(lazy, calib.shape[1], xs.dtype)
 
     steps = tqdm(range(config.num_hidden_layers), desc=f"quantizing ({cfg.method})", unit="layer",
                  disable=not progress)
@@ -118,10 +101,10 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         state = lazy.materialize(prefix)
         hessians = {}
         if xs is not None:
-            layer = _load_layer(lazy, i, state, cfg.calib_torch_dtype)
+            layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
             hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
-            _run_layer(layer, xs, pe)
+            run_layer(layer, xs, pe)
             for h in handles:
                 h.remove()
             hessians = {n: h.result() for n, h in hooks.items()}
@@ -141,9 +124,9 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
             if k not in weights:
                 kept[k] = v
         if xs is not None:
-            layer = _load_layer(lazy, i, state, cfg.calib_torch_dtype)
-            xs = _run_layer(layer, xs, pe)
-        lazy.skeleton.model.layers[i].to("meta")
+            layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
+            xs = run_layer(layer, xs, pe)
+        drop_layer(lazy, i)
         if progress and weights:
             last = weights[f"{prefix}mlp.down_proj.weight"].error
             steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB")

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import FormatError, QuantizeError
+from ..errors import QuantizeError
 from ..formats.weight import WeightFormat
-from .calibrate import HessianHook, quantize_one, tied_hessian
-from .config import GPTQ_METHODS, QuantConfig
-from .core import rtn, weight_error
-from .gptq import gptq_errors
+from .calibrate import tied_hessian
+from .config import QuantConfig
+from .sensitivity import SplitHessian, layerwise_sensitivities, tensor_losses, tensor_ratios
 
 CANDIDATES = tuple(WeightFormat(b, g, sym) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64) for sym in (True, False))
 
@@ -54,23 +53,6 @@ def fisher_diagonal(model, calib: torch.Tensor, seed: int = 0, progress: bool = 
             p.requires_grad_(was[n])
             p.grad = None
     return {n: f / calib.shape[0] for n, f in fisher.items()}
-
-
-class SplitHessian:
-    """E[x x^T] of one linear's inputs, calls alternating between two halves (one window per forward), so that
-    an error can be fitted on one half and measured on the other."""
-
-    def __init__(self, n: int):
-        self.halves = (HessianHook(n), HessianHook(n))
-        self.calls = 0
-
-    def __call__(self, module, args):
-        self.halves[self.calls % 2](module, (args[0].detach(),))
-        self.calls += 1
-
-    def result(self) -> torch.Tensor:
-        a, b = self.halves
-        return ((a.H + b.H) / max(a.tokens + b.tokens, 1)).float()
 
 
 @contextmanager
@@ -111,21 +93,9 @@ def method_ratios(model, hessians: dict[str, torch.Tensor], cfg: QuantConfig, fo
         hessians = {**hessians, "model.embed_tokens.weight": tied_hessian(hessians["lm_head.weight"])}
         held_out = {**held_out, "model.embed_tokens.weight": tied_hessian(held_out["lm_head.weight"])}
     g = torch.Generator().manual_seed(cfg.seed)
-    out: dict[str, dict[str, float]] = {}
     names = [n for n in hessians if n in state and not (tied and n == "lm_head.weight")]
-    for n in tqdm(names, desc=f"sensitivity ({cfg.method} vs rtn)", unit="tensor", disable=not progress):
-        w = state[n].float()
-        w = w[torch.randperm(w.shape[0], generator=g)[:rows]]
-        H, H_eval = hessians[n], held_out[n]
-        fits = [f for f in formats if f.group_size == 0 or w.shape[1] % f.group_size == 0]
-        if cfg.method in GPTQ_METHODS:
-            errs = gptq_errors(w, H, fits, act_order=cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search,
-                               H_eval=H_eval)
-        else:
-            errs = [weight_error(w, quantize_one(w, f, cfg, H, n).dequantize(), H_eval)["output_sq_err"] for f in fits]
-        ref = [rtn(w, f, H_eval).error["output_sq_err"] for f in fits]
-        out[n] = {f.name: e / r if r > 0 else 1.0 for f, e, r in zip(fits, errs, ref)}
-    return out
+    return {n: tensor_ratios(state[n], hessians[n], held_out[n], cfg, formats, n, rows, g)
+            for n in tqdm(names, desc=f"sensitivity ({cfg.method} vs rtn)", unit="tensor", disable=not progress)}
 
 
 @dataclass
@@ -143,35 +113,25 @@ def sensitivities(model, fisher: dict[str, torch.Tensor], formats=CANDIDATES, pr
     ratios = ratios or {}
     tied = model.config.tie_word_embeddings
     names = [n for n in fisher if not (tied and n == "lm_head.weight")]
-    loss = np.full((len(names), len(formats)), np.inf)
-    nbytes = np.zeros((len(names), len(formats)), dtype=np.int64)
     state = model.state_dict()
-    for i, n in enumerate(tqdm(names, desc="sensitivity (formats)", unit="tensor", disable=not progress)):
-        w = state[n].float()
-        F = fisher[n]  # a tied embedding/head is one parameter: its gradient already holds both uses
-        for j, fmt in enumerate(formats):
-            try:
-                fmt.check_shape(tuple(w.shape), n)
-            except FormatError:
-                continue
-            d = w - rtn(w, fmt).dequantize()
-            loss[i, j] = 0.5 * float((F * d * d).sum()) * ratios.get(n, {}).get(fmt.name, 1.0)
-            nbytes[i, j] = fmt.nbytes(tuple(w.shape))
-    params = np.array([state[n].numel() for n in names])
-    return Sensitivity(names, list(formats), loss, nbytes, params)
+    # a tied embedding/head is one parameter: its gradient already holds both uses
+    rows = [tensor_losses(state[n], fisher[n], formats, ratios.get(n), n)
+            for n in tqdm(names, desc="sensitivity (formats)", unit="tensor", disable=not progress)]
+    return Sensitivity(names, list(formats), np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                       np.array([r[2] for r in rows]))
 
 
-def priced_sensitivities(model, ids: torch.Tensor, cfg: QuantConfig, formats=CANDIDATES, progress: bool = False):
-    """The proxy loss of every (tensor, format), priced for cfg.method: Fisher and input Hessians from one pass
-    over the windows `ids`, the method's error ratios fitted on half of them and scored on the other.
+def priced_sensitivities(model, ids: torch.Tensor, cfg: QuantConfig, formats=CANDIDATES, progress: bool = False,
+                         keep_hessians: bool = False):
+    """The proxy loss of every (tensor, format), priced for cfg.method, measured layer by layer
+    (quant/sensitivity.py): Fisher and input Hessians from the windows `ids`, the method's error ratios fitted
+    on half of them and scored on the other. `model`: a LazyModel, or a loaded model (LoadedModel).
 
-    -> (Sensitivity, method_ratios, {linear weight name: E[x x^T] over all windows})."""
-    with input_hessians(model) as hooks:
-        fisher = fisher_diagonal(model, ids, cfg.seed, progress)
-    fit, test = held_out_pair(hooks)
-    ratios = method_ratios(model, fit, cfg, formats, progress=progress, held_out=test)
-    return (sensitivities(model, fisher, formats, progress, ratios), ratios,
-            {n: h.result() for n, h in hooks.items()})
+    -> (Sensitivity, method_ratios, {linear weight name: E[x x^T] over all windows} if keep_hessians else {})."""
+    from ..models.lazy import LazyModel, lazy_from_loaded
+
+    lazy = model if isinstance(model, LazyModel) else lazy_from_loaded(model)
+    return layerwise_sensitivities(lazy, ids, cfg, formats, progress, keep_hessians)
 
 
 def choose(sens: Sensitivity, budget_bytes: float) -> tuple[dict[str, WeightFormat], float]:
@@ -222,14 +182,14 @@ def measure(source, cfg: QuantConfig, *, calib: str | None = None, progress: boo
             formats=CANDIDATES) -> Measured:
     """Fisher diagonal (and each linear's input Hessian) on calibration windows, the method's error relative to
     round-to-nearest per tensor and bit width, then the proxy loss of every (tensor, format) pair."""
-    from .. import load
+    from ..models import load_lazy
     from .api import calibration_ids, calibration_text
 
-    lm = load(source, progress=progress)
+    lazy = load_lazy(source)
     text, _ = calibration_text(calib)
-    ids = calibration_ids(lm.tokenizer, text, fisher_windows, cfg.calib_ctx, cfg.seed + 1)
-    sens, ratios, _ = priced_sensitivities(lm.model, ids, cfg, formats, progress)
-    kept = [p for p in lm.model.state_dict().values() if p.ndim != 2]
+    ids = calibration_ids(lazy.tokenizer, text, fisher_windows, cfg.calib_ctx, cfg.seed + 1)
+    sens, ratios, _ = priced_sensitivities(lazy, ids, cfg, formats, progress)
+    kept = [p for p in lazy.skeleton.state_dict().values() if p.ndim != 2]  # shapes only (meta)
     return Measured(sens, sum(p.numel() * 4 for p in kept), sum(p.numel() for p in kept), ratios)  # norms: fp32
 
 

@@ -212,6 +212,24 @@ def _rotary(config, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return (emb.cos() * scaling)[:, None], (emb.sin() * scaling)[:, None]
 
 
+def resident_estimate(kind: str, path: Path) -> int:
+    """Bytes the runtime will hold for a source's weights: Q4_0/Q4_1/Q8_0 GGUF tensors and artifacts as
+    stored, everything else in bf16."""
+    if kind == "gguf":
+        return sum(int(t.n_bytes) if t.tensor_type in GGUF_CODES else int(t.n_elements) * 2
+                   for t in gguf.GGUFReader(path).tensors)
+    files = sorted(path.glob("*.safetensors"))
+    if kind == "artifact":
+        return sum(f.stat().st_size for f in files)
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            total += sum(int(np.prod(h.get_slice(k).get_shape())) * 2 for k in h.keys())
+    return total
+
+
 def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,
                 max_memory: int | None = None, kernel: str = "auto"):
     """(engine, tokenizer, kind, manifest) for an artifact, a GGUF file, a HF folder or a known model name."""
@@ -222,6 +240,13 @@ def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bo
     reader = {"artifact": _artifact_source, "gguf": _gguf_source, "hf": _hf_source}[kind]
     config, tokenizer, get, names, manifest = reader(path)
     ModelArgs.from_config(config)  # refuse an architecture the runtime lacks before any work
+    if max_memory is None:
+        from ..memory import require
+
+        need = resident_estimate(kind, path)
+        require(int(need * 1.1) + (300 << 20), f"running {os.fspath(source)} with every weight resident",
+                f"Pass --max-memory SIZE (e.g. --max-memory {max(need // 3, 1 << 28) / 1e9:.1f}GB) to keep that "
+                "much resident and stream the other layers from disk each token.")
     engine = build_engine(config, get, names, kv_format, progress,
                           {"source": os.fspath(source), "kind": kind, "path": path}, max_memory, kernel)
     return engine, tokenizer, kind, manifest

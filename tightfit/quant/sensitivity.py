@@ -1,0 +1,220 @@
+"""The mixed-precision proxy, measured layer by layer: memory is one decoder layer plus the windows' activations.
+
+The diagonal Fisher of a full-model backward is a sum over windows of squared per-window gradients. Each
+window's gradient flows backwards through the layers one at a time, so the same numbers come from: a forward
+pass layer by layer that keeps every layer's input (windows x ctx x hidden, fp32), the head's gradient with
+labels sampled from the model's own next-token distribution, then a backward pass from the last layer to the
+first that recomputes each layer's forward from its kept input and carries each window's gradient with
+respect to the hidden state down to the next. The input Hessians (for the method's error ratios) are taken in
+the forward pass, and a layer's ratios are priced while its Hessians exist, so no model-wide set of Hessians
+is ever held (a 1.5B model's would take tens of GB). Tied embeddings get both of their uses: the head's
+gradient plus, on the rows of the window's tokens, the gradient that reaches the embedding lookup.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FormatError
+from ..models.layered import check_layered, drop_layer, final_norm, head_weight, layer_call, load_layer, rotary, \
+    run_layer
+from .calibrate import INPUT_GROUPS, quantize_one, tied_hessian
+from .config import GPTQ_METHODS, QuantConfig
+from .core import rtn, weight_error
+from .gptq import gptq_errors
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def tensor_ratios(w: torch.Tensor, H: torch.Tensor, H_eval: torch.Tensor, cfg: QuantConfig, formats, name: str,
+                  rows: int, g: torch.Generator) -> dict[str, float]:
+    """cfg.method's output error over round-to-nearest's, per format, on `rows` sampled rows of w; the method
+    fits H and is scored on H_eval (inputs it did not see)."""
+    w = w.float()
+    w = w[torch.randperm(w.shape[0], generator=g)[:rows]]
+    fits = [f for f in formats if f.group_size == 0 or w.shape[1] % f.group_size == 0]
+    if cfg.method in GPTQ_METHODS:
+        errs = gptq_errors(w, H, fits, act_order=cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search,
+                           H_eval=H_eval)
+    else:
+        errs = [weight_error(w, quantize_one(w, f, cfg, H, name).dequantize(), H_eval)["output_sq_err"] for f in fits]
+    ref = [rtn(w, f, H_eval).error["output_sq_err"] for f in fits]
+    return {f.name: e / r if r > 0 else 1.0 for f, e, r in zip(fits, errs, ref)}
+
+
+def tensor_losses(w: torch.Tensor, F: torch.Tensor, formats, ratios: dict[str, float] | None, name: str):
+    """Predicted KL increase 1/2 sum F dW^2 (dW: RTN's error, scaled by the method's ratio) and bytes, per format."""
+    w = w.float()
+    loss = np.full(len(formats), np.inf)
+    nbytes = np.zeros(len(formats), dtype=np.int64)
+    for j, fmt in enumerate(formats):
+        try:
+            fmt.check_shape(tuple(w.shape), name)
+        except FormatError:
+            continue
+        d = w - rtn(w, fmt).dequantize()
+        loss[j] = 0.5 * float((F * d * d).sum()) * (ratios or {}).get(fmt.name, 1.0)
+        nbytes[j] = fmt.nbytes(tuple(w.shape))
+    return loss, nbytes, w.numel()
+
+
+class SplitHessian:
+    """E[x x^T] of one linear's inputs, calls alternating between two halves (one window per call), so that an
+    error can be fitted on one half and measured on the other."""
+
+    def __init__(self, n: int):
+        from .calibrate import HessianHook
+
+        self.halves = (HessianHook(n), HessianHook(n))
+        self.calls = 0
+
+    def __call__(self, module, args):
+        self.halves[self.calls % 2](module, (args[0].detach(),))
+        self.calls += 1
+
+    def fit_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.halves[0].result(), self.halves[1].result()
+
+    def result(self) -> torch.Tensor:
+        a, b = self.halves
+        return ((a.H + b.H) / max(a.tokens + b.tokens, 1)).float()
+
+
+def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, progress: bool = False,
+                            keep_hessians: bool = False, rows: int = 64):
+    """-> (Sensitivity, method_ratios {name: {format: ratio}}, {linear name: E[x x^T]} if keep_hessians else {}).
+
+    ids: [windows, ctx] calibration token ids; the Fisher's labels are sampled with cfg.seed."""
+    from ..io import release_freed_memory_eagerly
+    from .mixed import Sensitivity
+
+    release_freed_memory_eagerly()
+    config = lazy.config
+    check_layered(config, "the mixed-precision sensitivities")
+    n_win, T = ids.shape
+    L, tied = config.num_hidden_layers, config.tie_word_embeddings
+    g_rows, g_labels = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    priced = cfg.method != "rtn"
+    ratios: dict[str, dict[str, float]] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    losses: dict[str, tuple] = {}
+    bar = tqdm(total=2 * L + 2, desc=f"sensitivity ({cfg.method})", unit="step", disable=not progress)
+
+    embed = lazy.get(EMBED)
+    x = embed[ids].float()
+    if not tied:
+        del embed
+    pe = rotary(lazy, T)
+    inputs: list[torch.Tensor | None] = []
+    for i in range(L):  # forward: keep each layer's input, take its input Hessians, price the method
+        prefix = f"model.layers.{i}."
+        state = lazy.materialize(prefix)
+        layer = load_layer(lazy, i, state)
+        hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in INPUT_GROUPS}
+        handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
+        inputs.append(x)
+        x = run_layer(layer, x, pe, batch=1)  # one window per call: the Hessian halves alternate by window
+        for h in handles:
+            h.remove()
+        drop_layer(lazy, i)
+        for lead, group in INPUT_GROUPS.items():
+            H_fit, H_test = hooks[lead].fit_test()
+            for n in group:
+                name = f"{prefix}{n}.weight"
+                if priced:
+                    ratios[name] = tensor_ratios(state[name], H_fit, H_test, cfg, formats, name, rows, g_rows)
+                if keep_hessians:
+                    hessians[name] = hooks[lead].result()
+        del state, hooks
+        bar.update()
+
+    norm = final_norm(lazy)
+    head = head_weight(lazy).requires_grad_(True)
+    H_head = SplitHessian(config.hidden_size)
+    F_head = torch.zeros_like(head)
+    grad = torch.empty_like(x)
+    tied_rows = []
+    for w in range(n_win):  # the head: per-window gradients with labels sampled from the model itself
+        xw = x[w : w + 1].clone().requires_grad_(True)
+        h = norm(xw)
+        H_head(None, (h.detach(),))
+        logits = h[0, :-1] @ head.T
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g_labels)[:, 0]
+        logp = torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum()
+        head.grad = None
+        logp.backward()
+        F_head += head.grad**2 / (T - 1)
+        if tied:
+            uniq, inv = ids[w].unique(return_inverse=True)
+            tied_rows.append((uniq, inv, head.grad[uniq].clone()))
+        grad[w] = xw.grad[0]
+        del logits, logp, h
+    head.grad = None
+    head = head.detach()
+    lazy.skeleton.model.norm.to("meta")
+    H_fit, H_test = H_head.fit_test()
+    head_item = EMBED if tied else HEAD
+    if priced:
+        fit_h, test_h = (tied_hessian(H_fit), tied_hessian(H_test)) if tied else (H_fit, H_test)
+        ratios[head_item] = tensor_ratios(head, fit_h, test_h, cfg, formats, head_item, rows, g_rows)
+    if keep_hessians:
+        hessians[HEAD] = H_head.result()
+    bar.update()
+
+    for i in reversed(range(L)):  # backward: each layer's Fisher from its kept input and the gradient above it
+        prefix = f"model.layers.{i}."
+        state = lazy.materialize(prefix)
+        layer = load_layer(lazy, i, state)
+        params = {f"{prefix}{n}": p for n, p in layer.named_parameters()}
+        for p in params.values():
+            p.requires_grad_(p.ndim == 2)
+        params = {n: p for n, p in params.items() if p.ndim == 2}
+        F = {n: torch.zeros_like(p) for n, p in params.items()}
+        xs = inputs[i]
+        for w in range(n_win):
+            xw = xs[w : w + 1].clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = layer_call(layer, xw, pe)
+            for p in params.values():
+                p.grad = None
+            out.backward(grad[w : w + 1])
+            for n, p in params.items():
+                F[n] += p.grad**2 / (T - 1)
+            grad[w] = xw.grad[0]
+            del out
+        for p in params.values():
+            p.grad = None
+        inputs[i] = None
+        for n in params:
+            losses[n] = tensor_losses(state[n], F[n] / n_win, formats, ratios.get(n), n)
+        drop_layer(lazy, i)
+        del state, F, params, xs
+        bar.update()
+
+    if tied:  # the embedding's own gradient lands on the rows of each window's tokens
+        F_embed = F_head
+        for w, (uniq, inv, gh) in enumerate(tied_rows):
+            gi = torch.zeros_like(gh).index_add_(0, inv, grad[w])
+            F_embed[uniq] += (2 * gh * gi + gi * gi) / (T - 1)
+        losses[EMBED] = tensor_losses(head, F_embed / n_win, formats, ratios.get(EMBED), EMBED)
+    else:
+        losses[HEAD] = tensor_losses(head, F_head / n_win, formats, ratios.get(HEAD), HEAD)
+        del head, F_head
+        embed = lazy.get(EMBED)
+        F_embed = torch.zeros_like(embed)
+        for w in range(n_win):
+            uniq, inv = ids[w].unique(return_inverse=True)
+            gi = torch.zeros(len(uniq), embed.shape[1]).index_add_(0, inv, grad[w])
+            F_embed[uniq] += gi * gi / (T - 1)
+        losses[EMBED] = tensor_losses(embed, F_embed / n_win, formats, ratios.get(EMBED), EMBED)
+    bar.update()
+    bar.close()
+
+    names = [EMBED] + [n for i in range(L) for n in losses if n.startswith(f"model.layers.{i}.")]
+    names += [HEAD] if not tied else []
+    sens = Sensitivity(names, list(formats), np.stack([losses[n][0] for n in names]),
+                       np.stack([losses[n][1] for n in names]), np.array([losses[n][2] for n in names]))
+    return sens, ratios, hessians

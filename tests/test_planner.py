@@ -311,3 +311,33 @@ def test_a_fixed_plan_is_priced_as_the_solver_priced_it_and_reprices_on_another_
     other = dataclasses.replace(plans[0], tensors={})
     with pytest.raises(PlanError, match="no format for .*made for another model"):
         decode_seconds(spec, box, w, other)
+
+
+def test_an_interrupted_fit_leaves_no_output_and_its_rerun_resumes(tiny_models, tmp_path, monkeypatch):
+    import tightfit.eval
+
+    from tightfit.fit import fit
+
+    out = tmp_path / "fit"
+    kw = dict(hardware="ddr5-desktop", max_memory=2.6e6, context=256, progress=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as a user's Ctrl-C during the evaluation
+
+    monkeypatch.setattr(tightfit.eval, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tiny_models["llama"]), out, log=lambda s: None, **kw)
+    assert not out.exists()
+    stages = tmp_path / ".fit.stages"
+    assert (stages / "sensitivities.json").is_file() and (stages / "artifact" / "manifest.json").is_file()
+    monkeypatch.undo()
+    lines = []
+    res = fit(str(tiny_models["llama"]), out, log=lines.append, **kw)
+    reused = [s for s in lines if "reusing" in s]
+    assert len(reused) == 3 and "sensitivities" in reused[0] and "quantize" in reused[2], lines
+    assert (out / "report.md").is_file() and (out / "fit.png").is_file() and res["measured"]["kld"] >= 0
+    assert not stages.exists() and not (out / "inputs.json").exists()
+    # other arguments: the stages of the first fit are not reused
+    lines.clear()
+    fit(str(tiny_models["llama"]), tmp_path / "fit", force=True, log=lines.append, **(kw | {"context": 128}))
+    assert not [s for s in lines if "reusing" in s]

@@ -4,24 +4,27 @@ memory, and write a report comparing every prediction with its measurement."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
-from .io import atomic_path
+from .io import check_target, publish, write_json
 
 
-def measured_losses(lm, formats: list[str], method: str = "rtn", windows: int = 8, ctx: int = 256,
+def measured_losses(source, formats: list[str], method: str = "rtn", windows: int = 8, ctx: int = 256,
                     progress: bool = False) -> dict:
     """Per (tensor, format) predicted KLD of quantizing with `method`: the diagonal Fisher on calibration text
-    times the method's error (quant/mixed.py)."""
+    times the method's error (quant/mixed.py), measured layer by layer (one layer resident at a time)."""
     from .formats.weight import WeightFormat
+    from .models import load_lazy
     from .quant.api import calibration_ids, calibration_text
     from .quant.config import QuantConfig
     from .quant.mixed import priced_sensitivities
 
+    lazy = load_lazy(source)
     text, _ = calibration_text(None)
-    ids = calibration_ids(lm.tokenizer, text, windows, ctx, 1)
-    sens, _, _ = priced_sensitivities(lm.model, ids, QuantConfig(method=method),
+    ids = calibration_ids(lazy.tokenizer, text, windows, ctx, 1)
+    sens, _, _ = priced_sensitivities(lazy, ids, QuantConfig(method=method),
                                       [WeightFormat.parse(f) for f in formats], progress)
     return {n: {f.name: float(sens.loss[i, j]) for j, f in enumerate(sens.formats)} for i, n in enumerate(sens.names)}
 
@@ -39,12 +42,29 @@ def decode_speed(lm, tokens: int = 64) -> float:
     return (n - 1) / (time.perf_counter() - t)
 
 
+STAGES = ("sensitivities", "plan", "quantize", "evaluate", "speed")
+
+
+def _stage(work: Path, name: str, log, compute):
+    """A stage's JSON result: read back if an earlier run finished it, else computed and written at once."""
+    path = work / f"{name}.json"
+    if path.is_file():
+        log(f"    {name}: reusing the result of an earlier run ({path})")
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(path, result)
+    return result
+
+
 def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: float | None = None,
         min_tok_s: float | None = None, max_kld: float | None = None, context: int = 2048, method: str = "rtn",
         eval_chunks: int = 4, force: bool = False, progress: bool = True, log=print) -> dict:
-    from . import load
+    """The whole loop. OUT appears only when every stage is done; until then each finished stage's result
+    lies in .OUT.stages/ beside it, and a rerun with the same arguments resumes from there."""
+    from . import __version__
     from .data import EVALUATION, read_part
     from .eval import evaluate
+    from .eval.reference import load_reference
     from .hardware import get_device, profile_path
     from .planner.cost import DENSE, FORMATS, Workload
     from .planner.optimize import PlanError, solve
@@ -55,6 +75,8 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
     from .runtime import load_runtime
 
     t0 = time.time()
+    out = Path(out)
+    check_target(out, force)
     if hardware == "this" and not profile_path().is_file():
         from .probe import probe, save_profile
 
@@ -62,38 +84,75 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
         save_profile(probe(progress=progress))
     device = get_device(hardware)
     spec = load_spec(model)
-    log(f"[1/5] measuring sensitivities of {spec.name} ({spec.params / 1e6:.0f}M parameters)")
-    base = load(model, progress=progress)
-    losses = measured_losses(base, [f for f in FORMATS[device.kind] if f != DENSE], method, progress=progress)
+    inputs = {"model": str(model), "hardware": device.key, "max_memory": max_memory, "min_tok_s": min_tok_s,
+              "context": context, "method": method, "eval_chunks": eval_chunks, "tightfit_version": __version__}
+    work = out.with_name(f".{out.name}.stages")
+    if work.is_dir():
+        before = json.loads((work / "inputs.json").read_text()) if (work / "inputs.json").is_file() else None
+        if before != inputs:
+            log(f"{work} holds stages of another fit ({before}); starting clean")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "inputs.json", inputs)
+
+    log(f"[1/5] measuring sensitivities of {spec.name} ({spec.params / 1e6:.0f}M parameters, layer by layer)")
+    losses = _stage(work, "sensitivities", log, lambda: measured_losses(
+        model, [f for f in FORMATS[device.kind] if f != DENSE], method, progress=progress))
     log(f"[2/5] planning for {device.name}" + (f" within {max_memory / 1e6:.0f} MB" if max_memory else ""))
-    plan = solve(spec, device, Workload(context), min_tok_s=min_tok_s, max_memory=max_memory, losses=losses)
-    plan.model = model
-    if max_kld is not None and plan.predicted["kld"] > max_kld:
-        raise PlanError(f"the best plan within the limits predicts KLD {plan.predicted['kld']:.4f} > --max-kld "
+
+    def make_plan():
+        plan = solve(spec, device, Workload(context), min_tok_s=min_tok_s, max_memory=max_memory, losses=losses)
+        plan.model = model
+        return plan.to_dict() | {"streams": plan.streams}
+
+    plan = _stage(work, "plan", log, make_plan)
+    if max_kld is not None and plan["predicted"]["kld"] > max_kld:
+        raise PlanError(f"the best plan within the limits predicts KLD {plan['predicted']['kld']:.4f} > --max-kld "
                         f"{max_kld}: raise --max-memory or lower --min-tok-s.")
-    with atomic_path(out, directory=True, force=force) as tmp:
-        (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
-        log(f"[3/5] quantizing ({method}) as planned: predicted KLD {plan.predicted['kld']:.4f}, "
-            f"{plan.predicted['decode_tok_s']:.0f} tok/s")
-        cfg = formats_from_plan(tmp / "plan.json", QuantConfig(method=method, calib_samples=16, calib_ctx=256), model)
-        manifest = quantize(model, cfg, tmp / "artifact", progress=progress)
-        budget = int(plan.memory_bytes["weights"]) if plan.streams else None
-        log("[4/5] evaluating against the original")
-        lm = load_runtime(tmp / "artifact", plan.kv_format, max_memory=budget)
+    log(f"[3/5] quantizing ({method}) as planned: predicted KLD {plan['predicted']['kld']:.4f}, "
+        f"{plan['predicted']['decode_tok_s']:.0f} tok/s")
+    artifact = work / "artifact"
+    if (artifact / "manifest.json").is_file():
+        log(f"    quantize: reusing the artifact of an earlier run ({artifact})")
+        manifest = json.loads((artifact / "manifest.json").read_text())
+    else:
+        cfg = formats_from_plan(work / "plan.json", QuantConfig(method=method, calib_samples=16, calib_ctx=256),
+                                model)
+        manifest = quantize(model, cfg, artifact, progress=progress, force=True)  # written atomically
+    budget = int(plan["memory_bytes"]["weights"]) if plan.get("streams") else None
+
+    def evaluate_stage():
+        lm = load_runtime(artifact, plan["kv_format"], max_memory=budget)
+        base = load_reference(model)
         r = evaluate(lm, read_part(EVALUATION), text_name="eval", text_sha256=EVALUATION.sha256, ctx=512,
                      chunks=eval_chunks, base=base, progress=progress)
-        log("[5/5] measuring speed and memory")
-        tok_s = decode_speed(lm)
+        return r.to_dict()
+
+    log("[4/5] evaluating against the original (the original runs layer by layer in fp32)")
+    r = _stage(work, "evaluate", log, evaluate_stage)
+    log("[5/5] measuring speed and memory")
+
+    def speed_stage():
+        lm = load_runtime(artifact, plan["kv_format"], max_memory=budget)
         wb = lm.model.weight_bytes()
-        resident = wb.get("resident", wb["per_token"] + wb.get("embedding", 0))
-        result = {"model": model, "hardware": device.key, "plan": plan.to_dict(),
-                  "measured": {"kld": r.kld_mean, "kld_stderr": r.kld_stderr, "perplexity": r.perplexity,
-                               "base_perplexity": r.base_perplexity, "top1": r.top1_agreement,
-                               "decode_tok_s": tok_s, "weight_bytes_resident": resident,
-                               "bits_per_weight": manifest["bits_per_weight"]},
-                  "seconds": time.time() - t0}
-        (tmp / "fit.json").write_text(json.dumps(result, indent=1))
-        _report(tmp, result)
+        return {"decode_tok_s": decode_speed(lm),
+                "weight_bytes_resident": wb.get("resident", wb["per_token"] + wb.get("embedding", 0))}
+
+    speed = _stage(work, "speed", log, speed_stage)
+    result = {"model": model, "hardware": device.key, "plan": plan,
+              "measured": {"kld": r["kld_mean"], "kld_stderr": r["kld_stderr"], "perplexity": r["perplexity"],
+                           "base_perplexity": r["base_perplexity"], "top1": r["top1_agreement"],
+                           "decode_tok_s": speed["decode_tok_s"],
+                           "weight_bytes_resident": speed["weight_bytes_resident"],
+                           "bits_per_weight": manifest["bits_per_weight"]},
+              "seconds": time.time() - t0}
+    write_json(work / "fit.json", result)
+    _report(work, result)
+    (work / "inputs.json").unlink()
+    for name in STAGES:  # their numbers are in fit.json; plan.json stays (quantize --plan reads it)
+        if name != "plan":
+            (work / f"{name}.json").unlink(missing_ok=True)
+    publish(work, out)
     log(f"wrote {out}/report.md")
     return result
 

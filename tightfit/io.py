@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import OutputExistsError
 
 
-def _check_target(path: Path, force: bool) -> None:
+def check_target(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; choose another output path or pass --force to replace it.")
 
@@ -28,7 +28,7 @@ def _remove(path: Path) -> None:
 def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside PATH; on success it is renamed onto PATH, on any failure removed."""
     path = Path(path)
-    _check_target(path, force)
+    check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.partial-"
     if directory:
@@ -39,20 +39,31 @@ def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False
         tmp = Path(name)
     try:
         yield tmp
-        if directory:
-            os.chmod(tmp, 0o755)
-        else:
-            os.chmod(tmp, 0o644)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old) if not path.is_dir() else path.rename(old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file or folder onto PATH, replacing what was there."""
+    os.chmod(tmp, 0o755 if tmp.is_dir() else 0o644)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old) if not path.is_dir() else path.rename(old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (a temporary file beside it, then a rename)."""
+    import json
+
+    path = Path(path)
+    with atomic_path(path, directory=False, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def release_freed_memory_eagerly() -> None:

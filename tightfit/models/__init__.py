@@ -94,9 +94,9 @@ def parameter_count(path: Path, kind: str) -> int:
     import math
 
     if kind == "gguf":
-        import gguf
+        from .gguf_file import open_gguf
 
-        return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+        return sum(int(t.n_elements) for t in open_gguf(path).tensors)
     from safetensors import safe_open
 
     total = 0

@@ -216,8 +216,10 @@ def resident_estimate(kind: str, path: Path) -> int:
     """Bytes the runtime will hold for a source's weights: Q4_0/Q4_1/Q8_0 GGUF tensors and artifacts as
     stored, everything else in bf16."""
     if kind == "gguf":
+        from ..models.gguf_file import open_gguf
+
         return sum(int(t.n_bytes) if t.tensor_type in GGUF_CODES else int(t.n_elements) * 2
-                   for t in gguf.GGUFReader(path).tensors)
+                   for t in open_gguf(path).tensors)
     files = sorted(path.glob("*.safetensors"))
     if kind == "artifact":
         return sum(f.stat().st_size for f in files)

@@ -21,6 +21,23 @@ SCRIPT = textwrap.dedent("""
         from tightfit.quant.config import QuantConfig
         quantize(sys.argv[1], QuantConfig(method=sys.argv[3], fmt=WeightFormat(4, 32, False), calib_samples=4,
                                           calib_ctx=64), sys.argv[4])
+    if sys.argv[2] == "sensitivities":
+        from tightfit.data import CALIBRATION, read_part
+        from tightfit.quant.api import calibration_ids
+        from tightfit.quant.config import QuantConfig
+        from tightfit.quant.mixed import CANDIDATES, priced_sensitivities
+        ids = calibration_ids(lazy.tokenizer, read_part(CALIBRATION), 4, 64)
+        sens, _, _ = priced_sensitivities(lazy, ids, QuantConfig(method=sys.argv[3]),
+                                          [f for f in CANDIDATES if f.bits == 4])
+        assert sens.loss.shape[0] == 2 + 7 * lazy.config.num_hidden_layers
+    if sys.argv[2] == "eval-base":
+        from tightfit.data import EVALUATION, read_part
+        from tightfit.eval import evaluate
+        from tightfit.eval.reference import load_reference
+        base = load_reference(sys.argv[1])
+        r = evaluate(base, read_part(EVALUATION)[:20000], text_name="t", text_sha256="x", ctx=128, chunks=8,
+                     base=load_reference(sys.argv[1]))
+        assert r.kld_max < 1e-6
     hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
     print(json.dumps({"vmhwm_kb": int(hwm.split()[1])}))
 """)
@@ -48,6 +65,37 @@ def big_model(tmp_path_factory):
 def peak_kb(*args) -> int:
     out = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["vmhwm_kb"]
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """48 layers of hidden 768 (1.2 GB in fp32, stored in bf16, untied head): one layer is 1/48 of it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("deep")
+    tok = make_tokenizer(add_bos=False)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=48,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters()) * 4
+
+
+@pytest.mark.parametrize("verb", ["sensitivities", "eval-base"])
+def test_sensitivities_and_eval_base_hold_a_quarter_of_the_fp32_model(deep_model, verb):
+    """Both used to hold the whole model in fp32 (the Fisher's full backward; the base of a KLD); layer by
+    layer, they hold one layer's weights, gradients and Fisher plus the windows' activations."""
+    folder, model_bytes = deep_model
+    assert model_bytes > 1e9
+    baseline = peak_kb(folder, "load")
+    extra = (peak_kb(folder, verb, "awq") - baseline) * 1024
+    assert extra < 0.25 * model_bytes, f"{verb} took {extra / 1e6:.0f} MB over the baseline for a {model_bytes / 1e6:.0f} MB model"
 
 
 @pytest.mark.parametrize("method", ["rtn"])  # GPTQ adds its Hessians (in^2 x 4 bytes), and minutes

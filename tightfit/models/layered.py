@@ -26,16 +26,21 @@ def check_layered(config, verb: str) -> None:
 def load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor] | None = None,
                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Decoder layer i with its weights (read from the source unless `state` holds them)."""
+    from ..io import release_freed_memory_eagerly
+
+    release_freed_memory_eagerly()  # else glibc's heap keeps every dropped layer's pages
     prefix = f"model.layers.{i}."
     state = lazy.materialize(prefix) if state is None else state
     layer = lazy.skeleton.model.layers[i]
-    layer.to_empty(device="cpu")
-    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
+    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)  # no copy
     return layer.to(dtype)
 
 
 def drop_layer(lazy: LazyModel, i: int) -> None:
+    from ..io import return_free_heap
+
     lazy.skeleton.model.layers[i].to("meta")
+    return_free_heap()  # the small tensors a layer's pass allocated and freed
 
 
 def rotary(lazy: LazyModel, ctx: int, dtype: torch.dtype = torch.float32):

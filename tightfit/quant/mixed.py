@@ -70,7 +70,8 @@ def input_hessians(model):
 
 def held_out_pair(hooks: dict[str, SplitHessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """{name: E[x x^T]} of the even windows and of the odd ones."""
-    return tuple({n: h.halves[k].result() for n, h in hooks.items()} for k in (0, 1))
+    pairs = {n: h.fit_test() for n, h in hooks.items()}
+    return tuple({n: p[k] for n, p in pairs.items()} for k in (0, 1))
 
 
 def method_ratios(model, hessians: dict[str, torch.Tensor], cfg: QuantConfig, formats=CANDIDATES, rows: int = 64,

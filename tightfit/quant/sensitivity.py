@@ -62,24 +62,26 @@ def tensor_losses(w: torch.Tensor, F: torch.Tensor, formats, ratios: dict[str, f
 
 class SplitHessian:
     """E[x x^T] of one linear's inputs, calls alternating between two halves (one window per call), so that an
-    error can be fitted on one half and measured on the other."""
+    error can be fitted on one half and measured on the other. Sums are fp32, accumulated in place (a few
+    dozen windows of a few hundred tokens each; fp64 doubled the largest buffers of a layer's working set)."""
 
     def __init__(self, n: int):
-        from .calibrate import HessianHook
-
-        self.halves = (HessianHook(n), HessianHook(n))
+        self.H = (torch.zeros(n, n), torch.zeros(n, n))
+        self.tokens = [0, 0]
         self.calls = 0
 
     def __call__(self, module, args):
-        self.halves[self.calls % 2](module, (args[0].detach(),))
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        k = self.calls % 2
+        self.H[k].addmm_(x.T, x)
+        self.tokens[k] += x.shape[0]
         self.calls += 1
 
     def fit_test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.halves[0].result(), self.halves[1].result()
+        return tuple(h / max(t, 1) for h, t in zip(self.H, self.tokens))
 
     def result(self) -> torch.Tensor:
-        a, b = self.halves
-        return ((a.H + b.H) / max(a.tokens + b.tokens, 1)).float()
+        return (self.H[0] + self.H[1]) / max(sum(self.tokens), 1)
 
 
 def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, progress: bool = False,
@@ -107,27 +109,30 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     if not tied:
         del embed
     pe = rotary(lazy, T)
-    inputs: list[torch.Tensor | None] = []
+    inputs = torch.empty(L, *x.shape)  # every layer's input, in one allocation (no heap fragments)
     for i in range(L):  # forward: keep each layer's input, take its input Hessians, price the method
         prefix = f"model.layers.{i}."
-        state = lazy.materialize(prefix)
-        layer = load_layer(lazy, i, state)
-        hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in INPUT_GROUPS}
+        layer = load_layer(lazy, i)  # its parameters are the only copy of the layer's weights
+        hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in INPUT_GROUPS
+                 if priced or keep_hessians}
         handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
-        inputs.append(x)
-        x = run_layer(layer, x, pe, batch=1)  # one window per call: the Hessian halves alternate by window
+        inputs[i].copy_(x)
+        run_layer(layer, inputs[i], pe, batch=1, out=x)  # one window per call: the Hessian halves alternate
         for h in handles:
             h.remove()
-        drop_layer(lazy, i)
         for lead, group in INPUT_GROUPS.items():
+            if lead not in hooks:
+                continue
             H_fit, H_test = hooks[lead].fit_test()
             for n in group:
                 name = f"{prefix}{n}.weight"
                 if priced:
-                    ratios[name] = tensor_ratios(state[name], H_fit, H_test, cfg, formats, name, rows, g_rows)
+                    w = layer.get_submodule(n).weight.detach()
+                    ratios[name] = tensor_ratios(w, H_fit, H_test, cfg, formats, name, rows, g_rows)
                 if keep_hessians:
                     hessians[name] = hooks[lead].result()
-        del state, hooks
+        drop_layer(lazy, i)
+        del layer, hooks
         bar.update()
 
     norm = final_norm(lazy)
@@ -166,8 +171,7 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
 
     for i in reversed(range(L)):  # backward: each layer's Fisher from its kept input and the gradient above it
         prefix = f"model.layers.{i}."
-        state = lazy.materialize(prefix)
-        layer = load_layer(lazy, i, state)
+        layer = load_layer(lazy, i)
         params = {f"{prefix}{n}": p for n, p in layer.named_parameters()}
         for p in params.values():
             p.requires_grad_(p.ndim == 2)
@@ -182,16 +186,16 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
                 p.grad = None
             out.backward(grad[w : w + 1])
             for n, p in params.items():
-                F[n] += p.grad**2 / (T - 1)
+                F[n].addcmul_(p.grad, p.grad, value=1 / (T - 1))
+                p.grad = None
             grad[w] = xw.grad[0]
             del out
         for p in params.values():
             p.grad = None
-        inputs[i] = None
-        for n in params:
-            losses[n] = tensor_losses(state[n], F[n] / n_win, formats, ratios.get(n), n)
+        for n, p in params.items():
+            losses[n] = tensor_losses(p.detach(), F.pop(n) / n_win, formats, ratios.get(n), n)
         drop_layer(lazy, i)
-        del state, F, params, xs
+        del layer, F, params, xs
         bar.update()
 
     if tied:  # the embedding's own gradient lands on the rows of each window's tokens

@@ -25,3 +25,13 @@ def test_the_readme_main_job_wrote_its_report():
     report = (out / "report.md").read_text()
     assert f"{p['kld']:.4g}" in report and "| decode tokens/s |" in report
     assert not (out.parent / f".{out.name}.stages").exists()
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    import re
+
+    root = Path(__file__).parent.parent
+    commands = [b.strip() for b in re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)]
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert len(commands) >= 2 and commands[0] in ci and commands[1] in ci
+    assert ci.index(commands[0]) < ci.index(commands[1])  # the main job first

@@ -43,23 +43,30 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def big_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_checkpoint(folder, config, tok, dtype=torch.float32) -> int:
+    """A random-weight model of `config` saved to folder with tokenizer `tok`; -> its fp32 bytes."""
+    from transformers import AutoModelForCausalLM
 
-    folder = tmp_path_factory.mktemp("big")
-    tok = make_tokenizer(add_bos=False)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     tok.save_pretrained(folder)
-    return folder, sum(p.numel() for p in model.parameters()) * 4
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("big")
+    tok = make_tokenizer(add_bos=False)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096,
+                         num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    return folder, random_checkpoint(folder, config, tok)
 
 
 def peak_kb(*args) -> int:
@@ -70,21 +77,13 @@ def peak_kb(*args) -> int:
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory):
     """48 layers of hidden 768 (1.2 GB in fp32, stored in bf16, untied head): one layer is 1/48 of it."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     folder = tmp_path_factory.mktemp("deep")
     tok = make_tokenizer(add_bos=False)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=48,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, sum(p.numel() for p in model.parameters()) * 4
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048,
+                         num_hidden_layers=48, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    return folder, random_checkpoint(folder, config, tok, torch.bfloat16)
 
 
 @pytest.mark.parametrize("verb", ["sensitivities", "eval-base"])

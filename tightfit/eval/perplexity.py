@@ -92,7 +92,7 @@ def evaluate(model, text: str, *, text_name: str, text_sha256: str, ctx: int = 5
     win: Windows = make_windows(ids, ctx, chunks, bos)
     n = win.tokens.shape[0]
     streamed = hasattr(base, "prepare")  # eval/reference.py: the base runs layer by layer over all windows
-    for lm in (model, base) if streamed else (model,):
+    for lm in (model, base):
         if hasattr(lm, "prepare"):
             lm.prepare(win.tokens, win.first, progress)
 

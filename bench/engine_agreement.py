@@ -29,6 +29,9 @@ WORK = Path.home() / ".cache" / "tightfit" / "bench" / "agreement"
 def llama_logits(path: Path, windows, ubatch: int) -> list[torch.Tensor]:
     from llama_cpp import Llama
 
+    from tightfit.eval.llama_cpp import check_build
+
+    check_build()
     llm = Llama(str(path), n_ctx=windows.ctx, n_batch=windows.ctx, n_ubatch=ubatch, logits_all=True, verbose=False)
     try:
         out = []

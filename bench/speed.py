@@ -74,6 +74,9 @@ class Llama:
         import gguf
         import llama_cpp as L
 
+        from tightfit.eval.llama_cpp import check_build
+
+        check_build()
         self.L = L
         self._quiet = L.llama_log_callback(lambda level, text, user: None)  # kept alive: llama.cpp holds it
         L.llama_log_set(self._quiet, None)

@@ -94,6 +94,9 @@ def require_llama_cpp():
         if in_ci():
             pytest.fail("llama-cpp-python is not installed but CI=true: install the bench extra (pip install -e .[bench])")
         pytest.skip("llama-cpp-python not installed (pip install -e .[bench])")
+    from tightfit.eval.llama_cpp import check_build
+
+    check_build()  # a typed failure instead of a segfault that takes the whole test run down
     return llama_cpp
 
 

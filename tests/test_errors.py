@@ -159,3 +159,23 @@ def test_cli_missing_text_file(tiny_models, capsys):
 def test_cli_chunks_below_two(tiny_models, capsys):
     assert main(["eval", str(tiny_models["llama"]), "--ctx", "64", "--chunks", "1", "--json"]) == 2
     assert "--chunks must be at least 2, got 1" in capsys.readouterr().err
+
+
+def test_llama_cpp_build_with_amx_is_refused_before_it_can_crash(monkeypatch):
+    import sys
+    import types
+
+    from tightfit.errors import LlamaCppBuildError
+    from tightfit.eval.llama_cpp import check_build
+
+    fake = types.ModuleType("llama_cpp")
+    fake.llama_print_system_info = lambda: b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.delenv("TIGHTFIT_ALLOW_LLAMA_AMX", raising=False)
+    with pytest.raises(LlamaCppBuildError, match=r"built with AMX.*--no-cache-dir --force-reinstall"):
+        check_build()
+    monkeypatch.setenv("TIGHTFIT_ALLOW_LLAMA_AMX", "1")
+    check_build()
+    monkeypatch.delenv("TIGHTFIT_ALLOW_LLAMA_AMX")
+    fake.llama_print_system_info = lambda: b"CPU : AVX512 = 1 | AVX512_VNNI = 1 | REPACK = 1 | "
+    check_build()

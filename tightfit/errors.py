@@ -51,3 +51,7 @@ class ContextError(TightfitError, ValueError):
 
 class MemoryBudgetError(TightfitError, ValueError):
     """A memory budget too small for what must stay resident."""
+
+
+class LlamaCppBuildError(TightfitError, RuntimeError):
+    """The installed llama-cpp-python build cannot run here (for example its AMX matmul crashes on this CPU)."""

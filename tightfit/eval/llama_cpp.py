@@ -12,12 +12,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import LlamaCppBuildError
 from .windows import Windows
+
+
+REBUILD = ("rebuild it without AMX: CMAKE_ARGS=\"$(cat bench/llama-cmake-args)\" pip install --no-cache-dir "
+           "--force-reinstall llama-cpp-python==0.3.36 (pip's wheel cache ignores CMAKE_ARGS, so a wheel built "
+           "earlier with default flags comes back unless the cache is bypassed)")
+
+
+def check_build() -> None:
+    """Refuse a llama-cpp-python build whose AMX matmul is compiled in: in 0.3.36 it segfaults on the AMX Xeons
+    we run on (the whole process dies, no Python error), so stop before the first matmul with a typed error."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    if "AMX_INT8 = 1" in info and os.environ.get("TIGHTFIT_ALLOW_LLAMA_AMX") != "1":
+        raise LlamaCppBuildError(f"llama-cpp-python was built with AMX ({info.strip()}); {REBUILD}. "
+                                 "Set TIGHTFIT_ALLOW_LLAMA_AMX=1 to use it anyway.")
 
 
 def open_llama(path: str | os.PathLike, ctx: int, threads: int | None = None):
     from llama_cpp import Llama
 
+    check_build()
     return Llama(str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
                  n_threads=threads or os.cpu_count())
 

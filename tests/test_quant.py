@@ -195,3 +195,49 @@ def test_stacked_gptq_errors_equal_one_gptq_per_format():
     for f, e in zip(fmts, stacked):
         assert e == pytest.approx(gptq(w, H, f).error["output_sq_err"], rel=1e-5), f.name
     assert stacked[0] > stacked[1] > stacked[3]
+
+
+def test_guard_keeps_rtn_where_the_method_overfits_its_calibration():
+    # GPTQ fitted to 24 tokens in 256 dimensions pushes its error into directions those tokens never span;
+    # on other inputs it is far worse than plain rounding, and the guard must return RTN's tensor instead
+    from tightfit.quant.calibrate import guarded, output_error
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    x_fit, x_hold = torch.randn(24, 256, generator=g), torch.randn(4096, 256, generator=g)
+    H_fit, H_hold = x_fit.T @ x_fit / 24, x_hold.T @ x_hold / 4096
+    cfg = QuantConfig(method="gptq", fmt=F3, damp=1e-4)
+    overfit = gptq(w, H_fit, F3, damp=1e-4)
+    plain = rtn(w, F3)
+    assert output_error(w - overfit.dequantize(), H_hold) > 1.5 * output_error(w - plain.dequantize(), H_hold)
+    qw, fell = guarded(w, F3, cfg, H_fit, H_hold, "w")
+    assert fell and qw.error["fallback"] == "rtn" and torch.equal(qw.dequantize(), plain.dequantize())
+    assert qw.error["holdout_sq_err"] > qw.error["holdout_rtn_sq_err"]
+    # with enough calibration tokens GPTQ wins on held-out inputs too, and is kept
+    x_fit = torch.randn(4096, 256, generator=g)
+    qw, fell = guarded(w, F3, cfg, x_fit.T @ x_fit / 4096, H_hold, "w")
+    assert not fell and qw.error["holdout_sq_err"] < qw.error["holdout_rtn_sq_err"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq-gptq"])
+def test_calibrated_methods_do_not_lose_to_rtn_on_another_domain(tiny_models, tmp_path, short_eval_text, method):
+    # calibrate on Python source (this package's own code), evaluate on the speeches: the guard holds each
+    # tensor to RTN's held-out error, so the calibrated model must not be worse than plain rounding
+    from pathlib import Path
+
+    code = "\n".join(p.read_text() for p in sorted((Path(tightfit.__file__).parent / "quant").glob("*.py")))
+    calib_file = tmp_path / "code.txt"
+    calib_file.write_text(code)
+    base = tightfit.load(tiny_models["qwen2"])
+    cfg = QuantConfig(method=method, fmt=F3, embed_fmt=None, calib_samples=16, calib_ctx=CTX)
+    manifest = quantize(tiny_models["qwen2"], cfg, tmp_path / method, calib=str(calib_file))
+    ref = quantize(tiny_models["qwen2"], QuantConfig(method="rtn", fmt=F3, embed_fmt=None), tmp_path / "rtn")
+    assert "guard" not in ref
+    g = manifest["guard"]
+    assert g["held_out_windows"] == 2 and g["tensors"] == 2 * 7 + 1
+    assert 0 <= g["rtn_fallback_rate"] <= 1 and len(g["rtn_fallbacks"]) == round(g["rtn_fallback_rate"] * g["tensors"])
+    for name in g["rtn_fallbacks"]:
+        assert manifest["tensors"][name]["error"]["fallback"] == "rtn"
+    k_method = kld(tightfit.load(tmp_path / method), base, short_eval_text)
+    k_rtn = kld(tightfit.load(tmp_path / "rtn"), base, short_eval_text)
+    assert k_method <= k_rtn * 1.02, (method, k_method, k_rtn, g)

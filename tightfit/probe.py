@@ -121,15 +121,38 @@ def _synthetic_engine(layers: int, hidden: int, ffn: int, heads: int, kv_heads: 
     return build_engine(cfg, get, names, max_memory=max_memory), layer_bytes
 
 
-def _step_seconds(e, steps: int) -> float:
-    """Median seconds of one single-token decode step of engine e."""
+def _steps_fn(e, steps: int):
     cache = e.new_cache(1, steps + 2)
     tok = torch.tensor([[3]])
 
     def run():
         for pos in range(steps):
             e.forward(tok, pos, cache)
-    return _typical(run, 5) / steps
+    return run
+
+
+def _step_seconds(e, steps: int) -> float:
+    """Median seconds of one single-token decode step of engine e."""
+    return _typical(_steps_fn(e, steps), 5) / steps
+
+
+def _paired_extra(a, b, steps: int, reps: int = 7) -> float:
+    """Median over interleaved pairs of (seconds per step of b) - (of a): each pair runs under the same load, so
+    a busy host shifts both of its timings instead of the difference (two separate medians were seen 15x off)."""
+    fa, fb = _steps_fn(a, steps), _steps_fn(b, steps)
+    fa(), fb()  # warm up
+    diffs = []
+    for _ in range(reps):
+        ta = _once(fa)
+        tb = _once(fb)
+        diffs.append((tb - ta) / steps)
+    return statistics.median(diffs)
+
+
+def _once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def fixed_costs() -> dict:
@@ -191,12 +214,12 @@ def engine_rates(fixed: dict, layers: int = 16, hidden: int = 576, ffn: int = 15
         net = resident - fixed["per_token_s"] - layers * fixed["per_layer_s"]
         out["resident"][str(bits)] = e.weight_bytes()["layers"] / max(net, 0.25 * resident)
         # room for the arena (the runtime's layout is a few % over the codes' bytes) and no second layer: all stream
-        e, _ = _synthetic_engine(*shape, max_memory=int(1.3 * layer) + (64 << 10))
+        s, _ = _synthetic_engine(*shape, max_memory=int(1.3 * layer) + (64 << 10))
         try:
-            extra = max(_step_seconds(e, steps) - resident, 1e-9)
-            out["stream_extra"][str(bits)] = e.streamer.bytes_per_token / extra
+            extra = max(_paired_extra(e, s, steps), 1e-9)
+            out["stream_extra"][str(bits)] = s.streamer.bytes_per_token / extra
         finally:
-            e.streamer.close()
+            s.streamer.close()
     return out
 
 

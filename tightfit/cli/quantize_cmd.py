@@ -56,10 +56,20 @@ def run(args) -> int:
         cfg = plan_mixed(args.model, cfg, args.target_bpw, calib=args.calib, progress=not args.json)
     manifest = quantize(args.model, cfg, args.output, calib=args.calib, progress=not args.json, force=args.force)
     summary = {k: manifest[k] for k in ("method", "bits_per_weight", "size_bytes", "parameters", "calibration")}
+    if "guard" in manifest:
+        g = manifest["guard"]
+        summary["rtn_fallbacks"] = {"tensors": len(g["rtn_fallbacks"]), "of": g["tensors"],
+                                    "awq_scales_left_at_1": len(g["awq_scale_fallbacks"]),
+                                    "held_out_windows": g["held_out_windows"]}
     summary["output"] = args.output
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"wrote {args.output}: {manifest['method']} {manifest['bits_per_weight']:.3f} bits per weight, "
               f"{manifest['size_bytes'] / 1e6:.1f} MB", file=sys.stderr)
+        if "rtn_fallbacks" in summary:
+            f = summary["rtn_fallbacks"]
+            print(f"  checked on {f['held_out_windows']} held-out calibration windows: {f['tensors']} of {f['of']} "
+                  f"tensors kept round-to-nearest (it was better there), {f['awq_scales_left_at_1']} AWQ scale "
+                  "pairs left unscaled", file=sys.stderr)
     return 0

@@ -51,7 +51,8 @@ def quantize(source, cfg: QuantConfig, out, *, calib: str | None = None, progres
         ids = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed)
         calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed}
     qm = quantize_model(lazy, cfg, ids, progress=progress)
-    return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), force=force)
+    guard = {"guard": qm.extra["guard"]} if "guard" in qm.extra else None
+    return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), extra=guard, force=force)
 
 
 def quantize_(lm, config: QuantConfig, calib_ids: torch.Tensor | None = None) -> QuantizedModel:

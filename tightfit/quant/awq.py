@@ -48,24 +48,38 @@ def sample_rows(w: torch.Tensor, in_features: int, g: torch.Generator, flops: fl
 
 
 def search_scale(ws: list[torch.Tensor], fmts, H: torch.Tensor, act: torch.Tensor, expand=lambda s: s,
-                 seed: int = 0):
-    """The per-channel scale s = act^alpha (normalized) whose quantized output error is least; alpha=0 is s=1."""
+                 seed: int = 0, H_hold: torch.Tensor | None = None):
+    """The per-channel scale s = act^alpha (normalized) whose quantized output error is least; alpha=0 is s=1.
+
+    With H_hold (inputs the search did not fit) the found scale must also beat s=1 there, else s=1 is returned.
+    -> (s, fell back to s=1)."""
     g = torch.Generator().manual_seed(seed)
     sampled = [sample_rows(w, H.shape[0], g) for w in ws]
+
+    def error(s, H):
+        cols = expand(s)
+        return sum(k * output_error(w - fake_quant(w * cols, f) / cols, H) for (w, k), f in zip(sampled, fmts))
+
     best, best_s = float("inf"), None
     for alpha in ALPHAS:
         s = act.clamp_min(1e-5).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        cols = expand(s)
-        err = sum(k * output_error(w - fake_quant(w * cols, f) / cols, H) for (w, k), f in zip(sampled, fmts))
+        err = error(s, H)
         if err < best:
             best, best_s = err, s
-    return best_s
+    ones = torch.ones_like(act)
+    if H_hold is not None and not torch.equal(best_s, ones) and error(best_s, H_hold) > error(ones, H_hold):
+        return ones, True
+    return best_s, False
 
 
-def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for) -> dict:
-    """Search and fold the four scale pairs of one decoder layer (state and hessians change in place)."""
-    found = {}
+def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for,
+              held: dict | None = None) -> tuple[dict, list[str]]:
+    """Search and fold the four scale pairs of one decoder layer (state, hessians and held change in place).
+
+    held: the held-out windows' Hessians, by the same names; a pair whose searched scale does not beat s=1 on
+    them is left unscaled. -> (scale per pair, the pairs left unscaled by that check)."""
+    found, fell_back = {}, []
     for pair in PAIRS:
         lead = LEAD[pair.name]
         H = hessians[lead]
@@ -79,12 +93,18 @@ def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for) ->
             hd = act.shape[0] // config.num_attention_heads
             rep = config.num_attention_heads // config.num_key_value_heads
             act = act.reshape(config.num_key_value_heads, rep, hd).mean(1).reshape(-1)
-        s = search_scale(ws, fmts, H, act, expand, cfg.seed)
+        H_hold = None if held is None else held.get(lead)
+        s, fell = search_scale(ws, fmts, H, act, expand, cfg.seed, H_hold)
+        if fell:
+            fell_back.append(pair.name)
         apply_scale(state, prefix, pair, s, config)
         cols = expand(s)
-        hessians[lead] = H / (cols[:, None] * cols[None, :])
+        outer = cols[:, None] * cols[None, :]
+        hessians[lead] = H / outer
+        if H_hold is not None:
+            held[lead] = H_hold / outer
         found[pair.name] = s
-    return found
+    return found, fell_back
 
 
 def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None) -> QuantizedWeight:

@@ -60,17 +60,43 @@ def tied_hessian(H_head: torch.Tensor) -> torch.Tensor:
 
 
 class HessianHook:
+    """E[x x^T] of one linear's inputs, summed apart for the windows a method fits (part 0) and the held-out
+    windows its result is checked on (part 1). fp32 sums accumulated in place (fp64 doubled the largest
+    buffers: a 7B down_proj's is 18944^2)."""
+
     def __init__(self, n: int):
-        self.H = torch.zeros(n, n, dtype=torch.float64)
-        self.tokens = 0
+        self.H = [torch.zeros(n, n), torch.zeros(n, n)]
+        self.tokens = [0, 0]
+        self.part = 0
 
     def __call__(self, module, args):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
-        self.H += (x.T @ x).double()  # fp32 product per batch, fp64 sum across batches
-        self.tokens += x.shape[0]
+        self.H[self.part].addmm_(x.T, x)
+        self.tokens[self.part] += x.shape[0]
 
-    def result(self) -> torch.Tensor:
-        return (self.H / max(self.tokens, 1)).float()
+    def result(self, part: int = 0) -> torch.Tensor | None:
+        return self.H[part] / self.tokens[part] if self.tokens[part] else None
+
+
+def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
+    return float(((d @ H) * d).double().sum())
+
+
+def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_hold: torch.Tensor | None,
+            name: str) -> tuple[QuantizedWeight, bool]:
+    """cfg.method's tensor, unless round-to-nearest's output error on the held-out windows is smaller: then
+    RTN's (a calibrated method must never return a tensor worse than plain rounding). -> (tensor, fell back)."""
+    qw = quantize_one(w, fmt, cfg, H, name)
+    if H_hold is None or cfg.method == "rtn":
+        return qw, False
+    ref = rtn(w, fmt, H)
+    e_method, e_rtn = output_error(w.float() - qw.dequantize(), H_hold), output_error(w.float() - ref.dequantize(), H_hold)
+    held = {"holdout_sq_err": e_method, "holdout_rtn_sq_err": e_rtn}
+    if e_method > e_rtn:
+        ref.error |= held | {"fallback": "rtn"}
+        return ref, True
+    qw.error |= held
+    return qw, False
 
 
 def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None, progress: bool = False) -> QuantizedModel:
@@ -90,68 +116,97 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     embed = lazy.get("model.embed_tokens.weight")
 
     xs = pe = None
+    n_fit = 0
     if calib is not None:
         xs = embed[calib].to(cfg.calib_torch_dtype)  # [samples, ctx, hidden]
         pe = rotary(lazy, calib.shape[1], xs.dtype)
+        n_fit = calib.shape[0] - cfg.held_out_windows(calib.shape[0])
+    guard = {"held_out_windows": 0 if xs is None else xs.shape[0] - n_fit, "tensors": 0, "rtn_fallbacks": [],
+             "awq_scale_fallbacks": []}
 
     steps = tqdm(range(config.num_hidden_layers), desc=f"quantizing ({cfg.method})", unit="layer",
                  disable=not progress)
     for i in steps:
         prefix = f"model.layers.{i}."
         state = lazy.materialize(prefix)
-        hessians = {}
+        hessians, held = {}, {}
         if xs is not None:
             layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
             hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
-            run_layer(layer, xs, pe)
+            run_layer(layer, xs[:n_fit], pe)
+            for h in hooks.values():
+                h.part = 1
+            run_layer(layer, xs[n_fit:], pe)
             for h in handles:
                 h.remove()
-            hessians = {n: h.result() for n, h in hooks.items()}
+            hessians = {n: h.result(0) for n, h in hooks.items()}
+            held = {n: h.result(1) for n, h in hooks.items() if h.tokens[1]}
+            del hooks
         if cfg.method in SCALED:
-            extra["awq_scales"][i] = awq_layer(state, prefix, hessians, cfg, config,
-                                               lambda n: cfg.format_for(prefix + n + ".weight"))
+            found, fell_back = awq_layer(state, prefix, hessians, cfg, config,
+                                         lambda n: cfg.format_for(prefix + n + ".weight"), held=held or None)
+            extra["awq_scales"][i] = found
+            guard["awq_scale_fallbacks"] += [f"{prefix}{p}" for p in fell_back]
         for lead, group in INPUT_GROUPS.items():
             for n in group:
                 name = f"{prefix}{n}.weight"
                 fmt = cfg.format_for(name)
                 if fmt is None:
                     continue
-                qw = quantize_one(state[name], fmt, cfg, hessians.get(lead), name)
+                qw, fell = guarded(state[name], fmt, cfg, hessians.get(lead), held.get(lead), name)
+                guard["tensors"] += 1
+                if fell:
+                    guard["rtn_fallbacks"].append(name)
                 state[name] = qw.dequantize()
                 weights[name] = qw.compact()
+        del hessians, held
         for k, v in state.items():
             if k not in weights:
                 kept[k] = v
         if xs is not None:
             layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
-            xs = run_layer(layer, xs, pe)
+            xs = run_layer(layer, xs, pe, out=xs)
         drop_layer(lazy, i)
         if progress and weights:
             last = weights[f"{prefix}mlp.down_proj.weight"].error
-            steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB")
+            steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB", rtn_fallbacks=len(guard["rtn_fallbacks"]))
 
     norm = lazy.get("model.norm.weight")
     kept["model.norm.weight"] = norm
-    H_head = None
+    H_head = H_head_hold = None
     if xs is not None:
         final = lazy.skeleton.model.norm
         final.to_empty(device="cpu")
         final.load_state_dict({"weight": norm})
         with torch.inference_mode():
-            h = final(xs.float()).reshape(-1, config.hidden_size)
-        H_head = ((h.T @ h).double() / h.shape[0]).float()
+            h = final(xs.float())
         final.to("meta")
+        fit, hold = h[:n_fit].reshape(-1, config.hidden_size), h[n_fit:].reshape(-1, config.hidden_size)
+        H_head = (fit.T @ fit) / fit.shape[0]
+        H_head_hold = (hold.T @ hold) / hold.shape[0] if hold.shape[0] else None
+        del h, fit, hold
     head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     fmt = cfg.format_for(head_name)
+
+    def head_tensor(w, fmt, H, H_hold):
+        if fmt is None:
+            return None
+        qw, fell = guarded(w, fmt, cfg, H, H_hold, head_name)
+        guard["tensors"] += 1
+        if fell:
+            guard["rtn_fallbacks"].append(head_name)
+        return qw
+
     if config.tie_word_embeddings:
-        H_tied = None if H_head is None else tied_hessian(H_head)
-        weights[head_name] = quantize_one(embed, fmt, cfg, H_tied, head_name) if fmt else None
+        tie = (lambda H: None if H is None else tied_hessian(H))
+        weights[head_name] = head_tensor(embed, fmt, tie(H_head), tie(H_head_hold))
     else:
         e_fmt = cfg.format_for("model.embed_tokens.weight")
         weights["model.embed_tokens.weight"] = rtn(embed, e_fmt) if e_fmt else None
-        head = lazy.get("lm_head.weight")
-        weights[head_name] = quantize_one(head, fmt, cfg, H_head, head_name) if fmt else None
+        weights[head_name] = head_tensor(lazy.get("lm_head.weight"), fmt, H_head, H_head_hold)
+    if guard["held_out_windows"] and cfg.method != "rtn":
+        extra["guard"] = guard | {"rtn_fallback_rate": len(guard["rtn_fallbacks"]) / max(guard["tensors"], 1)}
     for qw in weights.values():
         if qw is not None:
             qw.compact()

@@ -26,6 +26,9 @@ class QuantConfig:
     damp: float = 0.01
     clip_search: bool = True  # GPTQ: each group's range searched (clipped) by its output error, not min/max
     calib_samples: int = 128
+    # the share of calibration windows a calibrated method does not fit: each tensor's result is checked on
+    # them against round-to-nearest's, and RTN's is kept where it is better (0: no check)
+    holdout: float = 0.125
     calib_ctx: int = 512
     seed: int = 0
     # dtype of the calibration forward passes (statistics are accumulated in fp32/fp64 either way); bf16 runs
@@ -42,6 +45,11 @@ class QuantConfig:
         import torch
 
         return getattr(torch, self.calib_dtype)
+
+    def held_out_windows(self, windows: int) -> int:
+        if self.method == "rtn" or self.holdout <= 0 or windows < 2:
+            return 0
+        return min(windows - 1, max(1, round(windows * self.holdout)))
 
     @property
     def needs_calibration(self) -> bool:

@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--hold", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--fmt", default="asym4-g32")
+    ap.add_argument("--variants", default="rtn,rtn+clip,gptq,gptq-noclip,awq,awq-gptq,awq-gptq-noclip")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "calib_diagnosis.json"))
     args = ap.parse_args()
     fmt = WeightFormat.parse(args.fmt)
@@ -104,7 +105,10 @@ def main():
         base = {k: v.float().clone() for k, v in lazy.materialize(prefix).items()}
         row = {"layer": i, "tensors": {}, "layer_rel_mse": {}, "token_rel_err": {}}
         outs = {}
+        chosen = args.variants.split(",")
         for vname, fn in variants(fmt).items():
+            if vname not in chosen and vname != "rtn":
+                continue
             state = copy.deepcopy(base)
             for n, lead in LEAD_OF.items():
                 w = base[prefix + n + ".weight"]
@@ -116,6 +120,8 @@ def main():
             outs[vname] = state
         # AWQ scales (searched on the fit set) then clip / GPTQ, errors in the scaled coordinates of each linear
         for vname, rounding in (("awq", "clip"), ("awq-gptq", "gptq"), ("awq-gptq-noclip", "gptq-noclip")):
+            if vname not in chosen:
+                continue
             state = copy.deepcopy(base)
             Hf = {k: v.clone() for k, v in H_fit.items()}
             found, _ = awq_layer(state, prefix, Hf, cfg, lazy.config, lambda n: fmt)
@@ -145,7 +151,7 @@ def main():
                   + ", ".join(f"{k} {v / r0:.3f}" for k, v in row[metric].items()), flush=True)
         for n, r in row["tensors"].items():
             print(f"   {n:18s} hold/rtn: " + ", ".join(f"{k} {v['hold'] / r['rtn']['hold']:.3f}" for k, v in r.items())
-                  + f" | fit/rtn gptq {r['gptq']['fit'] / r['rtn']['fit']:.3f}", flush=True)
+                  , flush=True)
         layer = load_layer(lazy, i, {k: v for k, v in base.items()}, dtype)
         xs = torch.cat([y_fit, y_hold])
         drop_layer(lazy, i)

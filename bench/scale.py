@@ -2,8 +2,8 @@
 and memory are exact).
 
 Checkpoints (bf16 safetensors, a real config, the default model's tokenizer) are written once, layer by layer,
-to a cache folder (default ~/.cache/tightfit/scale). Each verb runs as a subprocess; its peak RSS is the
-child's ru_maxrss from wait4 (VmHWM), and the bytes it wrote are measured from its output.
+to a cache folder (default ~/.cache/tightfit/scale). Each verb runs as a subprocess; its peak RSS is sampled
+from the process tree every 0.1 s (psutil), and the bytes it wrote are measured from its output.
 
     python bench/scale.py --shapes smollm2-135m qwen2.5-1.5b --verbs quantize-rtn eval-base sensitivities
 Results: bench/results/scale.json (a run keeps the rows of shapes and verbs it did not rerun).
@@ -78,13 +78,39 @@ def checkpoint(shape: str, cache: Path) -> Path:
     return folder
 
 
+def tree_rss(proc) -> int:
+    """Resident bytes of a process and its descendants right now (anonymous and file-backed pages)."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run(cmd: list[str], log: Path) -> dict:
+    """Wall time and peak RSS of the process tree, sampled every 0.1 s (ru_maxrss from wait4 gave the same
+    1.64 GB for four different verbs: it was not measuring the job)."""
+    import psutil
+
     t0 = time.time()
+    peak = 0
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return {"seconds": round(time.time() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
-            "rc": os.waitstatus_to_exitcode(status), "log_tail": log.read_text()[-400:] if status else ""}
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(ps))
+            time.sleep(0.1)
+    status = proc.returncode
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_gb": round(peak / 1e9, 3),
+            "rc": status, "log_tail": log.read_text()[-400:] if status else ""}
 
 
 def size_of(path: Path) -> int:

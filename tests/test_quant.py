@@ -241,3 +241,20 @@ def test_calibrated_methods_do_not_lose_to_rtn_on_another_domain(tiny_models, tm
     k_method = kld(tightfit.load(tmp_path / method), base, short_eval_text)
     k_rtn = kld(tightfit.load(tmp_path / "rtn"), base, short_eval_text)
     assert k_method <= k_rtn * 1.02, (method, k_method, k_rtn, g)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_large_tensors_quantize_in_row_blocks_with_the_same_result(monkeypatch, method):
+    import tightfit.quant.calibrate as calibrate
+
+    g = torch.Generator().manual_seed(1)
+    w, X = torch.randn(300, 128, generator=g), torch.randn(1024, 128, generator=g)
+    H = X.T @ X / 1024
+    cfg = QuantConfig(method=method, fmt=F3)
+    whole, _ = calibrate.guarded(w, F3, cfg, H, H, "w")
+    monkeypatch.setattr(calibrate, "CHUNK_ELEMENTS", 128 * 64)  # 5 blocks of 64 rows, the last one short
+    blocks, _ = calibrate.guarded(w, F3, cfg, H, H, "w")
+    assert blocks.packed and blocks.shape == (300, 128)
+    assert torch.equal(whole.dequantize(), blocks.dequantize())
+    for key in ("weight_rel_mse", "output_sq_err", "output_rel_err"):
+        assert blocks.error[key] == pytest.approx(whole.error[key], rel=1e-9)

@@ -6,7 +6,7 @@ activations, and a model larger than RAM can be quantized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -82,17 +82,66 @@ def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).double().sum())
 
 
+# weights per quantizer call: a tensor with more (a 151936 x 1536 embedding, a 7B down_proj) is quantized in row
+# blocks - every method here treats rows independently given H - so its fp32 temporaries stay near 128 MB each
+CHUNK_ELEMENTS = 1 << 25
+
+
+class _Parts:
+    """One candidate's row blocks (packed) and its error sums over them."""
+
+    def __init__(self):
+        self.parts: list[QuantizedWeight] = []
+        self.sums = torch.zeros(5, dtype=torch.float64)  # |d|^2, |w|^2, d H d, w H w, d H_hold d
+
+    def add(self, w: torch.Tensor, qw: QuantizedWeight, H, H_hold) -> None:
+        d = w - qw.dequantize()
+        self.sums[0] += float((d * d).double().sum())
+        self.sums[1] += float((w * w).double().sum())
+        if H is not None:
+            self.sums[2] += output_error(d, H)
+            self.sums[3] += output_error(w, H)
+        if H_hold is not None:
+            self.sums[4] += output_error(d, H_hold)
+        self.parts.append(qw.compact())
+
+    def result(self, in_features: int, with_H: bool) -> QuantizedWeight:
+        if len(self.parts) == 1:
+            qw = self.parts[0]
+        else:
+            first = self.parts[0]
+            qw = QuantizedWeight(first.fmt, torch.cat([p.data for p in self.parts]),
+                                 torch.cat([p.scales for p in self.parts]),
+                                 None if first.mins is None else torch.cat([p.mins for p in self.parts]),
+                                 g_idx=first.g_idx, in_features=in_features, packed=True)
+        rel = float(self.sums[0] / self.sums[1].clamp_min(1e-30))
+        qw.error = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+        if with_H:
+            qw.error |= {"output_sq_err": float(self.sums[2]),
+                         "output_rel_err": float(self.sums[2] / self.sums[3].clamp_min(1e-30))}
+        return qw
+
+
 def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_hold: torch.Tensor | None,
             name: str) -> tuple[QuantizedWeight, bool]:
-    """cfg.method's tensor, unless round-to-nearest's output error on the held-out windows is smaller: then
-    RTN's (a calibrated method must never return a tensor worse than plain rounding). -> (tensor, fell back)."""
-    qw = quantize_one(w, fmt, cfg, H, name)
-    if H_hold is None or cfg.method == "rtn":
+    """cfg.method's tensor (packed), unless round-to-nearest's output error on the held-out windows is smaller:
+    then RTN's (a calibrated method must never return a tensor worse than plain rounding). Large tensors go
+    through in row blocks. -> (tensor, fell back to RTN)."""
+    fmt.check_shape(tuple(w.shape), name)
+    check = H_hold is not None and cfg.method != "rtn"
+    method, plain = _Parts(), _Parts()
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    for i in range(0, w.shape[0], rows):
+        wc = w[i : i + rows].float()
+        method.add(wc, quantize_one(wc, fmt, cfg, H, name), H, H_hold)
+        if check:
+            plain.add(wc, rtn(wc, fmt), H, H_hold)
+    qw = method.result(w.shape[1], H is not None)
+    if not check:
         return qw, False
-    ref = rtn(w, fmt, H)
-    e_method, e_rtn = output_error(w.float() - qw.dequantize(), H_hold), output_error(w.float() - ref.dequantize(), H_hold)
-    held = {"holdout_sq_err": e_method, "holdout_rtn_sq_err": e_rtn}
-    if e_method > e_rtn:
+    held = {"holdout_sq_err": float(method.sums[4]), "holdout_rtn_sq_err": float(plain.sums[4])}
+    if method.sums[4] > plain.sums[4]:
+        ref = plain.result(w.shape[1], H is not None)
         ref.error |= held | {"fallback": "rtn"}
         return ref, True
     qw.error |= held
@@ -159,7 +208,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
                 if fell:
                     guard["rtn_fallbacks"].append(name)
                 state[name] = qw.dequantize()
-                weights[name] = qw.compact()
+                weights[name] = qw
         del hessians, held
         for k, v in state.items():
             if k not in weights:
@@ -203,7 +252,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         weights[head_name] = head_tensor(embed, fmt, tie(H_head), tie(H_head_hold))
     else:
         e_fmt = cfg.format_for("model.embed_tokens.weight")
-        weights["model.embed_tokens.weight"] = rtn(embed, e_fmt) if e_fmt else None
+        weights["model.embed_tokens.weight"] = guarded(embed, e_fmt, replace(cfg, method="rtn"), None, None,
+                                                       "model.embed_tokens.weight")[0] if e_fmt else None
         weights[head_name] = head_tensor(lazy.get("lm_head.weight"), fmt, H_head, H_head_hold)
     if guard["held_out_windows"] and cfg.method != "rtn":
         extra["guard"] = guard | {"rtn_fallback_rate": len(guard["rtn_fallbacks"]) / max(guard["tensors"], 1)}

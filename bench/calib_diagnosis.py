@@ -131,12 +131,18 @@ def main():
                     s = found[pair.name]
                     cols = expand_gqa(s, lazy.config) if pair.gqa else s
                     Hh[PAIR_LEAD[pair.name]] = Hh[PAIR_LEAD[pair.name]] / (cols[:, None] * cols[None, :])
+            # a pair's source linear (v_proj, up_proj) had its rows divided by s: its error counts in the
+            # original output coordinates, d * s per row (in the scaled ones it looked 2.6x RTN's, an artifact)
+            row_scale = {pair.source: found[pair.name] for pair in PAIRS
+                         if pair.name in found and pair.source.endswith("_proj")}
             for n, lead in LEAD_OF.items():
                 w = state[prefix + n + ".weight"]
                 qw = awq_clip(w, fmt, Hf[lead]) if rounding == "clip" else \
                     gptq(w, Hf[lead], fmt, clip_search=rounding == "gptq")
                 dq = qw.dequantize()
                 d = w - dq
+                if n in row_scale:
+                    d = d * row_scale[n][:, None]
                 state[prefix + n + ".weight"] = dq
                 row["tensors"][n][vname] = {"hold": err(d, Hh[lead]), "fit": err(d, Hf[lead])}
             outs[vname] = state

@@ -23,23 +23,35 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..models import load
     from .common import quiet_libraries
 
     quiet_libraries(True)
-    lm = load(args.model, progress=True)
-    if args.offgrid:
-        from ..quant.equivalence import offgrid
+    if args.to == "hf":  # layer by layer: one layer in memory at a time, whatever the model's size
+        from ..models import load_lazy
+        from ..models.hf import save_hf_streamed
 
-        with torch.no_grad():
-            offgrid(lm.model.state_dict(), lm.config, sigma=args.offgrid, seed=args.seed)
-    if args.to == "hf":
-        from ..models.hf import save_hf
+        lazy = load_lazy(args.model)
+        hook = None
+        if args.offgrid:
+            from ..quant.equivalence import check_rescalable, offgrid_layer
 
-        out = save_hf(lm, args.output, dtype=getattr(torch, DTYPES[args.dtype]), force=args.force)
+            check_rescalable(lazy.config)
+            g = torch.Generator().manual_seed(args.seed)
+
+            def hook(state, i):
+                offgrid_layer(state, i, lazy.config, g, args.offgrid)
+        out = save_hf_streamed(lazy, args.output, dtype=getattr(torch, DTYPES[args.dtype]), force=args.force,
+                               layer_hook=hook, progress=True)
     else:
         from ..export.gguf import write_gguf_f16
+        from ..models import load
 
+        lm = load(args.model, progress=True)
+        if args.offgrid:
+            from ..quant.equivalence import offgrid
+
+            with torch.no_grad():
+                offgrid(lm.model.state_dict(), lm.config, sigma=args.offgrid, seed=args.seed)
         out = write_gguf_f16(lm, args.output, force=args.force, progress=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -50,6 +50,48 @@ def save_hf(lm, out, *, dtype: torch.dtype = torch.float32, force: bool = False)
     return out
 
 
+def save_hf_streamed(lazy, out, *, dtype: torch.dtype = torch.float32, force: bool = False, layer_hook=None,
+                     progress: bool = False) -> Path:
+    """Write a LazyModel as a sharded Hugging Face folder, one decoder layer at a time (atomically): peak
+    memory is one layer in fp32, whatever the model's size. layer_hook(state, i) may change layer i's tensors
+    in place before they are written (the off-grid rescaling). One shard per layer plus one for the rest,
+    with the index `from_pretrained` reads."""
+    import json
+
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from ..io import atomic_path, return_free_heap
+
+    out = Path(out)
+    L = lazy.config.num_hidden_layers
+    names = list(lazy.loaders)
+    rest = [n for n in names if not n.startswith("model.layers.")]
+    n_shards = L + 1
+    weight_map, total = {}, 0
+    with atomic_path(out, directory=True, force=force) as tmp:
+        for i in tqdm(range(n_shards), desc="writing", unit="shard", disable=not progress):
+            if i < L:
+                state = lazy.materialize(f"model.layers.{i}.")
+                if layer_hook is not None:
+                    layer_hook(state, i)
+            else:
+                state = {n: lazy.get(n) for n in rest}
+            file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            for k, v in tensors.items():
+                weight_map[k] = file
+                total += v.numel() * v.element_size()
+            del state, tensors
+            return_free_heap()
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        lazy.config.save_pretrained(tmp)
+        save_tokenizer(lazy.tokenizer, lazy.format, lazy.path, tmp)
+    return out
+
+
 def save_tokenizer(tokenizer, source_format: str, source_path: Path, folder: Path) -> None:
     """Save a tokenizer; from a GGUF source, remember llama.cpp's pre-tokenizer name for a GGUF written back."""
     if source_format == "gguf":

@@ -82,6 +82,18 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
+def offgrid_layer(state: dict[str, torch.Tensor], i: int, config, g: torch.Generator, sigma: float) -> None:
+    """Layer i's pairs rescaled by exp(N(0, sigma^2)) factors drawn from g, in place (layers in order, each
+    pair in PAIRS order: the same draws whether the model is held whole or streamed a layer at a time)."""
+    for pair in PAIRS:
+        s = torch.exp(torch.randn(pair_width(pair, config), generator=g) * sigma)
+        apply_scale(state, layer_prefix(i), pair, s, config)
+
+
+def offgrid_record(sigma: float, seed: int) -> dict:
+    return {"transform": "offgrid", "sigma": sigma, "seed": seed, "pairs": [p.name for p in PAIRS]}
+
+
 def offgrid(state: dict[str, torch.Tensor], config, sigma: float = 0.1, seed: int = 0) -> dict:
     """Rescale every pair of every layer by exp(N(0, sigma^2)) factors drawn from `seed` (in place).
 
@@ -90,7 +102,5 @@ def offgrid(state: dict[str, torch.Tensor], config, sigma: float = 0.1, seed: in
     check_rescalable(config)
     g = torch.Generator().manual_seed(seed)
     for i in range(config.num_hidden_layers):
-        for pair in PAIRS:
-            s = torch.exp(torch.randn(pair_width(pair, config), generator=g) * sigma)
-            apply_scale(state, layer_prefix(i), pair, s, config)
-    return {"transform": "offgrid", "sigma": sigma, "seed": seed, "pairs": [p.name for p in PAIRS]}
+        offgrid_layer(state, i, config, g, sigma)
+    return offgrid_record(sigma, seed)

@@ -258,3 +258,14 @@ def test_large_tensors_quantize_in_row_blocks_with_the_same_result(monkeypatch, 
     assert torch.equal(whole.dequantize(), blocks.dequantize())
     for key in ("weight_rel_mse", "output_sq_err", "output_rel_err"):
         assert blocks.error[key] == pytest.approx(whole.error[key], rel=1e-9)
+
+
+def test_inverse_upper_cholesky_equals_the_three_step_factor():
+    from tightfit.quant.gptq import inverse_upper_cholesky
+
+    _, H = correlated(n_in=192, tokens=2048)
+    H = H + 0.01 * H.diagonal().mean() * torch.eye(192)
+    usual = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    fast = inverse_upper_cholesky(H)
+    assert torch.equal(fast, fast.triu()) and (fast.diagonal() > 0).all()
+    assert torch.allclose(fast, usual, rtol=1e-4, atol=1e-5 * float(usual.abs().max()))

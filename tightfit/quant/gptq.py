@@ -28,8 +28,18 @@ def _prepare(w: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float):
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     Hp = H[perm][:, perm]
     Hp += damp * torch.mean(torch.diag(Hp)) * torch.eye(W.shape[1])
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
-    return W, H, perm, Hinv
+    return W, H, perm, inverse_upper_cholesky(Hp)
+
+
+def inverse_upper_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper triangular U with U^T U = H^-1, from one Cholesky factorization and one triangular inverse.
+
+    With J the order reversal and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J) and J L^-1 J is upper triangular
+    with a positive diagonal: the unique factor. The usual chol(cholesky_inverse(chol(H)), upper) costs two
+    factorizations and a full inverse: at a 1.5B down_proj (8960 columns) that was half of GPTQ's time."""
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    Linv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype), upper=False)
+    return Linv.flip(0, 1)
 
 
 def _sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,

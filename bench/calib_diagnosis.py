@@ -24,7 +24,7 @@ from tightfit.formats.weight import WeightFormat
 from tightfit.models import load_lazy
 from tightfit.models.layered import drop_layer, load_layer, rotary, run_layer
 from tightfit.quant.api import calibration_ids
-from tightfit.quant.awq import awq_clip, awq_layer
+from tightfit.quant.awq import LEAD, awq_clip, awq_layer
 from tightfit.quant.calibrate import INPUT_GROUPS, HessianHook
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.core import rtn
@@ -32,8 +32,6 @@ from tightfit.quant.equivalence import PAIRS, expand_gqa
 from tightfit.quant.gptq import gptq
 
 LEAD_OF = {n: lead for lead, group in INPUT_GROUPS.items() for n in group}
-PAIR_LEAD = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-             "mlp_out": "mlp.down_proj"}
 
 
 def hessians(layer, xs, pe) -> dict[str, torch.Tensor]:
@@ -130,7 +128,7 @@ def main():
                 if pair.name in found:
                     s = found[pair.name]
                     cols = expand_gqa(s, lazy.config) if pair.gqa else s
-                    Hh[PAIR_LEAD[pair.name]] = Hh[PAIR_LEAD[pair.name]] / (cols[:, None] * cols[None, :])
+                    Hh[LEAD[pair.name]] = Hh[LEAD[pair.name]] / (cols[:, None] * cols[None, :])
             # a pair's source linear (v_proj, up_proj) had its rows divided by s: its error counts in the
             # original output coordinates, d * s per row (in the scaled ones it looked 2.6x RTN's, an artifact)
             row_scale = {pair.source: found[pair.name] for pair in PAIRS

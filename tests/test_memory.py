@@ -58,15 +58,19 @@ def random_checkpoint(folder, config, tok, dtype=torch.float32) -> int:
     return sum(p.numel() for p in model.parameters()) * 4
 
 
+def random_model(tmp_path_factory, name: str, config_class, dtype=torch.float32, **shape):
+    """(folder, fp32 bytes) of a random checkpoint with this config shape and a tiny tokenizer."""
+    folder = tmp_path_factory.mktemp(name)
+    tok = make_tokenizer(add_bos=False)
+    return folder, random_checkpoint(folder, config_class(vocab_size=len(tok), **shape), tok, dtype)
+
+
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
     from transformers import LlamaConfig
 
-    folder = tmp_path_factory.mktemp("big")
-    tok = make_tokenizer(add_bos=False)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096,
-                         num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-    return folder, random_checkpoint(folder, config, tok)
+    return random_model(tmp_path_factory, "big", LlamaConfig, hidden_size=1024, intermediate_size=4096,
+                        num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 def peak_kb(*args) -> int:
@@ -79,11 +83,9 @@ def deep_model(tmp_path_factory):
     """48 layers of hidden 768 (1.2 GB in fp32, stored in bf16, untied head): one layer is 1/48 of it."""
     from transformers import Qwen2Config
 
-    folder = tmp_path_factory.mktemp("deep")
-    tok = make_tokenizer(add_bos=False)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048,
-                         num_hidden_layers=48, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
-    return folder, random_checkpoint(folder, config, tok, torch.bfloat16)
+    return random_model(tmp_path_factory, "deep", Qwen2Config, torch.bfloat16, hidden_size=768,
+                        intermediate_size=2048, num_hidden_layers=48, num_attention_heads=6, num_key_value_heads=2,
+                        tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("verb", ["sensitivities", "eval-base"])

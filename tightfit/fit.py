@@ -116,10 +116,9 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
         log(f"    quantize: reusing the artifact of an earlier run ({artifact})")
         manifest = json.loads((artifact / "manifest.json").read_text())
     else:
-        from .models import load_lazy
         from .quant.api import calibration_windows
 
-        samples = calibration_windows(load_lazy(model).config, 256)
+        samples = calibration_windows(max(it.shape[1] for it in spec.items if it.layer is not None), 256)
         cfg = formats_from_plan(work / "plan.json", QuantConfig(method=method, calib_samples=samples, calib_ctx=256),
                                 model)
         manifest = quantize(model, cfg, artifact, progress=progress, force=True)  # written atomically

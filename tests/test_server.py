@@ -4,7 +4,10 @@ import socket
 import threading
 import time
 
+import json
+
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -19,7 +22,7 @@ def server(tiny_models):
     import uvicorn
 
     lm = load_runtime(tiny_models["llama"])
-    app = create_app(lm.model, lm.tokenizer, "tiny", api_key=KEY, ctx=256, max_tokens_limit=64)
+    app = create_app(lm.model, lm.tokenizer, "tiny", api_key=KEY, ctx=1024, max_tokens_limit=256)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -87,10 +90,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert e.value.body["message"] == ("The model 'gpt-4' does not exist; this server serves 'tiny' (GET /v1/models).")
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=1000)
-    assert e.value.body["message"] == "max_tokens is 1000, above this server's limit of 64."
+    assert e.value.body["message"] == "max_tokens is 1000, above this server's limit of 256."
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}])
-    assert "this server's context holds 256: shorten it." in e.value.body["message"]
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 1500}])
+    assert "this server's context holds 1024: shorten it." in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=5)
     assert e.value.body["message"].startswith("Invalid request: temperature:")
@@ -133,3 +136,172 @@ def test_concurrent_requests_are_queued_and_all_answered(client):
     for t in threads:
         t.join(60)
     assert results == [6] * 6
+
+
+# ---- structured outputs, tool calls, logit_bias and penalties, /metrics (the grammar decides what the tiny
+# random model may say, whatever it would say) ----
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                      "color": {"enum": ["red", "green", "blue"]}},
+     "required": ["ok", "n", "color"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "integer", "maximum": 9,
+                                                                                       "minimum": 0},
+                                                                                 "y": {"type": "number", "maximum": 1,
+                                                                                       "minimum": 0}},
+                                                "required": ["x", "y"], "additionalProperties": False},
+                                      "tag": {"type": "string", "maxLength": 5}},
+     "required": ["point", "tag"], "additionalProperties": False},
+]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "the time in a zone",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                   "additionalProperties": False}}}
+MSGS = [{"role": "user", "content": "Answer in JSON"}]
+
+
+def fmt(schema):
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("i", range(len(SCHEMAS)))
+def test_json_schema_answers_validate_also_streamed(client, i):
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=64, temperature=temperature,
+                                           seed=i, response_format=fmt(SCHEMAS[i]))
+        c = r.choices[0]
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), SCHEMAS[i])
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=64, temperature=0,
+                                                 response_format=fmt(SCHEMAS[i]), stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    jsonschema.validate(json.loads(streamed), SCHEMAS[i])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_json_object_is_an_object(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=64, temperature=0,
+                                       response_format={"type": "json_object"})
+    c = r.choices[0]
+    assert c.message.content.startswith("{")
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.message.content), dict)
+
+
+def test_tool_call_round_trip_and_named_choice(client):
+    named = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                           tools=[WEATHER, CLOCK], max_tokens=64, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    c = named.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_time" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), CLOCK["function"]["parameters"])
+    req = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                         tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=200, temperature=0)
+    for call in req.choices[0].message.tool_calls:
+        spec = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), spec["function"]["parameters"])
+    # the call goes back with its result; the model answers (a tool-free choice: plain content)
+    history = [{"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": None, "tool_calls": [call.model_dump() for call in c.message.tool_calls]},
+               {"role": "tool", "tool_call_id": c.message.tool_calls[0].id, "content": "12:00"}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, CLOCK],
+                                            tool_choice="none", max_tokens=8, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and isinstance(answer.choices[0].message.content, str)
+    # streamed: the call arrives as one delta, then finish_reason tool_calls
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=history[:1], tools=[WEATHER], max_tokens=200, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [tc.function.name for tc in calls] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_auto_tool_choice_parses_calls_the_model_writes():
+    from tightfit.server.schema import Tool
+    from tightfit.server.structured import parse_tool_calls
+
+    tools = [Tool(**WEATHER)]
+    assert parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+                            tools) == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    assert parse_tool_calls('[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}]', tools)
+    assert parse_tool_calls('```json\n{"name": "get_weather", "parameters": {}}\n```', tools)[0]["arguments"] == {}
+    assert parse_tool_calls('{"name": "launch_rocket", "arguments": {}}', tools) is None  # not a known tool
+    assert parse_tool_calls("It is sunny in Oslo.", tools) is None
+
+
+def test_logit_bias_and_penalties(client):
+    base = dict(model="tiny", prompt="The economy", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**base, logprobs=0).choices[0]
+    forced = client.completions.create(**base, logit_bias={"65": 100}, logprobs=0).choices[0]
+    assert set(forced.logprobs.tokens) == {client_token(65)}  # every token is the one biased to +100
+    banned_id = first_token_id(plain)
+    banned = client.completions.create(**base, logit_bias={str(banned_id): -100}).choices[0]
+    assert banned.text != plain.text
+    penalized = client.completions.create(**base, frequency_penalty=2.0, presence_penalty=2.0).choices[0]
+    assert distinct(penalized.text) >= distinct(plain.text)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**base, logit_bias={"999999": 1})
+    assert e.value.body["param"] == "logit_bias" and "token ids in [0, " in e.value.body["message"]
+
+
+def client_token(i):
+    return TOKENIZER().decode([i])
+
+
+_TOK = {}
+
+
+def TOKENIZER():
+    return _TOK["tok"]
+
+
+@pytest.fixture(autouse=True)
+def _tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    _TOK.setdefault("tok", AutoTokenizer.from_pretrained(tiny_models["llama"]))
+
+
+def first_token_id(choice):
+    return TOKENIZER()(choice.logprobs.tokens[0], add_special_tokens=False)["input_ids"][0]
+
+
+def distinct(text):
+    return len(set(TOKENIZER()(text, add_special_tokens=False)["input_ids"]))
+
+
+def test_bad_structured_requests_name_the_field_and_the_server_keeps_serving(client):
+    cases = [
+        (dict(response_format=fmt({"type": "nonsense"})), "response_format.json_schema.schema", "not a usable JSON schema"),
+        (dict(response_format={"type": "xml"}), "response_format.type", "Invalid request: response_format.type"),
+        (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools[0].function.parameters",
+         "parameters is missing"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice",
+         "not in tools"),
+        (dict(response_format={"type": "json_schema"}), "response_format.json_schema.schema", "is required"),
+    ]
+    for kwargs, param, message in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, **kwargs)
+        assert e.value.body["param"] == param and message in e.value.body["message"], e.value.body
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="count me", max_tokens=4, temperature=0,
+                              extra_body={"ignore_eos": True})
+    text = httpx.get(server + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["tightfit_generation_tokens_total"] >= 4 and values["tightfit_prompt_tokens_total"] > 0
+    assert values["tightfit_time_to_first_token_seconds_count"] >= 1
+    assert values["tightfit_inter_token_latency_seconds_count"] >= 3
+    assert values['tightfit_requests_total{path="/v1/completions",status="200"}'] >= 1
+    assert values["tightfit_queue_depth"] == 0

@@ -23,6 +23,8 @@ def add_arguments(p):
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the shipped calibration part)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-generated", type=float, default=0.25, metavar="SHARE",
+                   help="share of the calibration windows the model writes itself (default 0.25; 0: text only)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
     p.add_argument("--no-clip-search", action="store_true",
                    help="GPTQ: each group's scale from its min/max instead of the searched clipped range")
@@ -45,7 +47,8 @@ def run(args) -> int:
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
     cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
                       static_groups=not args.dynamic_groups, clip_search=not args.no_clip_search,
-                      calib_samples=args.calib_samples, calib_ctx=args.calib_ctx)
+                      calib_samples=args.calib_samples, calib_ctx=args.calib_ctx,
+                      calib_generated=args.calib_generated)
     if args.plan:
         from ..planner.plan_io import formats_from_plan
 
@@ -67,6 +70,11 @@ def run(args) -> int:
     else:
         print(f"wrote {args.output}: {manifest['method']} {manifest['bits_per_weight']:.3f} bits per weight, "
               f"{manifest['size_bytes'] / 1e6:.1f} MB", file=sys.stderr)
+        c = manifest.get("calibration") or {}
+        if "generated_windows" in c:
+            print(f"  calibration: {c['samples']} windows of {c['ctx']} tokens, {c['generated_windows']} of them "
+                  f"written by the model" + (f" (none: {c['generated_skipped']})" if "generated_skipped" in c else ""),
+                  file=sys.stderr)
         if "rtn_fallbacks" in summary:
             f = summary["rtn_fallbacks"]
             print(f"  checked on {f['held_out_windows']} held-out calibration windows: {f['tensors']} of {f['of']} "

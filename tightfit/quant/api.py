@@ -33,6 +33,38 @@ def calibration_windows(widest: int, ctx: int, at_least: int = 16, per_width: fl
     return max(at_least, math.ceil(per_width * widest / ctx / (1 - QuantConfig.holdout)))
 
 
+def interleave(text: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """Text and generated windows spread evenly through one batch, so that the fitted windows and the held-out
+    ones at the end (QuantConfig.holdout) each get their share of both."""
+    n, g = text.shape[0] + generated.shape[0], generated.shape[0]
+    if not g:
+        return text
+    at = {int((i + 0.5) * n / g) for i in range(g)}  # g distinct rows: consecutive ones are n/g >= 1 apart
+    gi, ti = iter(generated), iter(text)
+    rows = [next(gi) if k in at else next(ti) for k in range(n)]
+    return torch.stack(rows)
+
+
+def calibration_mix(source, tokenizer, text: str, cfg: QuantConfig, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """cfg.calib_samples windows of cfg.calib_ctx tokens: a share cfg.calib_generated written by the model itself
+    (quant/selfgen.py), the rest from the text. A model the runtime cannot run gets text windows only, and the
+    returned record says why."""
+    from ..errors import TightfitError
+    from .selfgen import SAMPLING, generated_windows
+
+    n_gen = min(round(cfg.calib_samples * cfg.calib_generated), cfg.calib_samples - 1)
+    info = {"generated_windows": 0}
+    gen = torch.empty(0, cfg.calib_ctx, dtype=torch.long)
+    if n_gen:
+        try:
+            gen = generated_windows(source, n_gen, cfg.calib_ctx, cfg.seed, progress)
+            info = {"generated_windows": n_gen, "generated_sampling": SAMPLING}
+        except TightfitError as e:  # e.g. an architecture the runtime lacks, or too little memory to run it
+            info = {"generated_windows": 0, "generated_skipped": str(e)}
+    ids = calibration_ids(tokenizer, text, cfg.calib_samples - gen.shape[0], cfg.calib_ctx, cfg.seed)
+    return interleave(ids, gen), info
+
+
 def calibration_text(path: str | None) -> tuple[str, dict]:
     """The calibration part by default; never the evaluation part."""
     if path is None:
@@ -59,8 +91,11 @@ def quantize(source, cfg: QuantConfig, out, *, calib: str | None = None, progres
     # formats alone do not need it (128 x 512 tokens through every layer costs minutes on 2 cores)
     if cfg.needs_calibration or calib is not None:
         text, calib_info = calibration_text(calib)
-        ids = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed)
-        calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed}
+        if cfg.needs_calibration:
+            ids, mix = calibration_mix(source, lazy.tokenizer, text, cfg, progress)
+        else:  # rtn/hqq only report their output error on it
+            ids, mix = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed), {}
+        calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed} | mix
     qm = quantize_model(lazy, cfg, ids, progress=progress)
     guard = {"guard": qm.extra["guard"]} if "guard" in qm.extra else None
     return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), extra=guard, force=force)

@@ -30,6 +30,9 @@ class QuantConfig:
     # them against round-to-nearest's, and RTN's is kept where it is better (0: no check)
     holdout: float = 0.125
     calib_ctx: int = 512
+    # the share of calibration windows the model writes itself (quant/selfgen.py): the shipped text is one
+    # domain (speeches), a code or chat model is used on others
+    calib_generated: float = 0.25
     seed: int = 0
     # dtype of the calibration forward passes (statistics are accumulated in fp32/fp64 either way); bf16 runs
     # 2-4x faster on CPUs with AVX-512 bf16
@@ -39,6 +42,9 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise QuantizeError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not 0 <= self.calib_generated < 1:
+            raise QuantizeError(f"the generated share of the calibration must be in [0, 1); got "
+                                f"{self.calib_generated}. Pass e.g. --calib-generated 0.25 (0: text only).")
 
     @property
     def calib_torch_dtype(self):

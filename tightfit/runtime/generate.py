@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ContextError
 from .model import Engine
-from .sampling import SamplingParams, logprobs_of, sample
+from .sampling import SamplingParams, adjust_logits, logprobs_of, sample
 
 
 @dataclass
@@ -54,8 +54,10 @@ def check_fits(n_prompt: int, max_tokens: int, ctx: int) -> None:
 
 def generate(engine: Engine, tokenizer, prompt_ids: list[int], max_tokens: int = 128,
              params: SamplingParams | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
-             logprobs: int | None = None, ctx: int | None = None, prefill_chunk: int = 512) -> Iterator[Step]:
-    """Yield one Step per generated token. Stops at EOS (unless ignore_eos), a stop string, or max_tokens."""
+             logprobs: int | None = None, ctx: int | None = None, prefill_chunk: int = 512,
+             constraint=None) -> Iterator[Step]:
+    """Yield one Step per generated token. Stops at EOS (unless ignore_eos), a stop string, max_tokens, or when
+    `constraint` (a grammar: server/structured.py) is complete; it masks the tokens the grammar forbids."""
     params = params or SamplingParams()
     ctx = min(ctx or engine.args.max_ctx, engine.args.max_ctx)
     check_fits(len(prompt_ids), max_tokens, ctx)
@@ -69,14 +71,23 @@ def generate(engine: Engine, tokenizer, prompt_ids: list[int], max_tokens: int =
     seen = list(prompt_ids)
     detok = Detokenizer(tokenizer)
     held = ""  # text that may be the start of a stop string: not shown until it is known not to be
+    adjusting = bool(params.logit_bias or params.presence_penalty or params.frequency_penalty)
     for n in range(max_tokens):
+        raw = logits
+        if adjusting:
+            logits = adjust_logits(logits, params, torch.tensor(seen[len(prompt_ids):], dtype=torch.long))
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sample(logits, params, gen, torch.tensor(seen) if params.repetition_penalty != 1.0 else None)
-        lp, top = logprobs_of(logits, token, logprobs or 0) if logprobs is not None else (None, [])
+        lp, top = logprobs_of(raw, token, logprobs or 0) if logprobs is not None else (None, [])
         seen.append(token)
         if token in eos:
             yield Step(token, held + detok.flush(), lp, top, "stop")
             return
-        last = n == max_tokens - 1
+        if constraint is not None:
+            constraint.advance(token)
+        complete = constraint is not None and constraint.done
+        last = n == max_tokens - 1 or complete
         held += detok.add(token) + (detok.flush() if last else "")
         if stop:
             hit = _first_stop(held, stop)
@@ -85,7 +96,7 @@ def generate(engine: Engine, tokenizer, prompt_ids: list[int], max_tokens: int =
                 return
         keep = 0 if last or not stop else _partial_stop(held, stop)
         piece, held = held[:len(held) - keep], held[len(held) - keep:]
-        yield Step(token, piece, lp, top, "length" if last else None)
+        yield Step(token, piece, lp, top, None if not last else "stop" if complete else "length")
         if last:
             return
         logits = engine.forward(torch.tensor([[token]]), pos, cache)[0, -1]

@@ -21,11 +21,19 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (CTRL-style, as llama.cpp and HF)
     seed: int | None = None
+    # OpenAI's: logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c[j] the count of token j
+    # in the generated text so far; logit_bias adds (token id, bias) pairs to the logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+                  (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]")]
         for ok, msg in checks:
             if not ok:
                 raise SamplingError(f"{msg}; got {self}")
@@ -38,6 +46,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     vals = out[seen]
     out[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
     return out
+
+
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, generated: torch.Tensor | None) -> torch.Tensor:
+    """Logits with logit_bias added and the presence / frequency penalties of the `generated` token ids applied."""
+    if p.logit_bias:
+        logits = logits.clone()
+        ids, bias = zip(*p.logit_bias)
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype)
+    if (p.presence_penalty or p.frequency_penalty) and generated is not None and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
+        logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import TightfitError
-from ..runtime.generate import generate
+from ..runtime.generate import _eos_ids, generate
 from ..runtime.sampling import SamplingParams
+from . import structured
 from .schema import ChatRequest, CompletionRequest
 
 
@@ -39,6 +40,26 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
 
 
+class Metrics:
+    """Prometheus metrics of one server (its own registry: several apps may live in one process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tightfit_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("tightfit_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generated = Counter("tightfit_generation_tokens", "tokens generated", registry=r)
+        self.waiting = Gauge("tightfit_queue_depth", "requests waiting for the model", registry=r)
+        self.batch = Gauge("tightfit_batch_size", "sequences in the running decode step", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("tightfit_time_to_first_token_seconds", "arrival to first token", buckets=buckets,
+                              registry=r)
+        self.itl = Histogram("tightfit_inter_token_latency_seconds", "time between tokens of one request",
+                             buckets=buckets, registry=r)
+        self.e2e = Histogram("tightfit_request_duration_seconds", "arrival to last token", buckets=buckets, registry=r)
+
+
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, *, api_key: str | None = None, ctx: int = 2048,
                  max_tokens_limit: int = 2048, max_queue: int = 64):
@@ -49,6 +70,8 @@ class Server:
         self.waiting = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tightfit-gen")
         self.created = int(time.time())
+        self.metrics = Metrics()
+        self.grammars = structured.Grammars(tokenizer, engine.args.vocab_size, _eos_ids(tokenizer))
 
     # ---- request -> generation ----
     def check_common(self, req) -> None:
@@ -57,10 +80,6 @@ class Server:
                                 "(GET /v1/models).", param="model", code="model_not_found")
         if req.n != 1:
             raise APIError(400, "n must be 1: this server generates one choice per request.", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).",
-                               param=name)
 
     def budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         if n_prompt == 0:
@@ -82,13 +101,71 @@ class Server:
         return max_tokens
 
     def params(self, req) -> SamplingParams:
-        return SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty, req.seed)
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.engine.args.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {self.engine.args.vocab_size}); got "
+                                    f"{key!r}.", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100]; got {value} for token {key}.",
+                               param="logit_bias")
+            bias.append((int(key), float(value)))
+        return SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty, req.seed,
+                              req.presence_penalty, req.frequency_penalty, tuple(bias))
+
+    def constraint(self, req) -> structured.Constraint | None:
+        """The grammar a chat request's answer must follow (response_format, or a required / named tool call)."""
+        if not isinstance(req, ChatRequest):
+            return None
+        try:
+            structured.check_tools(req.tools)
+            tool = structured.tool_schema(req.tools, req.tool_choice)
+            fmt = structured.response_schema(req.response_format)
+            if tool and fmt:
+                raise structured.GrammarError("response_format and a required or named tool_choice both constrain "
+                                              "the answer: give one of them.", "response_format")
+            spec = tool or fmt
+            return None if spec is None else self.grammars.from_schema(*spec)
+        except structured.GrammarError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
+    @staticmethod
+    def tools_in_play(req) -> bool:
+        return isinstance(req, ChatRequest) and bool(req.tools) and req.tool_choice != "none"
 
     def chat_ids(self, req: ChatRequest) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             raise APIError(400, f"'{self.model_id}' has no chat template; use /v1/completions with a plain prompt.")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        native = structured.template_renders_tools(self.tok)
+        names = {c.id: c.function.name for m in req.messages for c in (m.tool_calls or [])}
+        messages = []
+        for m in req.messages:
+            if m.role == "assistant" and m.tool_calls:
+                calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                         for c in m.tool_calls]
+                if native:
+                    messages.append({"role": "assistant", "content": m.text(), "tool_calls": [
+                        {"id": c.id, "type": "function", "function": call} for c, call in zip(m.tool_calls, calls)]})
+                else:
+                    messages.append({"role": "assistant", "content": json.dumps(calls)})
+            elif m.role == "tool":
+                if native:
+                    messages.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id})
+                else:
+                    name = names.get(m.tool_call_id, m.name or "the tool")
+                    messages.append({"role": "user", "content": f"Result of {name}: {m.text()}"})
+            else:
+                messages.append({"role": m.role, "content": m.text()})
+        tools = req.tools if self.tools_in_play(req) else None
+        kwargs = {}
+        if tools and native:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+        elif tools:
+            messages.insert(0, {"role": "system", "content": structured.tool_instructions(tools)})
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
+            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def completion_ids(self, req: CompletionRequest) -> list[int]:
@@ -103,34 +180,47 @@ class Server:
             p = p[0]
         return self.tok(p)["input_ids"]
 
-    async def steps(self, request: Request, it):
+    async def steps(self, request: Request, it, arrived: float):
         """Pull generation steps from the worker thread; stop when the client goes away."""
         loop = asyncio.get_running_loop()
+        m, last = self.metrics, None
+        m.batch.set(1)
         try:
             while True:
                 step = await loop.run_in_executor(self.pool, next, it, None)
                 if step is None:
                     return
+                now = time.perf_counter()
+                m.generated.inc()
+                m.ttft.observe(now - arrived) if last is None else m.itl.observe(now - last)
+                last = now
                 yield step
                 if await request.is_disconnected():
                     return
         finally:
+            m.batch.set(0)
+            m.e2e.observe(time.perf_counter() - arrived)
             await loop.run_in_executor(self.pool, it.close)
 
     async def run(self, request: Request, ids: list[int], req, max_tokens: int, logprobs: int | None, kind: str):
+        params, constraint = self.params(req), self.constraint(req)  # a bad field is refused before queueing
         if self.waiting >= self.max_queue:
             raise APIError(503, f"The server is busy: {self.waiting} requests are waiting. Retry later.",
                            type_="server_error", code="server_busy")
         stream_usage = bool(req.stream_options and req.stream_options.include_usage)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_id}
+        arrived = time.perf_counter()
         self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
         await self.lock.acquire()
         self.waiting -= 1
+        self.metrics.waiting.set(self.waiting)
+        self.metrics.prompt_tokens.inc(len(ids))
 
         def start():
-            return generate(self.engine, self.tok, ids, max_tokens, self.params(req), req.stops(), req.ignore_eos,
-                            logprobs, ctx=self.ctx)
+            return generate(self.engine, self.tok, ids, max_tokens, params, req.stops(), req.ignore_eos,
+                            logprobs, ctx=self.ctx, constraint=constraint)
 
         try:
             it = start()
@@ -140,17 +230,19 @@ class Server:
         if req.stream:
             async def events():
                 try:
-                    async for chunk in self.stream_chunks(request, it, meta, kind, len(ids), stream_usage, logprobs):
+                    async for chunk in self.stream_chunks(request, it, arrived, meta, kind, len(ids), stream_usage, logprobs,
+                                                          req.tools if self.tools_in_play(req) else None):
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
                     self.lock.release()
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            steps = [s async for s in self.steps(request, it)]
+            steps = [s async for s in self.steps(request, it, arrived)]
         finally:
             self.lock.release()
-        return JSONResponse(self.whole(steps, meta, kind, len(ids), logprobs))
+        return JSONResponse(self.whole(steps, meta, kind, len(ids), logprobs,
+                                       req.tools if self.tools_in_play(req) else None))
 
     # ---- response bodies ----
     def _token_str(self, token: int) -> str:
@@ -176,11 +268,21 @@ class Server:
     def usage(n_prompt: int, n_out: int) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
-    def whole(self, steps, meta, kind, n_prompt, logprobs) -> dict:
+    @staticmethod
+    def answer(text: str, tools) -> tuple[dict, bool]:
+        """The assistant message for a chat answer: tool calls where the model made them, else content."""
+        calls = structured.parse_tool_calls(text, tools) if tools else None
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": structured.openai_tool_calls(calls)}, True
+        return {"role": "assistant", "content": text}, False
+
+    def whole(self, steps, meta, kind, n_prompt, logprobs, tools=None) -> dict:
         text = "".join(s.text for s in steps)
         finish = steps[-1].finish_reason if steps else "stop"
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+            message, called = self.answer(text, tools)
+            finish = "tool_calls" if called else finish
+            choice = {"index": 0, "message": message, "finish_reason": finish,
                       "logprobs": {"content": [self._chat_logprobs(s) for s in steps]} if logprobs is not None else None}
             obj = "chat.completion"
         else:
@@ -189,14 +291,27 @@ class Server:
             obj = "text_completion"
         return {**meta, "object": obj, "choices": [choice], "usage": self.usage(n_prompt, len(steps))}
 
-    async def stream_chunks(self, request, it, meta, kind, n_prompt, include_usage, logprobs):
+    async def stream_chunks(self, request, it, arrived, meta, kind, n_prompt, include_usage, logprobs, tools=None):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         n = 0
         if kind == "chat":
             yield {**meta, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]}
+        if tools:  # whether the answer is a call is known at its end: one delta then
+            steps = [s async for s in self.steps(request, it, arrived)]
+            message, called = self.answer("".join(s.text for s in steps), tools)
+            if called:
+                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
+                finish = "tool_calls"
+            else:
+                delta, finish = {"content": message["content"]}, steps[-1].finish_reason if steps else "stop"
+            yield {**meta, "object": obj, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                      "finish_reason": finish}], **({"usage": None} if include_usage else {})}
+            if include_usage:
+                yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, len(steps))}
+            return
         offset = 0
-        async for s in self.steps(request, it):
+        async for s in self.steps(request, it, arrived):
             n += 1
             if kind == "chat":
                 delta = {"content": s.text} if s.text else {}
@@ -211,6 +326,13 @@ class Server:
             yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, n)}
 
 
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
 def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
     server = Server(engine, tokenizer, model_id, **limits)
     app = FastAPI(title="tightfit", version="1")
@@ -220,9 +342,13 @@ def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
     async def auth(request: Request, call_next):
         if (server.api_key and request.url.path.startswith("/v1")
                 and request.headers.get("authorization", "") != f"Bearer {server.api_key}"):
-            return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                                  code="invalid_api_key")
-        return await call_next(request)
+            response = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                                      code="invalid_api_key")
+        else:
+            response = await call_next(request)
+        known = request.url.path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+        server.metrics.requests.labels(request.url.path if known else "other", str(response.status_code)).inc()
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -254,6 +380,13 @@ def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": server.created,
                                             "owned_by": "tightfit"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

@@ -15,6 +15,7 @@ from tightfit.runtime import load_runtime
 from tightfit.server.app import create_app
 
 KEY = "sk-test"
+SERVERS = {}  # url -> the Server behind it (its batcher's counters)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def server(tiny_models):
         if srv.started:
             break
         time.sleep(0.05)
+    SERVERS[f"http://127.0.0.1:{port}"] = app.state.server
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     t.join(10)
@@ -305,3 +307,46 @@ def test_metrics(server, client):
     assert values["tightfit_inter_token_latency_seconds_count"] >= 3
     assert values['tightfit_requests_total{path="/v1/completions",status="200"}'] >= 1
     assert values["tightfit_queue_depth"] == 0
+
+
+def test_concurrent_clients_are_batched_and_get_the_tokens_they_get_alone(server, client):
+    # the server has 4 slots: 8 clients share decode steps, the rest wait for a free slot
+    prompts = [f"Request number {i} about the economy" for i in range(8)]
+    ask = lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0,
+                                              extra_body={"ignore_eos": True}).choices[0].text
+    alone = [ask(p) for p in prompts]
+    app_stats = httpx.get(server + "/health").json()
+    before = dict(server_batcher(server).stats)
+    together = [None] * 8
+
+    def one(i):
+        together[i] = ask(prompts[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    after = server_batcher(server).stats
+    steps, rows = after["steps"] - before["steps"], after["rows"] - before["rows"]
+    assert rows / steps > 1.5, (steps, rows)  # decode steps served several sequences at once
+    assert app_stats["parallel"] == 4 and app_stats["active"] == 0
+
+
+def test_a_shared_prompt_prefix_is_not_recomputed(server, client):
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
+    first = client.chat.completions.create(model="tiny", messages=msgs("What is GDP?"), max_tokens=6, temperature=0)
+    b = server_batcher(server)
+    before, prefilled = b.stats["reused_tokens"], b.stats["prefill_tokens"]
+    again = client.chat.completions.create(model="tiny", messages=msgs("What is GDP?"), max_tokens=6, temperature=0)
+    other = client.chat.completions.create(model="tiny", messages=msgs("And inflation?"), max_tokens=6, temperature=0)
+    reused = b.stats["reused_tokens"] - before
+    assert reused >= 2 * (first.usage.prompt_tokens // 2)  # both found the system prompt in a slot's cache
+    assert b.stats["prefill_tokens"] - prefilled < 0.5 * (again.usage.prompt_tokens + other.usage.prompt_tokens)
+    assert again.choices[0].message.content == first.choices[0].message.content  # same tokens from the cache
+
+
+def server_batcher(url):
+    return SERVERS[url].batcher

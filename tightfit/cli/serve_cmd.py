@@ -1,4 +1,4 @@
-"""tightfit serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]"""
+"""tightfit serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]"""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def add_arguments(p):
     p.add_argument("--ctx", type=int, default=2048, help="context per request: prompt + generated tokens")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="sequences decoded together (continuous batching; each slot holds a KV cache of --ctx)")
     p.add_argument("--kv-format", default="bf16", help="KV cache: bf16 (default), fp32, int8, int4")
     p.add_argument("--max-memory", metavar="SIZE", help="keep at most SIZE of weights resident")
 
@@ -25,6 +27,6 @@ def run(args) -> int:
 
     lm = open_model(args)
     app = create_app(lm.model, lm.tokenizer, args.name or args.model, api_key=args.api_key, ctx=args.ctx,
-                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
+                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

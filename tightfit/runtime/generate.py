@@ -52,54 +52,75 @@ def check_fits(n_prompt: int, max_tokens: int, ctx: int) -> None:
                            f"{ctx}: lower max_tokens to at most {ctx - n_prompt}.")
 
 
+class Decoder:
+    """One sequence's generation after its prefill: from each position's logits, the next token and its Step.
+    The same code serves a request alone (`generate`) and in the server's batch (runtime/batch.py), so a
+    sequence's tokens do not depend on what it is batched with (up to the kernels' numerics)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
+                 stop: list[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None,
+                 constraint=None):
+        self.params = params or SamplingParams()
+        self.max_tokens, self.stop, self.logprobs, self.constraint = max_tokens, stop, logprobs, constraint
+        self.gen = torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        self.eos = set() if ignore_eos else _eos_ids(tokenizer)
+        self.n_prompt, self.seen = len(prompt_ids), list(prompt_ids)
+        self.detok = Detokenizer(tokenizer)
+        self.held = ""  # text that may be the start of a stop string: not shown until it is known not to be
+        p = self.params
+        self.adjusting = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty)
+        self.n, self.finished = 0, False
+
+    def step(self, logits: torch.Tensor) -> Step:
+        """The Step of the token drawn from `logits` [vocab]; sets `finished` on the last one."""
+        p, raw = self.params, logits
+        if self.adjusting:
+            logits = adjust_logits(logits, p, torch.tensor(self.seen[self.n_prompt:], dtype=torch.long))
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        token = sample(logits, p, self.gen, torch.tensor(self.seen) if p.repetition_penalty != 1.0 else None)
+        lp, top = logprobs_of(raw, token, self.logprobs or 0) if self.logprobs is not None else (None, [])
+        self.seen.append(token)
+        self.n += 1
+        if token in self.eos:
+            self.finished = True
+            return Step(token, self.held + self.detok.flush(), lp, top, "stop")
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        complete = self.constraint is not None and self.constraint.done
+        last = self.n == self.max_tokens or complete
+        held = self.held + self.detok.add(token) + (self.detok.flush() if last else "")
+        if self.stop:
+            hit = _first_stop(held, self.stop)
+            if hit is not None:
+                self.finished = True
+                return Step(token, held[:hit], lp, top, "stop")
+        keep = 0 if last or not self.stop else _partial_stop(held, self.stop)
+        piece, self.held = held[:len(held) - keep], held[len(held) - keep:]
+        self.finished = last
+        return Step(token, piece, lp, top, None if not last else "stop" if complete else "length")
+
+
 def generate(engine: Engine, tokenizer, prompt_ids: list[int], max_tokens: int = 128,
              params: SamplingParams | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
              logprobs: int | None = None, ctx: int | None = None, prefill_chunk: int = 512,
              constraint=None) -> Iterator[Step]:
     """Yield one Step per generated token. Stops at EOS (unless ignore_eos), a stop string, max_tokens, or when
     `constraint` (a grammar: server/structured.py) is complete; it masks the tokens the grammar forbids."""
-    params = params or SamplingParams()
     ctx = min(ctx or engine.args.max_ctx, engine.args.max_ctx)
     check_fits(len(prompt_ids), max_tokens, ctx)
     cache = engine.new_cache(1, len(prompt_ids) + max_tokens)
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    eos = set() if ignore_eos else _eos_ids(tokenizer)
+    dec = Decoder(tokenizer, prompt_ids, max_tokens, params, stop, ignore_eos, logprobs, constraint)
     ids = torch.tensor([prompt_ids])
     for start in range(0, ids.shape[1], prefill_chunk):  # chunked prefill bounds activation memory
         logits = engine.forward(ids[:, start:start + prefill_chunk], start, cache)[0, -1]
     pos = ids.shape[1]
-    seen = list(prompt_ids)
-    detok = Detokenizer(tokenizer)
-    held = ""  # text that may be the start of a stop string: not shown until it is known not to be
-    adjusting = bool(params.logit_bias or params.presence_penalty or params.frequency_penalty)
-    for n in range(max_tokens):
-        raw = logits
-        if adjusting:
-            logits = adjust_logits(logits, params, torch.tensor(seen[len(prompt_ids):], dtype=torch.long))
-        if constraint is not None:
-            logits = constraint.mask(logits)
-        token = sample(logits, params, gen, torch.tensor(seen) if params.repetition_penalty != 1.0 else None)
-        lp, top = logprobs_of(raw, token, logprobs or 0) if logprobs is not None else (None, [])
-        seen.append(token)
-        if token in eos:
-            yield Step(token, held + detok.flush(), lp, top, "stop")
+    while True:
+        step = dec.step(logits)
+        yield step
+        if dec.finished:
             return
-        if constraint is not None:
-            constraint.advance(token)
-        complete = constraint is not None and constraint.done
-        last = n == max_tokens - 1 or complete
-        held += detok.add(token) + (detok.flush() if last else "")
-        if stop:
-            hit = _first_stop(held, stop)
-            if hit is not None:
-                yield Step(token, held[:hit], lp, top, "stop")
-                return
-        keep = 0 if last or not stop else _partial_stop(held, stop)
-        piece, held = held[:len(held) - keep], held[len(held) - keep:]
-        yield Step(token, piece, lp, top, None if not last else "stop" if complete else "length")
-        if last:
-            return
-        logits = engine.forward(torch.tensor([[token]]), pos, cache)[0, -1]
+        logits = engine.forward(torch.tensor([[step.token]]), pos, cache)[0, -1]
         pos += 1
 
 

@@ -201,6 +201,41 @@ class Engine:
             h += L.down(F.silu(g) * u)
         return self._logits(h[:, -logits_to_keep:])
 
+    @torch.inference_mode()
+    def decode_rows(self, tokens: list[int], positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of several sequences, each at its own position in its own cache: the linears run once
+        over all rows (the weights are read once per step), attention per row. Logits (fp32) [rows, vocab]."""
+        B = len(tokens)
+        if B == 1:  # the fused single-sequence step where the kernels allow it
+            return self.forward(torch.tensor([tokens]), positions[0], caches[0])[:, -1]
+        for c, p in zip(caches, positions):
+            if p + 1 > c.max_ctx:
+                raise ContextError(f"{p + 1} tokens exceed the context of {c.max_ctx}.")
+        a = self.args
+        H, KV, hd, half = a.n_heads, a.n_kv_heads, a.head_dim, a.head_dim // 2
+        h = self.embed(torch.tensor(tokens)[:, None])
+        pos = torch.tensor(positions)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, 1, head_dim]
+        for i, L in enumerate(self.layers):
+            if self.streamer is not None:
+                self.streamer.fetch(i)
+            x = self.rms_norm(h, L.attn_norm)
+            qkv = L.qkv(x).view(B, 1, H + 2 * KV, hd)
+            qk = qkv[:, :, : H + KV]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            rows = []
+            for b in range(B):
+                kt, v = caches[b].update(i, qk[b:b + 1, :, H:].transpose(1, 2), qkv[b:b + 1, :, H + KV:].transpose(1, 2),
+                                         positions[b])
+                q = qk[b:b + 1, :, :H].transpose(1, 2).to(kt.dtype)
+                scores = torch.matmul(q.reshape(1, KV, H // KV, hd).float(), kt.float()) * self.scale
+                rows.append(torch.matmul(torch.softmax(scores, -1), v.float()).view(1, 1, H * hd))
+            h += L.o(torch.cat(rows))
+            x = self.rms_norm(h, L.mlp_norm)
+            g, u = L.gate_up(x).split(a.ffn_dim, -1)
+            h += L.down(F.silu(g) * u)
+        return self._logits(h)[:, -1]
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = self.rms_norm(h, self.norm)
         if self.streamer is not None:

@@ -1,9 +1,9 @@
-"""An OpenAI-compatible HTTP API over the runtime: /v1/models, /v1/completions, /v1/chat/completions.
+"""An OpenAI-compatible HTTP API over the runtime: /v1/models, /v1/completions, /v1/chat/completions, /metrics,
+/health.
 
-Requests are served one at a time in arrival order (a FIFO queue of at most `max_queue` waiting requests, then
-503): the runtime decodes batch 1, which on a small CPU already keeps the cores busy; a waiting request costs
-only its queue slot. Generation runs in a worker thread, one token per hop, so the event loop keeps answering
-and a client that disconnects stops its generation at the next token.
+Requests are continuously batched (runtime/batch.py): up to `parallel` sequences decode together in one worker
+thread, the others wait in arrival order (at most `max_queue`, then 503). The event loop only moves tokens from
+the worker to the clients, so it keeps answering; a client that disconnects frees its slot at the next step.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import TightfitError
-from ..runtime.generate import _eos_ids, generate
+from ..runtime.batch import Batcher, Sequence
+from ..runtime.generate import Decoder, _eos_ids
 from ..runtime.sampling import SamplingParams
 from . import structured
 from .schema import ChatRequest, CompletionRequest
@@ -62,15 +62,14 @@ class Metrics:
 
 class Server:
     def __init__(self, engine, tokenizer, model_id: str, *, api_key: str | None = None, ctx: int = 2048,
-                 max_tokens_limit: int = 2048, max_queue: int = 64):
+                 max_tokens_limit: int = 2048, max_queue: int = 64, parallel: int = 4):
         self.engine, self.tok, self.model_id, self.api_key = engine, tokenizer, model_id, api_key
         self.ctx = min(ctx, engine.args.max_ctx)
         self.max_tokens_limit, self.max_queue = max_tokens_limit, max_queue
-        self.lock = asyncio.Lock()
-        self.waiting = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tightfit-gen")
         self.created = int(time.time())
         self.metrics = Metrics()
+        self.batcher = Batcher(engine, parallel, self.ctx, on_batch=self.metrics.batch.set)
+        self.metrics.waiting.set_function(lambda: self.batcher.queued)
         self.grammars = structured.Grammars(tokenizer, engine.args.vocab_size, _eos_ids(tokenizer))
 
     # ---- request -> generation ----
@@ -180,16 +179,21 @@ class Server:
             p = p[0]
         return self.tok(p)["input_ids"]
 
+    @property
+    def waiting(self) -> int:
+        return self.batcher.queued
+
     async def steps(self, request: Request, it, arrived: float):
-        """Pull generation steps from the worker thread; stop when the client goes away."""
-        loop = asyncio.get_running_loop()
+        """The steps of one sequence as the batcher makes them; stop it when the client goes away."""
+        seq, q = it
         m, last = self.metrics, None
-        m.batch.set(1)
         try:
             while True:
-                step = await loop.run_in_executor(self.pool, next, it, None)
+                step = await q.get()
                 if step is None:
                     return
+                if isinstance(step, Exception):
+                    raise step
                 now = time.perf_counter()
                 m.generated.inc()
                 m.ttft.observe(now - arrived) if last is None else m.itl.observe(now - last)
@@ -198,9 +202,8 @@ class Server:
                 if await request.is_disconnected():
                     return
         finally:
-            m.batch.set(0)
             m.e2e.observe(time.perf_counter() - arrived)
-            await loop.run_in_executor(self.pool, it.close)
+            self.batcher.cancel(seq)  # frees its slot if it is still running
 
     async def run(self, request: Request, ids: list[int], req, max_tokens: int, logprobs: int | None, kind: str):
         params, constraint = self.params(req), self.constraint(req)  # a bad field is refused before queueing
@@ -211,38 +214,25 @@ class Server:
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_id}
         arrived = time.perf_counter()
-        self.waiting += 1
-        self.metrics.waiting.set(self.waiting)
-        await self.lock.acquire()
-        self.waiting -= 1
-        self.metrics.waiting.set(self.waiting)
         self.metrics.prompt_tokens.inc(len(ids))
-
-        def start():
-            return generate(self.engine, self.tok, ids, max_tokens, params, req.stops(), req.ignore_eos,
-                            logprobs, ctx=self.ctx, constraint=constraint)
-
-        try:
-            it = start()
-        except Exception:
-            self.lock.release()
-            raise
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        dec = Decoder(self.tok, ids, max_tokens, params, req.stops(), req.ignore_eos, logprobs, constraint)
+        seq = Sequence(ids, dec, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        self.batcher.submit(seq)
+        it = (seq, q)
+        tools = req.tools if self.tools_in_play(req) else None
         if req.stream:
             async def events():
                 try:
-                    async for chunk in self.stream_chunks(request, it, arrived, meta, kind, len(ids), stream_usage, logprobs,
-                                                          req.tools if self.tools_in_play(req) else None):
+                    async for chunk in self.stream_chunks(request, it, arrived, meta, kind, len(ids), stream_usage,
+                                                          logprobs, tools):
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
-                    self.lock.release()
+                    self.batcher.cancel(seq)
             return StreamingResponse(events(), media_type="text/event-stream")
-        try:
-            steps = [s async for s in self.steps(request, it, arrived)]
-        finally:
-            self.lock.release()
-        return JSONResponse(self.whole(steps, meta, kind, len(ids), logprobs,
-                                       req.tools if self.tools_in_play(req) else None))
+        steps = [s async for s in self.steps(request, it, arrived)]
+        return JSONResponse(self.whole(steps, meta, kind, len(ids), logprobs, tools))
 
     # ---- response bodies ----
     def _token_str(self, token: int) -> str:
@@ -390,7 +380,9 @@ def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": server.waiting}
+        b = server.batcher
+        return {"status": "ok", "waiting": b.queued, "active": len(b.active), "parallel": b.parallel,
+                "prefix_tokens_reused": b.stats["reused_tokens"]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -253,3 +253,26 @@ def test_artifact_with_a_format_the_runtime_lacks_is_a_typed_error(artifacts, tm
     with pytest.raises(ArtifactError, match=re.escape("tensor model.layers.0.mlp.up_proj.weight has an unknown "
                                                       "format 'nf4-g64'")):
         load_runtime(bad)
+
+
+@pytest.mark.parametrize("source,kv", [("bf16", "bf16"), ("sym4", "bf16"), ("sym4", "int8")])
+def test_batched_decode_rows_match_each_sequence_alone(tiny_models, artifacts, source, kv):
+    """The server's step: sequences at different positions in their own caches, one call (C attention for float
+    caches, torch per row for int8)."""
+    lm = load_runtime(tiny_models["llama"] if source == "bf16" else artifacts[source], kv_format=kv)
+    e = lm.model
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 40, 300)]
+    caches = [e.new_cache(1, 320) for _ in prompts]
+    for c, p in zip(caches, prompts):
+        e.forward(torch.tensor([p]), 0, c)
+    rows = e.decode_rows([11, 12, 13], [len(p) for p in prompts], caches)
+    for b, p in enumerate(prompts):
+        c = e.new_cache(1, 320)
+        e.forward(torch.tensor([p]), 0, c)
+        e._fused = None  # the unfused single-sequence path: the same linears as the batch
+        alone = e.forward(torch.tensor([[11 + b]]), len(p), c)[0, -1]
+        if source == "bf16":
+            assert torch.equal(alone, rows[b])
+        else:
+            assert kld(alone[None], rows[b][None]) < 1e-3

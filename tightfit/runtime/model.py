@@ -213,6 +213,7 @@ class Engine:
                 raise ContextError(f"{p + 1} tokens exceed the context of {c.max_ctx}.")
         a = self.args
         H, KV, hd, half = a.n_heads, a.n_kv_heads, a.head_dim, a.head_dim // 2
+        attend = self._rows_attention(positions, caches)
         h = self.embed(torch.tensor(tokens)[:, None])
         pos = torch.tensor(positions)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, 1, head_dim]
@@ -223,18 +224,47 @@ class Engine:
             qkv = L.qkv(x).view(B, 1, H + 2 * KV, hd)
             qk = qkv[:, :, : H + KV]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-            rows = []
-            for b in range(B):
-                kt, v = caches[b].update(i, qk[b:b + 1, :, H:].transpose(1, 2), qkv[b:b + 1, :, H + KV:].transpose(1, 2),
-                                         positions[b])
-                q = qk[b:b + 1, :, :H].transpose(1, 2).to(kt.dtype)
-                scores = torch.matmul(q.reshape(1, KV, H // KV, hd).float(), kt.float()) * self.scale
-                rows.append(torch.matmul(torch.softmax(scores, -1), v.float()).view(1, 1, H * hd))
-            h += L.o(torch.cat(rows))
+            h += L.o(attend(qk, qkv[:, :, H + KV:], i))
             x = self.rms_norm(h, L.mlp_norm)
             g, u = L.gate_up(x).split(a.ffn_dim, -1)
             h += L.down(F.silu(g) * u)
         return self._logits(h)[:, -1]
+
+    def _rows_attention(self, positions: list[int], caches: list[KVCache]):
+        """attend(qk [B, 1, H + KV, hd] after RoPE, v [B, 1, KV, hd], layer) -> [B, 1, H * hd]: each row's k and v
+        stored at its position in its cache, then its attention: one C call per layer for float caches (the
+        fused kernel's own attention code), else per row in torch."""
+        import ctypes
+
+        from .kernels import library
+
+        a, lib = self.args, library()
+        H, KV, hd, B = a.n_heads, a.n_kv_heads, a.head_dim, len(caches)
+        if lib is not None and all(c.bits is None and c.k.dtype == caches[0].k.dtype and c.max_ctx == caches[0].max_ctx
+                                   for c in caches) and caches[0].k.dtype in (torch.float32, torch.bfloat16):
+            pos = (ctypes.c_int * B)(*positions)
+            bf16, cap, threads = int(caches[0].k.dtype == torch.bfloat16), caches[0].max_ctx, torch.get_num_threads()
+
+            def attend(qk, v, i):
+                qkv = torch.cat((qk, v), 2).float().contiguous()
+                out = torch.empty(B, 1, H * hd)
+                ks = (ctypes.c_void_p * B)(*(c.k[i].data_ptr() for c in caches))
+                vs = (ctypes.c_void_p * B)(*(c.v[i].data_ptr() for c in caches))
+                lib.attend_rows(B, H, KV, hd, self.scale, qkv.data_ptr(), ks, vs, pos, cap, bf16, out.data_ptr(),
+                                threads)
+                return out
+            return attend
+
+        def attend(qk, v, i):
+            rows = []
+            for b in range(B):
+                kt, vc = caches[b].update(i, qk[b:b + 1, :, H:].transpose(1, 2), v[b:b + 1].transpose(1, 2),
+                                          positions[b])
+                q = qk[b:b + 1, :, :H].transpose(1, 2).to(kt.dtype)
+                scores = torch.matmul(q.reshape(1, KV, H // KV, hd).float(), kt.float()) * self.scale
+                rows.append(torch.matmul(torch.softmax(scores, -1), vc.float()).view(1, 1, H * hd))
+            return torch.cat(rows)
+        return attend
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = self.rms_norm(h, self.norm)

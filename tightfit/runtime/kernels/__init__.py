@@ -70,6 +70,8 @@ def library() -> ctypes.CDLL | None:
     lib.linear.restype = None
     lib.decode_layer.argtypes = [p, p, p, i, p, p, p, p, i, i, i]
     lib.decode_layer.restype = None
+    lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, p, i]
+    lib.attend_rows.restype = None
     return lib
 
 

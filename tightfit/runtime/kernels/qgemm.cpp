@@ -255,6 +255,57 @@ static void run_linear(const QLin& L, const float* x, float* y, int threads) {
         for (int i = 0; i < L.n; i++) y[i] += L.bias[i];
 }
 
+// the new key and value of one token into a cache laid out as keys [kv, hd, cap] (transposed), values [kv, cap, hd]
+template <typename KT>
+static void store_kv(const float* k, const float* vv, KT* kc, KT* vc, int pos, int cap, int KV, int hd) {
+    for (int g = 0; g < KV; g++)
+        for (int d = 0; d < hd; d++) {
+            st(kc + ((size_t)g * hd + d) * cap + pos, k[g * hd + d]);
+            st(vc + ((size_t)g * cap + pos) * hd + d, vv[g * hd + d]);
+        }
+}
+
+// one query head over S cached positions of its kv group (kc: [hd, cap], vc: [cap, hd]); fp32 softmax
+template <typename KT>
+static void attend_head(const float* q, const KT* kc, const KT* vc, int S, int cap, int hd, float scale, float* out) {
+    std::vector<float> sc(S, 0.0f);
+    for (int d = 0; d < hd; d++) {
+        const KT* kr = kc + (size_t)d * cap;
+        const float qd = q[d] * scale;
+#pragma omp simd
+        for (int s = 0; s < S; s++) sc[s] += qd * ld(kr + s);
+    }
+    float mx = sc[0];
+    for (int s = 1; s < S; s++) mx = sc[s] > mx ? sc[s] : mx;
+    float sum = 0;
+    for (int s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
+    for (int d = 0; d < hd; d++) out[d] = 0;
+    for (int s = 0; s < S; s++) {
+        const KT* vr = vc + (size_t)s * hd;
+        const float p = sc[s] / sum;
+#pragma omp simd
+        for (int d = 0; d < hd; d++) out[d] += p * ld(vr + d);
+    }
+}
+
+// attention of B sequences, each at its own position in its own cache (the server's batched decode step):
+// qkv fp32 [B, H + 2 KV, hd] after RoPE; each row's k and v are stored, then every (row, head) attends
+template <typename KT>
+static void attend_rows_t(int B, int H, int KV, int hd, float scale, const float* qkv, KT* const* kcs, KT* const* vcs,
+                          const int* pos, int cap, float* att, int threads) {
+    const size_t row = (size_t)(H + 2 * KV) * hd;
+    for (int b = 0; b < B; b++)
+        store_kv(qkv + b * row + (size_t)H * hd, qkv + b * row + (size_t)(H + KV) * hd, kcs[b], vcs[b], pos[b], cap,
+                 KV, hd);
+    const int group = H / KV;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int t = 0; t < B * H; t++) {
+        const int b = t / H, head = t % H, g = head / group;
+        attend_head(qkv + b * row + (size_t)head * hd, kcs[b] + (size_t)g * hd * cap, vcs[b] + (size_t)g * cap * hd,
+                    pos[b] + 1, cap, hd, scale, att + (size_t)t * hd);
+    }
+}
+
 template <typename KT>
 static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos,
                            const float* sin, KT* kc, KT* vc, int cap, int threads) {
@@ -276,13 +327,7 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
             v[i + half] = b * cos[i + half] + a * sin[i + half];
         }
     }
-    const float* k = qkv.data() + (size_t)H * hd;
-    const float* vv = k + (size_t)KV * hd;
-    for (int g = 0; g < KV; g++)
-        for (int d = 0; d < hd; d++) {
-            st(kc + ((size_t)g * hd + d) * cap + pos, k[g * hd + d]);  // keys transposed: [kv, hd, cap]
-            st(vc + ((size_t)g * cap + pos) * hd + d, vv[g * hd + d]);  // values: [kv, cap, hd]
-        }
+    store_kv(qkv.data() + (size_t)H * hd, qkv.data() + (size_t)(H + KV) * hd, kc, vc, pos, cap, KV, hd);
     const int group = H / KV;
     // plain pointers: inside the parallel region a thread_local name would be each worker's own (empty) copy
     const float* qkv_p = qkv.data();
@@ -290,26 +335,8 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
 #pragma omp parallel for num_threads(threads) schedule(static) if (S > 256)
     for (int head = 0; head < H; head++) {
         const int g = head / group;
-        const float* q = qkv_p + (size_t)head * hd;
-        std::vector<float> sc(S, 0.0f);
-        for (int d = 0; d < hd; d++) {
-            const KT* kr = kc + ((size_t)g * hd + d) * cap;
-            const float qd = q[d] * m->scale;
-#pragma omp simd
-            for (int s = 0; s < S; s++) sc[s] += qd * ld(kr + s);
-        }
-        float mx = sc[0];
-        for (int s = 1; s < S; s++) mx = sc[s] > mx ? sc[s] : mx;
-        float sum = 0;
-        for (int s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
-        float* out = att_p + (size_t)head * hd;
-        for (int d = 0; d < hd; d++) out[d] = 0;
-        for (int s = 0; s < S; s++) {
-            const KT* vr = vc + ((size_t)g * cap + s) * hd;
-            const float p = sc[s] / sum;
-#pragma omp simd
-            for (int d = 0; d < hd; d++) out[d] += p * ld(vr + d);
-        }
+        attend_head(qkv_p + (size_t)head * hd, kc + (size_t)g * hd * cap, vc + (size_t)g * cap * hd, S, cap, hd,
+                    m->scale, att_p + (size_t)head * hd);
     }
     run_linear(L->o, att.data(), x.data(), threads);
     for (int i = 0; i < D; i++) h[i] += x[i];
@@ -335,6 +362,16 @@ void decode_layer(const Dims* m, const LayerArgs* L, float* h, int pos, const fl
         decode_layer_t<uint16_t>(m, L, h, pos, cos, sin, (uint16_t*)kc, (uint16_t*)vc, cap, threads);
     else
         decode_layer_t<float>(m, L, h, pos, cos, sin, (float*)kc, (float*)vc, cap, threads);
+}
+
+
+void attend_rows(int B, int H, int KV, int hd, float scale, const float* qkv, void* const* kcs, void* const* vcs,
+                 const int* pos, int cap, int kv_bf16, float* att, int threads) {
+    if (kv_bf16)
+        attend_rows_t<uint16_t>(B, H, KV, hd, scale, qkv, (uint16_t* const*)kcs, (uint16_t* const*)vcs, pos, cap, att,
+                                threads);
+    else
+        attend_rows_t<float>(B, H, KV, hd, scale, qkv, (float* const*)kcs, (float* const*)vcs, pos, cap, att, threads);
 }
 
 }

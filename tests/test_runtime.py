@@ -276,3 +276,14 @@ def test_batched_decode_rows_match_each_sequence_alone(tiny_models, artifacts, s
             assert torch.equal(alone, rows[b])
         else:
             assert kld(alone[None], rows[b][None]) < 1e-3
+
+
+def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone():
+    """A library linked with -ffast-math turns on flush-to-zero process-wide when it loads (found by fuzzing:
+    hypothesis could no longer draw subnormal floats)."""
+    import numpy as np
+
+    if library() is None:
+        pytest.skip("no kernel here")
+    assert float(np.array([1e-310]) * 1.0) == 1e-310
+    assert float(torch.tensor([1e-40], dtype=torch.float32) * 1.0) > 0

@@ -43,6 +43,25 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     return reader
 
 
+def hf_config(path: Path, tokenizer: bool = True):
+    """(config, tokenizer or None) of a GGUF file, read by transformers from its metadata. Damaged metadata (a
+    vocabulary that does not match its merges, a missing or mistyped key) is a GGUFFormatError, whatever
+    transformers raised."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    what = "config"
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        what = "tokenizer"
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
+    except Exception as e:  # transformers' GGUF integration raises whatever its parsing hit
+        raise GGUFFormatError(
+            f"{path}: the model {what} in its metadata could not be read ({type(e).__name__}: {str(e)[:200]}). "
+            "The file is damaged or was written by a tool tightfit does not know; download or export it again."
+        ) from e
+    return config, tok
+
+
 def architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
     """The GGUF architecture name, checked against the families tightfit handles."""
     field = reader.fields.get("general.architecture")

@@ -37,12 +37,11 @@ def _skeleton(config) -> torch.nn.Module:
 
 
 def lazy_gguf(path: Path) -> LazyModel:
-    from .gguf_file import architecture, dequantize, open_gguf
+    from .gguf_file import architecture, dequantize, hf_config, open_gguf
 
     reader = open_gguf(path)
     gguf_arch = architecture(reader, path)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config, tokenizer = hf_config(path)
     skeleton = _skeleton(config)
     names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}

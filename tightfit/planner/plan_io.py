@@ -25,10 +25,23 @@ def read_plan(path: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise PlanFileError(f"--plan {path}: cannot read it as JSON ({e}); write one with `tightfit plan ... -o "
                             "plan.json`.") from e
+    if not isinstance(plan, dict):
+        raise PlanFileError(f"--plan {path} holds {type(plan).__name__}, not a JSON object: it is not a tightfit plan. "
+                            "Write one with `tightfit plan MODEL --hardware NAME -o plan.json`.")
     missing = [k for k in REQUIRED if k not in plan]
     if missing:
         raise PlanFileError(f"--plan {path} lacks {missing}: it is not a tightfit plan. Write one with "
                             "`tightfit plan MODEL --hardware NAME -o plan.json`.")
+    for key, kind in (("tensors", dict), ("predicted", dict), ("placement", (dict, list))):
+        if not isinstance(plan[key], kind):
+            raise PlanFileError(f"--plan {path}: {key!r} is {type(plan[key]).__name__}, not what `tightfit plan` "
+                                "writes; the file is damaged. Write it again.")
+    if plan.get("model") is not None and not isinstance(plan["model"], str):
+        raise PlanFileError(f"--plan {path}: 'model' is not a string; the file is damaged. Write it again.")
+    bad = [k for k, v in plan["tensors"].items() if not isinstance(v, str)]
+    if bad:
+        raise PlanFileError(f"--plan {path}: tensor {bad[0]!r} has format {plan['tensors'][bad[0]]!r}, not a format "
+                            "name such as 'asym4-g32'; the file is damaged. Write it again.")
     return plan
 
 

@@ -158,6 +158,7 @@ def load_spec(source: str) -> ModelSpec:
     path, kind = resolve_source(source)  # typed errors for anything else
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if kind == "gguf" else \
-        AutoConfig.from_pretrained(path)
+    from ..models.gguf_file import hf_config
+
+    config = hf_config(path, tokenizer=False)[0] if kind == "gguf" else AutoConfig.from_pretrained(path)
     return spec_from_config(config.to_dict(), source)

@@ -87,14 +87,46 @@ def save_artifact(out: str | Path, qm: QuantizedModel, lazy, *, calibration: dic
     return manifest
 
 
+def _check_manifest(manifest, where: Path) -> None:
+    """The fields readers rely on, with their types; anything else in the manifest is informational."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    class Entry(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        shape: list[int] = Field(min_length=1, max_length=2)
+        format: str
+        error: dict = {}
+
+    class Manifest(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        format_version: int
+        tensors: dict[str, Entry]
+        bits_per_weight: float
+        source: dict | str
+
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where} holds {type(manifest).__name__}, not a JSON object; the artifact is corrupt. "
+                            "Quantize it again.")
+    for key in ("format_version", "tensors", "bits_per_weight", "source"):
+        if key not in manifest:
+            raise ArtifactError(f"{where} lacks {key!r}; the artifact is corrupt. Quantize it again.")
+    try:
+        m = Manifest.model_validate(manifest, strict=False)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ArtifactError(f"{where}: {loc}: {first['msg']}; the artifact is corrupt. Quantize it again.") from None
+    bad = [n for n, t in m.tensors.items() if any(d < 0 for d in t.shape)]
+    if bad:
+        raise ArtifactError(f"{where}: tensor {bad[0]} has a negative dimension; the artifact is corrupt.")
+
+
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path / MANIFEST} cannot be read ({e}); the artifact is corrupt. Quantize it again.") from e
-    for key in ("format_version", "tensors", "bits_per_weight", "source"):
-        if key not in manifest:
-            raise ArtifactError(f"{path / MANIFEST} lacks {key!r}; the artifact is corrupt. Quantize it again.")
+    _check_manifest(manifest, path / MANIFEST)
     if manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format {manifest['format_version']}, this tightfit reads "
                             f"{FORMAT_VERSION}. Quantize it again with this version.")
@@ -120,7 +152,10 @@ def open_quantized(path: Path):
             return [h.get_tensor(n).clone() if n in keys else None for n in names]
 
     def get(name: str):
-        e = manifest["tensors"][name]
+        e = manifest["tensors"].get(name)
+        if e is None:
+            raise ArtifactError(f"{path}: the model needs tensor {name} but the manifest does not list it; the "
+                                "artifact is incomplete or its manifest damaged. Quantize it again.")
         shape = tuple(e["shape"])
         if f"{name}.qweight" in keys:
             try:

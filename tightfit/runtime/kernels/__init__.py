@@ -51,15 +51,21 @@ def library() -> ctypes.CDLL | None:
         log.info("tightfit kernel off: no C++ compiler found; using torch's int4 kernel")
         return None
     src = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-std=c++17"]
-    key = hashlib.sha256(src + " ".join([cxx, *flags, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
+    # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"]
+    link = ["-shared", "-fopenmp", "-lm"]
+    key = hashlib.sha256(src + " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     so = cache_dir() / f"qgemm-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
-                               text=True, check=False)
+            out, obj = Path(tmp) / so.name, Path(tmp) / "qgemm.o"
+            r = subprocess.run([cxx, *flags, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True,
+                               check=False)
+            if r.returncode == 0:
+                r = subprocess.run([cxx, str(obj), "-o", str(out), *link], capture_output=True, text=True,
+                                   check=False)
             if r.returncode != 0:
                 log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
                 return None

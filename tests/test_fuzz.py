@@ -1,0 +1,216 @@
+"""Fuzzing the readers of outside data: every damaged GGUF file, artifact manifest, plan file and HTTP body ends in
+a result or a typed TightfitError (or an OpenAI-style 4xx), never another exception. Hypothesis runs a fixed,
+derandomized set of examples per target (seconds each; TIGHTFIT_FUZZ_EXAMPLES=N runs N random ones), plus the
+cases fuzzing found, kept as tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tightfit.errors import TightfitError
+
+FUZZ = settings(max_examples=int(os.environ.get("TIGHTFIT_FUZZ_EXAMPLES", 40)), deadline=None,
+                derandomize=os.environ.get("TIGHTFIT_FUZZ_EXAMPLES") is None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tiny_models, tmp_path_factory) -> bytes:
+    from tightfit.cli import main
+
+    out = tmp_path_factory.mktemp("fuzz-gguf") / "m.gguf"
+    assert main(["convert", str(tiny_models["llama"]), "--to", "gguf-f16", "-o", str(out)]) == 0
+    return out.read_bytes()
+
+
+def read_gguf_fully(path: Path) -> None:
+    """What every verb does first with a GGUF: open it, read config and tokenizer, dequantize tensors."""
+    from tightfit.models.lazy import lazy_gguf
+
+    lazy = lazy_gguf(path)
+    for name in list(lazy.loaders):
+        lazy.get(name)
+
+
+def outcome(fn, *args) -> str:
+    try:
+        fn(*args)
+    except TightfitError:
+        return "typed error"
+    return "ok"
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_gguf_files_give_a_result_or_a_typed_error(small_gguf, tmp_path, data):
+    blob = bytearray(small_gguf)
+    how = data.draw(st.sampled_from(["truncate", "bytes", "u64", "header-bytes"]))
+    if how == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif how in ("bytes", "header-bytes"):
+        end = min(len(blob), 4096) if how == "header-bytes" else len(blob)
+        for _ in range(data.draw(st.integers(1, 8))):
+            blob[data.draw(st.integers(0, end - 1))] = data.draw(st.integers(0, 255))
+    else:  # a size, count, offset or type field claiming something huge or odd
+        at = data.draw(st.integers(4, min(len(blob), 4096) - 8))
+        value = data.draw(st.sampled_from([0, 1, 2**31 - 1, 2**32, 2**40, 2**63 - 1, 2**64 - 1]))
+        blob[at:at + 8] = struct.pack("<Q", value)
+    path = tmp_path / "fuzzed.gguf"
+    path.write_bytes(bytes(blob))
+    outcome(read_gguf_fully, path)
+
+
+def test_a_tiny_file_claiming_a_huge_tensor_is_refused_before_allocating(small_gguf, tmp_path):
+    import resource
+
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(tmp_path / "huge.gguf", "llama")
+    w.add_tensor_info("token_embd.weight", (1 << 20, 1 << 20), np.dtype(np.float32), 1 << 42)  # 4 TB claimed
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    path = tmp_path / "huge.gguf"
+    assert path.stat().st_size < 4096
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from tightfit.models.gguf_file import open_gguf
+
+    with pytest.raises(TightfitError, match="truncated"):
+        open_gguf(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing near 4 TB
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_models, tmp_path_factory) -> Path:
+    from tightfit.formats import WeightFormat
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+
+    out = tmp_path_factory.mktemp("fuzz-art") / "art"
+    quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False)), out)
+    return out
+
+
+SCALAR = st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=True) | st.text(max_size=8)
+JSON = SCALAR | st.lists(SCALAR, max_size=3) | st.dictionaries(st.text(max_size=6), SCALAR, max_size=3)
+
+
+def mutate_json(obj, data, depth=0):
+    """obj with one value somewhere replaced by arbitrary JSON (or a key dropped)."""
+    if isinstance(obj, dict) and obj and depth < 4 and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(obj)))
+        if data.draw(st.integers(0, 5)) == 0:
+            return {k: v for k, v in obj.items() if k != key}
+        return obj | {key: mutate_json(obj[key], data, depth + 1)}
+    if isinstance(obj, list) and obj and depth < 4 and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(obj) - 1))
+        return obj[:i] + [mutate_json(obj[i], data, depth + 1)] + obj[i + 1:]
+    return data.draw(JSON)
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_manifests_give_a_result_or_a_typed_error(artifact, tmp_path, data):
+    import tightfit
+    from tightfit.runtime import load_runtime
+
+    bad = tmp_path / "art"
+    if bad.exists():
+        shutil.rmtree(bad)
+    shutil.copytree(artifact, bad)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    text = json.dumps(mutate_json(manifest, data)) if data.draw(st.integers(0, 9)) else data.draw(st.text(max_size=40))
+    (bad / "manifest.json").write_text(text)
+    outcome(tightfit.load, bad)
+    outcome(load_runtime, bad)
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_plans_give_a_result_or_a_typed_error(tiny_models, tmp_path, data):
+    from tightfit.planner.plan_io import formats_from_plan
+    from tightfit.quant.config import QuantConfig
+
+    plan = {"model": str(tiny_models["llama"]), "hardware": "this", "devices": 1, "context": 512, "batch": 1,
+            "memory_bytes": 1 << 20, "predicted": {"kld": 0.1}, "kv_format": "bf16", "placement": {},
+            "tensors": {"model.layers.0.mlp.down_proj.weight": "asym4-g32"}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(mutate_json(plan, data)) if data.draw(st.integers(0, 9)) else data.draw(st.text()))
+    outcome(formats_from_plan, path, QuantConfig(method="rtn"), str(tiny_models["llama"]))
+
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "stream", "logit_bias",
+          "response_format", "tools", "tool_choice", "logprobs", "top_logprobs", "n", "seed", "presence_penalty"]
+GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+GOOD_COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def http(tiny_models):
+    from fastapi.testclient import TestClient
+
+    from tightfit.runtime import load_runtime
+    from tightfit.server.app import create_app
+
+    lm = load_runtime(tiny_models["llama"])
+    with TestClient(create_app(lm.model, lm.tokenizer, "tiny", ctx=256, max_tokens_limit=8)) as c:
+        yield c
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_request_bodies_get_an_answer_or_an_openai_4xx(http, data):
+    path, good = data.draw(st.sampled_from([("/v1/chat/completions", GOOD_CHAT), ("/v1/completions", GOOD_COMPLETION)]))
+    body = mutate_json(good | {data.draw(st.sampled_from(FIELDS)): data.draw(JSON)}, data)
+    raw = json.dumps(body).encode() if data.draw(st.integers(0, 9)) else data.draw(st.binary(max_size=64))
+    r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300], body)
+    if r.status_code != 200:
+        assert r.json()["error"]["message"]
+
+
+def test_deeply_nested_and_oversized_bodies_are_refused(http):
+    deep = "[" * 100_000 + "]" * 100_000
+    r = http.post("/v1/chat/completions", content=deep.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert http.post("/v1/completions", json=GOOD_COMPLETION).status_code == 200  # still serving
+
+
+def test_found_by_fuzzing_a_vocabulary_that_its_merges_do_not_match(small_gguf, tmp_path):
+    """transformers raised a bare Exception from its BPE builder; now a typed error that says what to do."""
+    token = "\u0120the".encode()  # a merged token of the tiny tokenizer's vocabulary
+    at = small_gguf.index(token)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(small_gguf[:at] + "\u0120thq".encode() + small_gguf[at + len(token):])
+    with pytest.raises(TightfitError, match="tokenizer in its metadata could not be read.*export it again"):
+        read_gguf_fully(path)
+
+
+def test_found_by_fuzzing_a_manifest_that_is_not_an_object_or_lacks_a_tensor(artifact, tmp_path):
+    import tightfit
+    from tightfit.runtime import load_runtime
+
+    bad = tmp_path / "art"
+    shutil.copytree(artifact, bad)
+    (bad / "manifest.json").write_text("0")
+    with pytest.raises(TightfitError, match="holds int, not a JSON object"):
+        tightfit.load(bad)
+    m = json.loads((artifact / "manifest.json").read_text())
+    del m["tensors"]["model.embed_tokens.weight"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TightfitError, match="needs tensor model.embed_tokens.weight but the manifest does not list"):
+        load_runtime(bad)
+    m["tensors"]["model.norm.weight"]["shape"] = "64"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TightfitError, match="tensors.model.norm.weight.shape"):
+        tightfit.load(bad)

@@ -43,9 +43,13 @@ def read_gguf_fully(path: Path) -> None:
 def outcome(fn, *args) -> str:
     try:
         fn(*args)
-    except TightfitError:
-        return "typed error"
-    return "ok"
+        result = "ok"
+    except TightfitError as e:
+        result = f"typed error: {type(e).__name__}"
+    if os.environ.get("TIGHTFIT_FUZZ_LOG"):  # outcome counts for the record: one line per example
+        with open(os.environ["TIGHTFIT_FUZZ_LOG"], "a") as f:
+            f.write(json.dumps({"target": getattr(fn, "__name__", str(fn)), "outcome": result}) + "\n")
+    return result
 
 
 @FUZZ
@@ -177,12 +181,25 @@ def test_fuzzed_request_bodies_get_an_answer_or_an_openai_4xx(http, data):
     assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300], body)
     if r.status_code != 200:
         assert r.json()["error"]["message"]
+    if os.environ.get("TIGHTFIT_FUZZ_LOG"):
+        with open(os.environ["TIGHTFIT_FUZZ_LOG"], "a") as f:
+            f.write(json.dumps({"target": "http " + path, "outcome": str(r.status_code)}) + "\n")
 
 
 def test_deeply_nested_and_oversized_bodies_are_refused(http):
     deep = "[" * 100_000 + "]" * 100_000
     r = http.post("/v1/chat/completions", content=deep.encode(), headers={"Content-Type": "application/json"})
     assert r.status_code == 400
+    big = json.dumps(GOOD_COMPLETION | {"prompt": "x" * (20 << 20)}).encode()  # 20 MB, over the 16 MB limit
+    r = http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than this server's limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: refused once the bytes so far pass the limit
+        for _ in range(40):
+            yield b"x" * (1 << 20)
+
+    r = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
     assert http.post("/v1/completions", json=GOOD_COMPLETION).status_code == 200  # still serving
 
 

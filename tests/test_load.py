@@ -124,3 +124,23 @@ def test_convert_streams_layer_by_layer_and_equals_the_whole_model_path(tiny_mod
         assert torch.equal(got[name], want[name]), name
     ids = list(range(5, 40))
     assert torch.equal(logits(back, ids), logits(lm, ids))
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_convert_to_gguf_streams_and_writes_the_whole_model_paths_bytes(tiny_models, source, tmp_path):
+    """`convert --to gguf-f16` reads one layer at a time; the file is byte-identical to writing the loaded
+    (off-grid) model whole, from an HF folder or from a GGUF (whose tokenizer fields are copied)."""
+    from tightfit.cli import main
+    from tightfit.quant.equivalence import offgrid
+
+    src = tiny_models["llama"]
+    if source == "gguf":
+        src = write_gguf_f16(tightfit.load(src), tmp_path / "src.gguf")
+    out = tmp_path / "stream.gguf"
+    assert main(["convert", str(src), "--to", "gguf-f16", "--offgrid", "0.1", "--seed", "3", "-o", str(out)]) == 0
+    lm = tightfit.load(src)
+    lm.source = str(src)
+    with torch.no_grad():
+        offgrid(lm.model.state_dict(), lm.config, sigma=0.1, seed=3)
+    whole = write_gguf_f16(lm, tmp_path / "whole.gguf")
+    assert out.read_bytes() == whole.read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -26,32 +27,27 @@ def run(args) -> int:
     from .common import quiet_libraries
 
     quiet_libraries(True)
-    if args.to == "hf":  # layer by layer: one layer in memory at a time, whatever the model's size
-        from ..models import load_lazy
+    from ..models import load_lazy
+
+    lazy = load_lazy(args.model)  # both targets are written layer by layer: one layer in memory at a time
+    hook = None
+    if args.offgrid:
+        from ..quant.equivalence import check_rescalable, offgrid_layer
+
+        check_rescalable(lazy.config)
+        g = torch.Generator().manual_seed(args.seed)
+
+        def hook(state, i):
+            offgrid_layer(state, i, lazy.config, g, args.offgrid)
+    if args.to == "hf":
         from ..models.hf import save_hf_streamed
 
-        lazy = load_lazy(args.model)
-        hook = None
-        if args.offgrid:
-            from ..quant.equivalence import check_rescalable, offgrid_layer
-
-            check_rescalable(lazy.config)
-            g = torch.Generator().manual_seed(args.seed)
-
-            def hook(state, i):
-                offgrid_layer(state, i, lazy.config, g, args.offgrid)
         out = save_hf_streamed(lazy, args.output, dtype=getattr(torch, DTYPES[args.dtype]), force=args.force,
                                layer_hook=hook, progress=True)
     else:
-        from ..export.gguf import write_gguf_f16
-        from ..models import load
+        from ..export.gguf import write_gguf_f16_streamed
 
-        lm = load(args.model, progress=True)
-        if args.offgrid:
-            from ..quant.equivalence import offgrid
-
-            with torch.no_grad():
-                offgrid(lm.model.state_dict(), lm.config, sigma=args.offgrid, seed=args.seed)
-        out = write_gguf_f16(lm, args.output, force=args.force, progress=True)
+        out = write_gguf_f16_streamed(lazy, args.output, Path(args.model).stem, layer_hook=hook, force=args.force,
+                                      progress=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0

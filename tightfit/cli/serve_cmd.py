@@ -16,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="sequences decoded together (continuous batching; each slot holds a KV cache of --ctx)")
+    p.add_argument("--max-body", default="16MB", metavar="SIZE", help="largest request body (default 16MB); more get 413")
     p.add_argument("--kv-format", default="bf16", help="KV cache: bf16 (default), fp32, int8, int4")
     p.add_argument("--max-memory", metavar="SIZE", help="keep at most SIZE of weights resident")
 
@@ -23,10 +24,12 @@ def add_arguments(p):
 def run(args) -> int:
     import uvicorn
 
+    from ..io import parse_size
     from ..server.app import create_app
 
     lm = open_model(args)
     app = create_app(lm.model, lm.tokenizer, args.name or args.model, api_key=args.api_key, ctx=args.ctx,
-                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel)
+                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel,
+                     max_body=parse_size(args.max_body))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

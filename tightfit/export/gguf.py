@@ -152,6 +152,41 @@ def write_gguf(out: Path, config, name: str, tokenizer_fields: Callable[[gguf.GG
     return out
 
 
+def write_gguf_f16_streamed(lazy, out: str | os.PathLike, name: str, *, layer_hook=None, force: bool = False,
+                            progress: bool = False) -> Path:
+    """Write a LazyModel as an F16 GGUF reading one decoder layer at a time (peak memory: one layer in fp32).
+    layer_hook(state, i) may change layer i's tensors in place first (the off-grid rescaling; layers come in
+    order, so its random draws equal the whole-model path's)."""
+    import re
+
+    config = lazy.config
+    shapes = {n: tuple(p.shape) for n, p in lazy.skeleton.state_dict().items()}
+    held = {"layer": None, "state": {}}
+
+    def tensor(n: str):
+        m = re.match(r"model\.layers\.(\d+)\.", n)
+        if m is None:
+            return lazy.get(n)
+        i = int(m.group(1))
+        if held["layer"] != i:
+            held["state"] = {}  # the previous layer is dropped before the next is read
+            state = lazy.materialize(f"model.layers.{i}.")
+            if layer_hook is not None:
+                layer_hook(state, i)
+            held.update(layer=i, state=state)
+        return held["state"][n]
+
+    entries = []
+    ordered = [n for n in shapes if n in lazy.loaders]  # the model's own order: layers 0, 1, 2, ... in turn
+    for hf_name, gguf_name in gguf_names(config, ordered).items():
+        shape = shapes[hf_name]
+        dtype = np.dtype(np.float16 if len(shape) == 2 else np.float32)
+        make = (lambda n=hf_name, d=dtype: to_gguf_tensor(n, tensor(n).float(), config).numpy().astype(d))
+        entries.append(TensorEntry(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, make))
+    return write_gguf(Path(out), config, name, tokenizer_writer(lazy), entries, gguf.LlamaFileType.MOSTLY_F16,
+                      force, progress)
+
+
 def tokenizer_writer(lm) -> Callable[[gguf.GGUFWriter], None]:
     if lm.format == "gguf":
         return lambda w: _copy_tokenizer_fields(w, lm.path)

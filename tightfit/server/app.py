@@ -316,6 +316,45 @@ class Server:
             yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, n)}
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused (413) as soon as its Content-Length or its
+    bytes so far say so, before it is read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes.",
+                        code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self.too_large().response()(scope, receive, send)
+        seen, refused = 0, False
+
+        async def limited():  # past the limit: answer 413 now, and tell the app the client went away
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    refused = True
+                    await self.too_large().response()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:  # the app's own answer to a refused body is dropped
+                await send(message)
+
+        return await self.app(scope, limited, guarded_send)
+
+
 def _json_or_text(arguments: str):
     try:
         return json.loads(arguments)
@@ -323,10 +362,11 @@ def _json_or_text(arguments: str):
         return arguments
 
 
-def create_app(engine, tokenizer, model_id: str, **limits) -> FastAPI:
+def create_app(engine, tokenizer, model_id: str, max_body: int = 16 << 20, **limits) -> FastAPI:
     server = Server(engine, tokenizer, model_id, **limits)
     app = FastAPI(title="tightfit", version="1")
     app.state.server = server
+    app.add_middleware(BodyLimit, limit=max_body)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):

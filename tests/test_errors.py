@@ -179,3 +179,25 @@ def test_llama_cpp_build_with_amx_is_refused_before_it_can_crash(monkeypatch):
     monkeypatch.delenv("TIGHTFIT_ALLOW_LLAMA_AMX")
     fake.llama_print_system_info = lambda: b"CPU : AVX512 = 1 | AVX512_VNNI = 1 | REPACK = 1 | "
     check_build()
+
+
+@pytest.mark.parametrize("verb", ["quantize", "convert"])
+def test_a_write_that_runs_out_of_room_is_a_typed_error_and_leaves_nothing(tiny_models, tmp_path, verb):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk would) stops the write midway: exit 2 with a message that
+    says what to do, and neither the output nor its temporary folder is left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    out = tmp_path / "out"
+    args = {"quantize": ["quantize", str(tiny_models["llama"]), "--method", "rtn", "-o", str(out)],
+            "convert": ["convert", str(tiny_models["llama"]), "-o", str(out)]}[verb]
+    r = subprocess.run([sys.executable, "-m", "tightfit.cli", *args], preexec_fn=limit, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"could not write {out}: File too large" in r.stderr and "Nothing was left behind" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -55,3 +55,7 @@ class MemoryBudgetError(TightfitError, ValueError):
 
 class LlamaCppBuildError(TightfitError, RuntimeError):
     """The installed llama-cpp-python build cannot run here (for example its AMX matmul crashes on this CPU)."""
+
+
+class OutputWriteError(TightfitError, OSError):
+    """An output could not be written (disk full, file too large, no permission); nothing partial is left."""

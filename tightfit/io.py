@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -40,9 +41,28 @@ def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False
     try:
         yield tmp
         publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        code = _write_errno(e)
+        if code is None or isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(f"could not write {path}: {os.strerror(code)} (errno {code}). Nothing was left "
+                               "behind; free space (or choose another output path) and run it again.") from e
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)
+
+
+def _write_errno(e: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or one a library reports in its message (safetensors raises
+    its own error type, 'I/O error: No space left on device (os error 28)')."""
+    import re
+
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    return code if code in WRITE_ERRNOS else None
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -235,3 +235,20 @@ def test_found_by_fuzzing_a_manifest_that_is_not_an_object_or_lacks_a_tensor(art
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TightfitError, match="tensors.model.norm.weight.shape"):
         tightfit.load(bad)
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_config_json_gives_a_plan_spec_or_a_typed_error(data):
+    """`tightfit plan config.json` reads any config: every field the planner sizes items from is checked."""
+    from tightfit.planner.spec import CONFIGS, spec_from_config
+
+    cfg = json.loads((CONFIGS / data.draw(st.sampled_from(sorted(p.name for p in CONFIGS.glob("*.json"))))).read_text())
+    if data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                         "num_key_value_heads", "head_dim", "intermediate_size", "num_experts",
+                                         "num_experts_per_tok", "kv_lora_rank", "first_k_dense_replace"]))
+        cfg = cfg | {key: data.draw(st.one_of(SCALAR, st.integers(-5, 10**13)))}
+    else:
+        cfg = mutate_json(cfg, data)
+    outcome(spec_from_config, cfg, "fuzzed")

@@ -76,8 +76,47 @@ def _get(cfg: dict, *keys, default=None):
     return default
 
 
+# the sizes a config.json states that the planner builds items from: each must be an integer in range (a file that
+# claims 10^12 layers must not make the planner loop over them)
+SIZE_FIELDS = {"hidden_size": 1 << 20, "num_hidden_layers": 4096, "num_attention_heads": 1 << 14,
+               "vocab_size": 1 << 24, "num_key_value_heads": 1 << 14, "head_dim": 1 << 14,
+               "intermediate_size": 1 << 22, "num_experts": 1 << 14, "n_routed_experts": 1 << 14,
+               "num_local_experts": 1 << 14, "num_experts_per_tok": 1 << 14, "moe_intermediate_size": 1 << 22,
+               "n_shared_experts": 1 << 10, "first_k_dense_replace": 4096, "kv_lora_rank": 1 << 16,
+               "qk_rope_head_dim": 1 << 14, "qk_nope_head_dim": 1 << 14, "v_head_dim": 1 << 14,
+               "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26}
+MAY_BE_ZERO = {"num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok", "n_shared_experts",
+               "first_k_dense_replace", "kv_lora_rank", "q_lora_rank"}
+
+
+def _check_sizes(cfg, name: str) -> None:
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{name}: config.json holds {type(cfg).__name__}, not a JSON object.")
+    for key, limit in SIZE_FIELDS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        low = 0 if key in MAY_BE_ZERO else 1
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= limit:
+            raise SpecError(f"{name}: config.json has {key} = {v!r}; expected an integer in [{low}, {limit}].")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if cfg.get(k) is None]
+    if cfg.get("kv_lora_rank"):
+        missing += [k for k in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim") if cfg.get(k) is None]
+    if cfg.get("intermediate_size") is None and cfg.get("moe_intermediate_size") is None:
+        missing.append("intermediate_size")
+    if missing:
+        raise SpecError(f"{name}: config.json lacks {missing}; the planner needs hidden_size, num_hidden_layers, "
+                        "num_attention_heads, vocab_size and intermediate_size (and the MLA head sizes with "
+                        "kv_lora_rank).")
+    if cfg.get("head_dim") is None \
+            and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise SpecError(f"{name}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
+                        f"{cfg['num_attention_heads']} and no head_dim is given.")
+
+
 def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     """Describe a model from a config.json dict (transformers' field names)."""
+    _check_sizes(cfg, name)
     try:
         D, L = cfg["hidden_size"], cfg["num_hidden_layers"]
         H = cfg["num_attention_heads"]

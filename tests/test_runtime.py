@@ -287,3 +287,25 @@ def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone():
         pytest.skip("no kernel here")
     assert float((np.array([1e-310]) * 1.0)[0]) == 1e-310
     assert float((torch.tensor([1e-40], dtype=torch.float32) * 1.0)[0]) > 0
+
+
+def test_kernel_cache_survives_two_compilers_at_once_and_a_corrupt_library(tmp_path):
+    import subprocess
+    import sys
+
+    if library() is None:
+        pytest.skip("no kernel here")
+    probe = ("import torch\nfrom tightfit.runtime.kernels import library\nlib = library()\n"
+             "from tightfit.formats import WeightFormat\nfrom tightfit.quant.core import rtn\n"
+             "from tightfit.runtime.linear import from_quantized\n"
+             "w = torch.randn(64, 128)\nlin = from_quantized(rtn(w, WeightFormat(4, 32, False)))\n"
+             "y = lin(torch.randn(2, 128))\nprint('ok' if lib is not None and torch.isfinite(y).all() else 'no')\n")
+    env = {**__import__("os").environ, "TIGHTFIT_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["ok", "ok"]
+    (so,) = (tmp_path / "kernels").glob("qgemm-*.so")
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p != so]  # no temporary folder left
+    so.write_bytes(b"\x7fELF not really a library")
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "ok" and "could not be loaded" in r.stderr and "rebuilding it" in r.stderr

@@ -37,6 +37,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "kernels"
 
 
+def _compile(cxx: str, flags: list[str], link: list[str], so: Path) -> bool:
+    """Build the library into `so` (in a temporary folder, then renamed: two processes compiling at once each
+    publish a whole file, and a half-written library is never loaded)."""
+    so.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        out, obj = Path(tmp) / so.name, Path(tmp) / "qgemm.o"
+        r = subprocess.run([cxx, *flags, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True,
+                           check=False)
+        if r.returncode == 0:
+            r = subprocess.run([cxx, str(obj), "-o", str(out), *link], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
+            return False
+        os.replace(out, so)
+    return True
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with the reason logged) where it cannot run here."""
@@ -57,20 +74,18 @@ def library() -> ctypes.CDLL | None:
     link = ["-shared", "-fopenmp", "-lm"]
     key = hashlib.sha256(src + " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     so = cache_dir() / f"qgemm-{key}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            out, obj = Path(tmp) / so.name, Path(tmp) / "qgemm.o"
-            r = subprocess.run([cxx, *flags, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True,
-                               check=False)
-            if r.returncode == 0:
-                r = subprocess.run([cxx, str(obj), "-o", str(out), *link], capture_output=True, text=True,
-                                   check=False)
-            if r.returncode != 0:
-                log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
-                return None
-            os.replace(out, so)  # atomic: a half-written library is never loaded
-    lib = ctypes.CDLL(str(so))
+    lib = None
+    for _ in range(2):
+        if not so.exists() and not _compile(cxx, flags, link, so):
+            return None
+        try:
+            lib = ctypes.CDLL(str(so))
+            break
+        except OSError as e:  # a damaged cached library (a truncated copy, another machine's): build it again
+            log.warning("tightfit kernel cache %s could not be loaded (%s); rebuilding it", so, e)
+            so.unlink(missing_ok=True)
+    if lib is None:
+        return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
     lib.linear.restype = None

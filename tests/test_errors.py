@@ -1,6 +1,7 @@
 """Bad input gets a typed error whose message says what was expected and what to do."""
 
 import re
+import shutil
 
 import gguf
 import numpy as np
@@ -201,3 +202,34 @@ def test_a_write_that_runs_out_of_room_is_a_typed_error_and_leaves_nothing(tiny_
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"could not write {out}: File too large" in r.stderr and "Nothing was left behind" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_quantize_leaves_nothing_that_looks_complete_and_a_rerun_starts_clean(tiny_models, tmp_path):
+    """SIGKILL while the artifact is being written: either the whole artifact was already published, or only a
+    hidden partial folder is left; a rerun removes the dead run's partial folder and publishes a whole artifact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "tightfit.cli", "quantize", str(tiny_models["llama"]), "--method", "gptq",
+           "--calib-samples", "8", "--calib-ctx", "64", "-o", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".art.partial-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if out.exists():  # the kill came after the rename: then it is whole
+        tightfit.load(out)
+        shutil.rmtree(out)
+    left = list(tmp_path.iterdir())
+    assert all(x.name.startswith(f".art.partial-{p.pid}-") for x in left)
+    if not left:  # make the dead run's leftover explicit, as a kill mid-write leaves it
+        (tmp_path / f".art.partial-{p.pid}-x").mkdir()
+        (tmp_path / f".art.partial-{p.pid}-x" / "weights.safetensors").write_bytes(b"half")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]  # the killed run's partial folder is gone
+    tightfit.load(out)

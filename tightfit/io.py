@@ -31,7 +31,8 @@ def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False
     path = Path(path)
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.partial-"
+    _remove_stale_partials(path)
+    prefix = f".{path.name}.partial-{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
     else:
@@ -48,6 +49,23 @@ def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False
             raise
         raise OutputWriteError(f"could not write {path}: {os.strerror(code)} (errno {code}). Nothing was left "
                                "behind; free space (or choose another output path) and run it again.") from e
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Temporary outputs of earlier runs for the same PATH whose process is gone (killed mid-write): removed, so a
+    rerun starts clean. A live process's temporary output is left alone."""
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name[len(f".{path.name}.partial-"):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        _remove(stale)
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)

@@ -152,6 +152,18 @@ def write_gguf(out: Path, config, name: str, tokenizer_fields: Callable[[gguf.GG
     return out
 
 
+def _f16_entries(config, shapes: dict[str, tuple], get: Callable) -> list[TensorEntry]:
+    """One entry per tensor, in `shapes`' order: 2-D weights in F16, norms and other 1-D tensors in F32 (as
+    llama.cpp keeps them), each read with get(name) when its turn to be written comes."""
+    entries = []
+    for hf_name, gguf_name in gguf_names(config, list(shapes)).items():
+        shape = shapes[hf_name]
+        dtype = np.dtype(np.float16 if len(shape) == 2 else np.float32)
+        make = (lambda n=hf_name, d=dtype: to_gguf_tensor(n, get(n).float(), config).numpy().astype(d))
+        entries.append(TensorEntry(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, make))
+    return entries
+
+
 def write_gguf_f16_streamed(lazy, out: str | os.PathLike, name: str, *, layer_hook=None, force: bool = False,
                             progress: bool = False) -> Path:
     """Write a LazyModel as an F16 GGUF reading one decoder layer at a time (peak memory: one layer in fp32).
@@ -160,7 +172,8 @@ def write_gguf_f16_streamed(lazy, out: str | os.PathLike, name: str, *, layer_ho
     import re
 
     config = lazy.config
-    shapes = {n: tuple(p.shape) for n, p in lazy.skeleton.state_dict().items()}
+    # the model's own order (layers 0, 1, 2, ... in turn), without the tied head
+    shapes = {n: tuple(p.shape) for n, p in lazy.skeleton.state_dict().items() if n in lazy.loaders}
     held = {"layer": None, "state": {}}
 
     def tensor(n: str):
@@ -176,13 +189,7 @@ def write_gguf_f16_streamed(lazy, out: str | os.PathLike, name: str, *, layer_ho
             held.update(layer=i, state=state)
         return held["state"][n]
 
-    entries = []
-    ordered = [n for n in shapes if n in lazy.loaders]  # the model's own order: layers 0, 1, 2, ... in turn
-    for hf_name, gguf_name in gguf_names(config, ordered).items():
-        shape = shapes[hf_name]
-        dtype = np.dtype(np.float16 if len(shape) == 2 else np.float32)
-        make = (lambda n=hf_name, d=dtype: to_gguf_tensor(n, tensor(n).float(), config).numpy().astype(d))
-        entries.append(TensorEntry(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, make))
+    entries = _f16_entries(config, shapes, tensor)
     return write_gguf(Path(out), config, name, tokenizer_writer(lazy), entries, gguf.LlamaFileType.MOSTLY_F16,
                       force, progress)
 
@@ -195,13 +202,8 @@ def tokenizer_writer(lm) -> Callable[[gguf.GGUFWriter], None]:
 
 def write_gguf_f16(lm, out: str | os.PathLike, force: bool = False, progress: bool = False) -> Path:
     """Write LoadedModel LM to OUT as an F16 GGUF (norms and other 1-D tensors stay F32, as llama.cpp keeps them)."""
-    config = lm.config
     state = lm.model.state_dict()
-    entries = []
-    for hf_name, gguf_name in gguf_names(config, state.keys()).items():
-        t = state[hf_name]
-        dtype = np.dtype(np.float16 if t.ndim == 2 else np.float32)
-        make = (lambda n=hf_name, d=dtype: to_gguf_tensor(n, state[n].detach().float(), config).numpy().astype(d))
-        entries.append(TensorEntry(gguf_name, tuple(t.shape), dtype, t.numel() * dtype.itemsize, make))
-    return write_gguf(Path(out), config, Path(lm.source).stem, tokenizer_writer(lm), entries,
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    entries = _f16_entries(lm.config, shapes, lambda n: state[n].detach())
+    return write_gguf(Path(out), lm.config, Path(lm.source).stem, tokenizer_writer(lm), entries,
                       gguf.LlamaFileType.MOSTLY_F16, force, progress)

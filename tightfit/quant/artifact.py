@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 
 from ..errors import ArtifactError, FormatError
@@ -87,23 +89,23 @@ def save_artifact(out: str | Path, qm: QuantizedModel, lazy, *, calibration: dic
     return manifest
 
 
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=2)
+    format: str
+    error: dict = {}
+
+
+class _Manifest(BaseModel):
+    """The manifest fields readers rely on, with their types; anything else in it is informational."""
+    model_config = ConfigDict(extra="allow")
+    format_version: int
+    tensors: dict[str, _Entry]
+    bits_per_weight: float
+    source: dict | str
+
+
 def _check_manifest(manifest, where: Path) -> None:
-    """The fields readers rely on, with their types; anything else in the manifest is informational."""
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-    class Entry(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        shape: list[int] = Field(min_length=1, max_length=2)
-        format: str
-        error: dict = {}
-
-    class Manifest(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        format_version: int
-        tensors: dict[str, Entry]
-        bits_per_weight: float
-        source: dict | str
-
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{where} holds {type(manifest).__name__}, not a JSON object; the artifact is corrupt. "
                             "Quantize it again.")
@@ -111,14 +113,11 @@ def _check_manifest(manifest, where: Path) -> None:
         if key not in manifest:
             raise ArtifactError(f"{where} lacks {key!r}; the artifact is corrupt. Quantize it again.")
     try:
-        m = Manifest.model_validate(manifest, strict=False)
+        _Manifest.model_validate(manifest)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise ArtifactError(f"{where}: {loc}: {first['msg']}; the artifact is corrupt. Quantize it again.") from None
-    bad = [n for n, t in m.tensors.items() if any(d < 0 for d in t.shape)]
-    if bad:
-        raise ArtifactError(f"{where}: tensor {bad[0]} has a negative dimension; the artifact is corrupt.")
 
 
 def read_manifest(path: Path) -> dict:

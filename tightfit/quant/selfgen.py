@@ -14,7 +14,6 @@ window count, length and seed under ~/.cache/tightfit/calib.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -48,7 +47,7 @@ PROMPTS = (
     "Explain what a derivative is, with an example.",
 )
 SAMPLING = {"temperature": 1.0, "top_p": 0.95}
-FORMAT = 1  # bump when the generation changes, so cached windows are not reused
+FORMAT = 2  # bump when the generation changes, so cached windows are not reused
 
 
 def cache_dir() -> Path:
@@ -76,14 +75,11 @@ def conversation(tokenizer, prompt: str) -> list[int]:
 
 
 def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of fp32 logits [B, V]: temperature, then top-p, then a draw."""
-    x = logits / SAMPLING["temperature"]
-    sx, order = torch.sort(x, -1, descending=True)
-    p = torch.softmax(sx, -1)
-    drop = p.cumsum(-1) - p >= SAMPLING["top_p"]
-    p = p.masked_fill(drop, 0)
-    pick = torch.multinomial(p, 1, generator=gen)
-    return order.gather(-1, pick)[:, 0]
+    """One token per row of fp32 logits [B, V], with the runtime's own temperature and top-p filtering."""
+    from ..runtime.sampling import SamplingParams, filter_logits
+
+    probs = torch.softmax(filter_logits(logits, SamplingParams(**SAMPLING)), -1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
 def generate_windows(engine, tokenizer, n: int, ctx: int, seed: int = 0, progress: bool = False,
@@ -127,24 +123,23 @@ def generate_windows(engine, tokenizer, n: int, ctx: int, seed: int = 0, progres
     return out
 
 
-def _weight_budget(source) -> int | None:
+def _weight_budget(kind: str, path: Path) -> int | None:
     """None (every weight resident) where that fits in half the free memory, else half the free memory: the
     runtime streams the other layers from disk each step (slower, bounded)."""
     from ..memory import available_bytes
-    from ..models import resolve_source
     from ..runtime.load import resident_estimate
 
-    path, kind = resolve_source(source)
     half = available_bytes() // 2
-    return None if resident_estimate(kind, Path(path)) <= half else half
+    return None if resident_estimate(kind, path) <= half else half
 
 
 def generated_windows(source, n: int, ctx: int, seed: int = 0, progress: bool = False) -> torch.Tensor:
     """`n` generated windows of `ctx` tokens for a model source (cached; generated on first use)."""
+    from ..io import atomic_path, write_json
     from ..models import resolve_source
     from ..runtime.load import load_engine
 
-    path, _ = resolve_source(source)
+    path, kind = resolve_source(source)
     path = Path(path).resolve()
     key = f"{_source_key(path)}-n{n}-ctx{ctx}-s{seed}-v{FORMAT}"
     file = cache_dir() / f"{key}.pt"
@@ -155,13 +150,11 @@ def generated_windows(source, n: int, ctx: int, seed: int = 0, progress: bool = 
                 return ids
         except (OSError, RuntimeError, EOFError):
             pass  # a corrupt cache entry is regenerated
-    engine, tokenizer, _, _ = load_engine(source, progress=progress, max_memory=_weight_budget(source))
+    engine, tokenizer, _, _ = load_engine(source, progress=progress, max_memory=_weight_budget(kind, path))
     ids = generate_windows(engine, tokenizer, n, ctx, seed, progress)
     del engine
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.partial-{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, file)
-    (file.with_suffix(".json")).write_text(json.dumps({"source": str(path), "n": n, "ctx": ctx, "seed": seed,
-                                                       "sampling": SAMPLING, "prompts": len(PROMPTS)}))
+    with atomic_path(file, directory=False, force=True) as tmp:
+        torch.save(ids, tmp)
+    write_json(file.with_suffix(".json"), {"source": str(path), "n": n, "ctx": ctx, "seed": seed, "sampling": SAMPLING,
+                                           "prompts": len(PROMPTS)})
     return ids

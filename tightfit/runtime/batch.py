@@ -34,7 +34,6 @@ class Sequence:
         self.pos = 0  # positions of this sequence already in its slot's cache
         self.next_token: int | None = None
         self.cancelled = False
-        self.reused = 0  # prompt tokens found in the slot's cache
 
 
 class Batcher:
@@ -82,11 +81,11 @@ class Batcher:
                 seq.emit(None)
                 continue
             # the free slot whose cached tokens share the longest prefix with this prompt
-            best = max(self.free, key=lambda s: _common(self.slot_tokens[s], seq.ids))
+            shared, best = max((_common(self.slot_tokens[s], seq.ids), s) for s in self.free)
             self.free.remove(best)
             seq.slot = best
-            seq.reused = seq.pos = min(_common(self.slot_tokens[best], seq.ids), len(seq.ids) - 1)
-            self.stats["reused_tokens"] += seq.reused
+            seq.pos = min(shared, len(seq.ids) - 1)  # at least one token to prefill: its logits start decoding
+            self.stats["reused_tokens"] += seq.pos
             self.slot_tokens[best] = self.slot_tokens[best][: seq.pos]
             if self.caches[best] is None:
                 self.caches[best] = self.engine.new_cache(1, self.ctx)

@@ -69,18 +69,23 @@ class Decoder:
         self.held = ""  # text that may be the start of a stop string: not shown until it is known not to be
         p = self.params
         self.adjusting = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty)
+        self.counts = None  # generated-token counts for the penalties, made at the first step (the vocab size)
         self.n, self.finished = 0, False
 
     def step(self, logits: torch.Tensor) -> Step:
         """The Step of the token drawn from `logits` [vocab]; sets `finished` on the last one."""
         p, raw = self.params, logits
         if self.adjusting:
-            logits = adjust_logits(logits, p, torch.tensor(self.seen[self.n_prompt:], dtype=torch.long))
+            if self.counts is None and (p.presence_penalty or p.frequency_penalty):
+                self.counts = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+            logits = adjust_logits(logits, p, self.counts)
         if self.constraint is not None:
             logits = self.constraint.mask(logits)
         token = sample(logits, p, self.gen, torch.tensor(self.seen) if p.repetition_penalty != 1.0 else None)
         lp, top = logprobs_of(raw, token, self.logprobs or 0) if self.logprobs is not None else (None, [])
         self.seen.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
         self.n += 1
         if token in self.eos:
             self.finished = True

@@ -48,32 +48,33 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return out
 
 
-def adjust_logits(logits: torch.Tensor, p: SamplingParams, generated: torch.Tensor | None) -> torch.Tensor:
-    """Logits with logit_bias added and the presence / frequency penalties of the `generated` token ids applied."""
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+    """Logits with logit_bias added and the presence / frequency penalties applied; `counts` [vocab] holds how
+    often each token was generated so far."""
     if p.logit_bias:
         logits = logits.clone()
         ids, bias = zip(*p.logit_bias)
         logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype)
-    if (p.presence_penalty or p.frequency_penalty) and generated is not None and generated.numel():
-        counts = torch.bincount(generated, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
+    if (p.presence_penalty or p.frequency_penalty) and counts is not None:
         logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
     return logits
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled logits with the tokens top-k / top-p / min-p exclude set to -inf."""
+    """Temperature-scaled logits with the tokens top-k / top-p / min-p exclude set to -inf (over the last
+    dimension: one row of logits, or a batch of rows)."""
     x = logits / p.temperature
-    if p.top_k and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
+    if p.top_k and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.min_p > 0:
         probs = torch.softmax(x, -1)
-        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        x = x.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     if p.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
         cum = torch.softmax(sorted_x, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return x
 
 

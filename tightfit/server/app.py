@@ -23,41 +23,9 @@ from ..runtime.batch import Batcher, Sequence
 from ..runtime.generate import Decoder, _eos_ids
 from ..runtime.sampling import SamplingParams
 from . import structured
+from .errors import APIError, error_response
+from .ops import BodyLimit, Metrics
 from .schema import ChatRequest, CompletionRequest
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
-
-
-class Metrics:
-    """Prometheus metrics of one server (its own registry: several apps may live in one process)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("tightfit_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
-        self.prompt_tokens = Counter("tightfit_prompt_tokens", "prompt tokens prefilled", registry=r)
-        self.generated = Counter("tightfit_generation_tokens", "tokens generated", registry=r)
-        self.waiting = Gauge("tightfit_queue_depth", "requests waiting for the model", registry=r)
-        self.batch = Gauge("tightfit_batch_size", "sequences in the running decode step", registry=r)
-        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.ttft = Histogram("tightfit_time_to_first_token_seconds", "arrival to first token", buckets=buckets,
-                              registry=r)
-        self.itl = Histogram("tightfit_inter_token_latency_seconds", "time between tokens of one request",
-                             buckets=buckets, registry=r)
-        self.e2e = Histogram("tightfit_request_duration_seconds", "arrival to last token", buckets=buckets, registry=r)
 
 
 class Server:
@@ -100,14 +68,11 @@ class Server:
         return max_tokens
 
     def params(self, req) -> SamplingParams:
-        bias = []
+        bias = []  # values are checked by the schema; keys here, against this model's vocabulary
         for key, value in (req.logit_bias or {}).items():
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.engine.args.vocab_size:
                 raise APIError(400, f"logit_bias keys must be token ids in [0, {self.engine.args.vocab_size}); got "
                                     f"{key!r}.", param="logit_bias")
-            if not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias values must be in [-100, 100]; got {value} for token {key}.",
-                               param="logit_bias")
             bias.append((int(key), float(value)))
         return SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty, req.seed,
                               req.presence_penalty, req.frequency_penalty, tuple(bias))
@@ -135,32 +100,7 @@ class Server:
     def chat_ids(self, req: ChatRequest) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             raise APIError(400, f"'{self.model_id}' has no chat template; use /v1/completions with a plain prompt.")
-        native = structured.template_renders_tools(self.tok)
-        names = {c.id: c.function.name for m in req.messages for c in (m.tool_calls or [])}
-        messages = []
-        for m in req.messages:
-            if m.role == "assistant" and m.tool_calls:
-                calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
-                         for c in m.tool_calls]
-                if native:
-                    messages.append({"role": "assistant", "content": m.text(), "tool_calls": [
-                        {"id": c.id, "type": "function", "function": call} for c, call in zip(m.tool_calls, calls)]})
-                else:
-                    messages.append({"role": "assistant", "content": json.dumps(calls)})
-            elif m.role == "tool":
-                if native:
-                    messages.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id})
-                else:
-                    name = names.get(m.tool_call_id, m.name or "the tool")
-                    messages.append({"role": "user", "content": f"Result of {name}: {m.text()}"})
-            else:
-                messages.append({"role": m.role, "content": m.text()})
-        tools = req.tools if self.tools_in_play(req) else None
-        kwargs = {}
-        if tools and native:
-            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
-        elif tools:
-            messages.insert(0, {"role": "system", "content": structured.tool_instructions(tools)})
+        messages, kwargs = structured.render_chat(self.tok, req.messages, req.tools if self.tools_in_play(req) else None)
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
@@ -314,52 +254,6 @@ class Server:
             yield {**meta, "object": obj, "choices": [choice], **({"usage": None} if include_usage else {})}
         if include_usage:
             yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, n)}
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused (413) as soon as its Content-Length or its
-    bytes so far say so, before it is read whole."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    def too_large(self) -> APIError:
-        return APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes.",
-                        code="request_too_large")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self.too_large().response()(scope, receive, send)
-        seen, refused = 0, False
-
-        async def limited():  # past the limit: answer 413 now, and tell the app the client went away
-            nonlocal seen, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    refused = True
-                    await self.too_large().response()(scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if not refused:  # the app's own answer to a refused body is dropped
-                await send(message)
-
-        return await self.app(scope, limited, guarded_send)
-
-
-def _json_or_text(arguments: str):
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
 
 
 def create_app(engine, tokenizer, model_id: str, max_body: int = 16 << 20, **limits) -> FastAPI:

@@ -133,6 +133,42 @@ def template_renders_tools(tokenizer) -> bool:
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def render_chat(tokenizer, messages, tools) -> tuple[list[dict], dict]:
+    """(messages, apply_chat_template keyword arguments) for a conversation with `tools` in play (or None).
+    A template with a tools section gets the tools, earlier calls and tool results as it expects them; any other
+    gets the tools as a system message, calls as the JSON it was asked to answer with, results as user turns."""
+    native = template_renders_tools(tokenizer)
+    names = {c.id: c.function.name for m in messages for c in (m.tool_calls or [])}
+    out = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)} for c in m.tool_calls]
+            if native:
+                out.append({"role": "assistant", "content": m.text(), "tool_calls": [
+                    {"id": c.id, "type": "function", "function": call} for c, call in zip(m.tool_calls, calls)]})
+            else:
+                out.append({"role": "assistant", "content": json.dumps(calls)})
+        elif m.role == "tool" and native:
+            out.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id})
+        elif m.role == "tool":
+            out.append({"role": "user", "content": f"Result of {names.get(m.tool_call_id, m.name or 'the tool')}: "
+                                                   f"{m.text()}"})
+        else:
+            out.append({"role": m.role, "content": m.text()})
+    if tools and native:
+        return out, {"tools": [t.model_dump(exclude_none=True) for t in tools]}
+    if tools:
+        out.insert(0, {"role": "system", "content": tool_instructions(tools)})
+    return out, {}
+
+
 def _calls_of(obj, names: set[str]) -> list[dict] | None:
     objs = obj if isinstance(obj, list) else [obj]
     calls = []

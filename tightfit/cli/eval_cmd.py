@@ -23,13 +23,8 @@ def load_for_eval(source: str, kv_format: str | None, progress: bool):
     """An artifact, or any model with --kv-format, is scored by what the runtime runs; others by transformers."""
     from ..models import load, resolve_source
     from ..runtime import load_runtime
-    from ..runtime.model import RUNTIME_MODEL_TYPES
 
     path, kind = resolve_source(source)
-    if kv_format is None and kind == "artifact":
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type not in RUNTIME_MODEL_TYPES:  # the runtime cannot run it: score the dequantized weights
-            return load(source, progress=progress)
     if kv_format is None and kind != "artifact":
         from ..eval.reference import load_reference
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.layered import LAYERED, head_weight, hidden_states
+from ..models.families import family_of
+from ..models.layered import head_weight, hidden_states
 
 
 class StreamedReference:
@@ -31,11 +32,15 @@ class StreamedReference:
             return
         self._hidden = hidden_states(self.lazy, tokens, keep_from=first, progress=progress)[:, :-1]
         self._head = head_weight(self.lazy)
+        self._softcap = family_of(self.config).final_softcap(self.config)
         self._key = key
 
     @torch.inference_mode()
     def logprobs(self, i: int) -> torch.Tensor:
-        return F.log_softmax(self._hidden[i] @ self._head.T, dim=-1)
+        logits = self._hidden[i] @ self._head.T
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return F.log_softmax(logits, dim=-1)
 
 
 def load_reference(source: str, progress: bool = False):
@@ -46,11 +51,6 @@ def load_reference(source: str, progress: bool = False):
     _, kind = resolve_source(source)
     if kind != "artifact":
         lazy = load_lazy(source)
-        if lazy.config.model_type in LAYERED:
-            return StreamedReference(lazy, str(source))
-        from ..memory import require
-
-        params = sum(p.numel() for p in lazy.skeleton.parameters())
-        require(params * 4 + (500 << 20), f"the base {source} ({lazy.config.model_type}, loaded whole in fp32)",
-                "This family is not streamed layer by layer yet: use a machine with more memory or a smaller base.")
+        family_of(lazy.config, str(source))
+        return StreamedReference(lazy, str(source))  # every family runs layer by layer
     return load(source, progress=progress)

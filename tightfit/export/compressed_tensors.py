@@ -127,9 +127,9 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
     artifact = Path(artifact)
     _, qweights, kept = load_quantized(artifact)
     config = AutoConfig.from_pretrained(artifact)
-    if config.model_type not in ("llama", "qwen2"):
-        raise UnsupportedArchitectureError(f"compressed-tensors export handles llama and qwen2 models, not "
-                                           f"{config.model_type!r}; export it to GGUF instead.")
+    from ..models.families import family_of
+
+    family_of(config, str(artifact)).check_export(config, "compressed-tensors")
     linear = {n: qw for n, qw in qweights.items() if ".layers." in n}
     dtype = torch.bfloat16 if all(qw.fmt.scale_dtype == "bfloat16" for qw in linear.values()) else torch.float16
     tensors, report, groups = {}, {}, {}

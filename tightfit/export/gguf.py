@@ -16,22 +16,15 @@ from tqdm.auto import tqdm
 
 from ..errors import UnsupportedArchitectureError
 from ..io import atomic_path
-from ..models.arch import HF_TO_GGUF_ARCH, hf_to_gguf_names, to_gguf_tensor
+from ..models.arch import hf_to_gguf_names, to_gguf_tensor
+from ..models.families import family_of
 from ..models.gguf_file import open_gguf
 
 log = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
-
-
 def _add_architecture(w: gguf.GGUFWriter, config, name: str, file_type: int) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedArchitectureError(
-            f"rope scaling {rope.get('rope_type')!r} is not written to GGUF yet; only plain rotary embeddings are."
-        )
+    fam = family_of(config, "the model to export")
+    head_dim = fam.head_dim(config)
     w.add_name(name)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -41,8 +34,12 @@ def _add_architecture(w: gguf.GGUFWriter, config, name: str, file_type: int) -> 
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(theta))
+    w.add_rope_dimension_count(fam.rotary_dim(config))
+    fam.gguf_metadata(w, config)
+    # what transformers' GGUF reader does not rebuild, for tightfit reading the file back (models/gguf_file.py)
+    keep = {k: getattr(config, k) for k in ("rope_parameters", "layer_types", "sliding_window",
+                                             "query_pre_attn_scalar", "head_dim") if getattr(config, k, None) is not None}
+    w.add_string("tightfit.config", json.dumps(keep))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(file_type)
@@ -118,12 +115,11 @@ class TensorEntry:
 
 def gguf_names(config, param_names) -> dict[str, str]:
     """Hugging Face parameter name -> GGUF tensor name, for a model type llama.cpp reads."""
-    if config.model_type not in GGUF_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"GGUF export handles model types {list(GGUF_ARCHITECTURES)}, got {config.model_type!r}. "
-            "Export it as a Hugging Face folder instead (tightfit convert MODEL -o DIR)."
-        )
-    arch = HF_TO_GGUF_ARCH[config.model_type]
+    fam = family_of(config, "the model to export")
+    fam.check_export(config, "gguf")
+    for msg in fam.gguf_warnings(config):
+        log.warning(msg)
+    arch = fam.gguf_arch
     param_names = [k for k in param_names if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     names = hf_to_gguf_names(param_names, arch, config.num_hidden_layers)
     unmapped = [k for k in param_names if k not in names]
@@ -135,10 +131,13 @@ def gguf_names(config, param_names) -> dict[str, str]:
 
 def write_gguf(out: Path, config, name: str, tokenizer_fields: Callable[[gguf.GGUFWriter], None],
                entries: list[TensorEntry], file_type: int, force: bool = False, progress: bool = False) -> Path:
-    """Write a GGUF file atomically, tensor data streamed one tensor at a time."""
+    """Write a GGUF file atomically, tensor data streamed one tensor at a time (with the family's extra
+    tensors, such as Llama 3.1's rope factors)."""
     out = Path(out)
+    for gname, arr in family_of(config).gguf_extra_tensors(config).items():
+        entries = [*entries, TensorEntry(gname, arr.shape, arr.dtype, arr.nbytes, lambda a=arr: a)]
     with atomic_path(out, directory=False, force=force) as tmp:
-        w = gguf.GGUFWriter(tmp, HF_TO_GGUF_ARCH[config.model_type])
+        w = gguf.GGUFWriter(tmp, family_of(config).gguf_arch)
         _add_architecture(w, config, name, file_type)
         tokenizer_fields(w)
         for e in entries:

@@ -1,23 +1,16 @@
-"""The model families tightfit's code paths handle, and the GGUF <-> Hugging Face tensor naming."""
+"""GGUF <-> Hugging Face tensor naming and llama.cpp's q/k row order (what each family needs is in families/)."""
 
 from __future__ import annotations
 
 import gguf
 import torch
 
-from ..errors import UnsupportedArchitectureError
-
-# transformers model_type -> GGUF architecture name
-HF_TO_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
-SUPPORTED_MODEL_TYPES = tuple(HF_TO_GGUF_ARCH)
-
 
 def check_model_type(model_type: str | None, where: str) -> str:
-    if model_type not in HF_TO_GGUF_ARCH:
-        raise UnsupportedArchitectureError(
-            f"{where} holds a {model_type!r} model; tightfit handles model types {list(SUPPORTED_MODEL_TYPES)}. "
-            f"Use a model of one of those families, or open an issue for {model_type!r}."
-        )
+    """MODEL_TYPE if a family module handles it (models/families), else a typed error listing those that do."""
+    from .families import family_of
+
+    family_of(model_type, where)
     return model_type
 
 
@@ -49,24 +42,14 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def to_gguf_tensor(name: str, w: torch.Tensor, config) -> torch.Tensor:
-    """The transform a Hugging Face tensor goes through on its way into a GGUF file."""
-    if config.model_type == "llama":
-        if name.endswith("self_attn.q_proj.weight"):
-            return permute_qk(w, config.num_attention_heads)
-        if name.endswith("self_attn.k_proj.weight"):
-            return permute_qk(w, config.num_key_value_heads)
-    if config.model_type == "gemma3_text" and name.endswith("norm.weight"):
-        return w + 1  # Gemma's RMSNorm scales by (1 + w); GGUF stores the full gain
-    return w
+    """The transform a Hugging Face tensor goes through on its way into a GGUF file (the family's)."""
+    from .families import family_of
+
+    return family_of(config).to_gguf(name, w, config)
 
 
 def from_gguf_tensor(name: str, w: torch.Tensor, config) -> torch.Tensor:
     """Inverse of to_gguf_tensor."""
-    if config.model_type == "llama":
-        if name.endswith("self_attn.q_proj.weight"):
-            return unpermute_qk(w, config.num_attention_heads)
-        if name.endswith("self_attn.k_proj.weight"):
-            return unpermute_qk(w, config.num_key_value_heads)
-    if config.model_type == "gemma3_text" and name.endswith("norm.weight"):
-        return w - 1
-    return w
+    from .families import family_of
+
+    return family_of(config).from_gguf(name, w, config)

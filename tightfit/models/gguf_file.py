@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from ..errors import GGUFFormatError, UnsupportedArchitectureError
-from .arch import HF_TO_GGUF_ARCH
 
 GGUF_MAGIC = b"GGUF"
 
@@ -59,17 +58,43 @@ def hf_config(path: Path, tokenizer: bool = True):
             f"{path}: the model {what} in its metadata could not be read ({type(e).__name__}: {str(e)[:200]}). "
             "The file is damaged or was written by a tool tightfit does not know; download or export it again."
         ) from e
+    _restore_config(open_gguf(path), config, path)
     return config, tok
+
+
+def _restore_config(reader, config, path) -> None:
+    """What transformers' GGUF reader does not rebuild: the config fields tightfit wrote under tightfit.* keys
+    (rope scaling that GGUF holds only as a tensor, Gemma's layer types, query_pre_attn_scalar). A foreign file
+    with rope factors but no such key is run without them, and says so."""
+    import json
+    import logging
+
+    field = reader.fields.get("tightfit.config")
+    if field is not None:
+        for k, v in json.loads(field.contents()).items():
+            setattr(config, k, v)
+    elif any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        logging.getLogger(__name__).warning(
+            "%s holds rope frequency factors (Llama 3.1 rope scaling) that transformers' GGUF reader drops: "
+            "tightfit runs it with plain rotary embeddings. Convert from the Hugging Face folder for exact "
+            "long-context behaviour.", path)
 
 
 def architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
     """The GGUF architecture name, checked against the families tightfit handles."""
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
-    if arch not in HF_TO_GGUF_ARCH.values():
+    from .families import families
+
+    known = sorted({f.gguf_arch for f in families().values()})
+    if arch not in known:
+        import difflib
+
+        close = difflib.get_close_matches(str(arch), known, n=1, cutoff=0.3)
+        hint = f" The closest supported one is {close[0]!r}." if close else ""
         raise UnsupportedArchitectureError(
-            f"{path} holds a {arch!r} model; tightfit handles GGUF architectures "
-            f"{sorted(HF_TO_GGUF_ARCH.values())}. Convert the model to one of those or open an issue for {arch!r}."
+            f"{path} holds a {arch!r} model; tightfit handles GGUF architectures {known}.{hint} Convert the model "
+            f"to one of those, or add a module for {arch!r} under tightfit/models/families/."
         )
     return arch
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedArchitectureError
+from .families import family_of
 from .lazy import LazyModel
 
-LAYERED = ("llama", "qwen2")  # decoder layers called as layer(x, attention_mask=None, position_embeddings=pe)
 
-
-def check_layered(config, verb: str) -> None:
-    if config.model_type not in LAYERED:
-        raise UnsupportedArchitectureError(
-            f"{verb} runs the model layer by layer, which tightfit knows for model types {list(LAYERED)}; "
-            f"got {config.model_type!r}.")
+def check_layered(config, verb: str):
+    """The model's Family (every family runs layer by layer); a typed error for an unknown one."""
+    return family_of(config, verb)
 
 
 def load_layer(lazy: LazyModel, i: int, state: dict[str, torch.Tensor] | None = None,
@@ -43,16 +39,44 @@ def drop_layer(lazy: LazyModel, i: int) -> None:
     return_free_heap()  # the small tensors a layer's pass allocated and freed
 
 
-def rotary(lazy: LazyModel, ctx: int, dtype: torch.dtype = torch.float32):
-    """(cos, sin) for positions 0 .. ctx-1, batch 1."""
-    rope = type(lazy.skeleton.model.rotary_emb)(config=lazy.config)
-    x = torch.zeros(1, ctx, 1)
-    return tuple(t.to(dtype) for t in rope(x, torch.arange(ctx)[None]))
+class Positions:
+    """What a decoder layer needs besides its input for windows of ctx tokens: its layer type's RoPE tables
+    (by transformers' own rotary module: this is the reference the runtime is checked against) and attention
+    mask (None: causal; a sliding-window layer shorter than ctx gets a boolean band)."""
+
+    def __init__(self, lazy: LazyModel, ctx: int, dtype: torch.dtype = torch.float32):
+        import inspect
+
+        fam = family_of(lazy.config)
+        rope = type(lazy.skeleton.model.rotary_emb)(config=lazy.config)
+        x, pos = torch.zeros(1, ctx, 1), torch.arange(ctx)[None]
+        typed = "layer_type" in inspect.signature(rope.forward).parameters
+        self.types = fam.layer_types(lazy.config)
+        windows = dict(zip(self.types, fam.windows(lazy.config)))
+        self.pe, self.masks = {}, {}
+        for kind in set(self.types):
+            cs = rope(x, pos, kind) if typed else rope(x, pos)
+            self.pe[kind] = tuple(t.to(dtype) for t in cs)
+            w = windows[kind]
+            if w and w < ctx:
+                q, k = torch.arange(ctx)[:, None], torch.arange(ctx)[None]
+                self.masks[kind] = ((k <= q) & (q - k < w))[None, None]
+            else:
+                self.masks[kind] = None
+
+    def of(self, i: int):
+        kind = self.types[i]
+        return self.pe[kind], self.masks[kind]
 
 
-def layer_call(layer, x: torch.Tensor, pe) -> torch.Tensor:
+def rotary(lazy: LazyModel, ctx: int, dtype: torch.dtype = torch.float32) -> Positions:
+    return Positions(lazy, ctx, dtype)
+
+
+def layer_call(layer, x: torch.Tensor, pe: Positions) -> torch.Tensor:
     b = x.shape[0]
-    return layer(x, attention_mask=None, position_embeddings=(pe[0].expand(b, -1, -1), pe[1].expand(b, -1, -1)))
+    (cos, sin), mask = pe.of(layer.self_attn.layer_idx)
+    return layer(x, attention_mask=mask, position_embeddings=(cos.expand(b, -1, -1), sin.expand(b, -1, -1)))
 
 
 def run_layer(layer, xs: torch.Tensor, pe, batch: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,6 +95,17 @@ def final_norm(lazy: LazyModel) -> torch.nn.Module:
     return norm.float()
 
 
+def embed(lazy: LazyModel, tokens: torch.Tensor, dtype: torch.dtype = torch.float32,
+          table: torch.Tensor | None = None) -> torch.Tensor:
+    """The input embeddings of token ids, with the family's scale (Gemma: sqrt(hidden))."""
+    from .families import embed_scale_value
+
+    table = lazy.get("model.embed_tokens.weight") if table is None else table
+    xs = table[tokens].to(dtype)
+    s = embed_scale_value(family_of(lazy.config), lazy.config)
+    return xs if s == 1.0 else xs.mul_(torch.tensor(s, dtype=dtype))
+
+
 def head_weight(lazy: LazyModel) -> torch.Tensor:
     tied = lazy.config.tie_word_embeddings
     return lazy.get("model.embed_tokens.weight" if tied else "lm_head.weight")
@@ -82,7 +117,7 @@ def hidden_states(lazy: LazyModel, tokens: torch.Tensor, keep_from: int = 0, pro
     from tqdm.auto import tqdm
 
     check_layered(lazy.config, "this model's reference forward")
-    xs = lazy.get("model.embed_tokens.weight")[tokens].to(dtype)
+    xs = embed(lazy, tokens, dtype)
     pe = rotary(lazy, tokens.shape[1], dtype)
     spare = torch.empty_like(xs)
     for i in tqdm(range(lazy.config.num_hidden_layers), desc="reference forward", unit="layer", disable=not progress):

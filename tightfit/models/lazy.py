@@ -78,9 +78,13 @@ def lazy_hf(path: Path) -> LazyModel:
     loaders = {}
     for f in files:
         with safe_open(f, framework="pt") as h:
-            keys = list(h.keys())
-        for k in keys:
+            shapes = {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+        for k, shape in shapes.items():
             if k in wanted:
+                expected = tuple(skeleton.get_parameter(k).shape)
+                if shape != expected:
+                    raise NotAModelError(f"{f}: tensor {k} has shape {shape} but the config implies {expected}. "
+                                         "The weights and config.json disagree; use the folder's own config.")
                 loaders[k] = (lambda f=f, k=k: _read_one(f, k))
     if config.tie_word_embeddings:
         loaders.pop("lm_head.weight", None)

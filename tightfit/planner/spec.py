@@ -124,6 +124,7 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     except KeyError as e:
         raise SpecError(f"{name}: config.json lacks {e}; the planner needs hidden_size, num_hidden_layers, "
                         "num_attention_heads and vocab_size.") from e
+    fam = _family(cfg)
     KV = _get(cfg, "num_key_value_heads", default=H)
     hd = _get(cfg, "head_dim", default=D // H)
     ffn = _get(cfg, "intermediate_size")
@@ -147,6 +148,9 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
             items += [Item(p + "self_attn.kv_a_proj_with_mqa.weight", layer, "kv_a", (kv_lora + rope, D)),
                       Item(p + "self_attn.kv_b_proj.weight", layer, "kv_b", (H * (nope + vdim), kv_lora)),
                       Item(p + "self_attn.o_proj.weight", layer, "o", (D, H * vdim))]
+        elif fam is not None and len(fam.qkv) == 1:  # q, k, v in one tensor (Phi-3)
+            items += [Item(f"{p}{fam.qkv[0]}.weight", layer, "qkv", ((H + 2 * KV) * hd, D)),
+                      Item(p + "self_attn.o_proj.weight", layer, "o", (D, H * hd))]
         else:
             items += [Item(p + "self_attn.q_proj.weight", layer, "q", (H * hd, D)),
                       Item(p + "self_attn.k_proj.weight", layer, "k", (KV * hd, D)),
@@ -163,6 +167,9 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
                 items += [Item(p + "mlp.shared_experts.gate_proj.weight", layer, "gate", (sf, D)),
                           Item(p + "mlp.shared_experts.up_proj.weight", layer, "up", (sf, D)),
                           Item(p + "mlp.shared_experts.down_proj.weight", layer, "down", (D, sf))]
+        elif fam is not None and len(fam.gate_up) == 1:  # gate and up in one tensor (Phi-3)
+            items += [Item(f"{p}{fam.gate_up[0]}.weight", layer, "gate_up", (2 * ffn, D)),
+                      Item(f"{p}{fam.down}.weight", layer, "down", (D, ffn))]
         else:
             if ffn is None:
                 raise SpecError(f"{name}: config.json lacks intermediate_size")
@@ -175,8 +182,26 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         items.append(Item("lm_head.weight", None, "head", (vocab, D)))
     kv_elems = (kv_lora + cfg["qk_rope_head_dim"]) if kv_lora else 2 * KV * hd
     return ModelSpec(name, cfg.get("model_type", "?"), L, D, H, KV, hd, vocab, tied, kv_elems, tuple(items),
-                     norm_params=(2 * L + 1) * D, source=cfg.get("_source", ""),
+                     norm_params=_small_params(cfg, fam, L, D, H, KV, hd), source=cfg.get("_source", ""),
                      max_ctx=int(cfg.get("max_position_embeddings") or 8192))
+
+
+def _family(cfg: dict):
+    """The model's Family where tightfit has one (the planner also describes families it cannot run)."""
+    from ..models.families import families
+
+    return families().get(cfg.get("model_type"))
+
+
+def _small_params(cfg: dict, fam, L: int, D: int, H: int, KV: int, hd: int) -> int:
+    """Norm gains and biases: per layer the family's norms (q/k norms are head_dim wide) and q/k/v biases
+    (Qwen2; attention_bias elsewhere), plus the final norm."""
+    if fam is None:
+        return (2 * L + 1) * D
+    per_layer = sum(hd if n in (fam.q_norm, fam.k_norm) else D for n in fam.norms)
+    if fam.name == "qwen2" or cfg.get("attention_bias"):
+        per_layer += (H + 2 * KV) * hd + (D if cfg.get("attention_bias") else 0)
+    return L * per_layer + D
 
 
 def shipped_configs() -> list[str]:

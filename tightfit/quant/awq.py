@@ -20,10 +20,8 @@ from .core import (
     quantize_codes,
     searched_params,
 )
-from .equivalence import PAIRS, apply_scale, expand_gqa
-
-LEAD = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-        "mlp_out": "mlp.down_proj"}
+from ..models.families import family_of
+from .equivalence import apply_scale, expand_gqa
 ALPHAS = torch.linspace(0, 1, 21).tolist()
 
 
@@ -48,8 +46,11 @@ def sample_rows(w: torch.Tensor, in_features: int, g: torch.Generator, flops: fl
     return torch.randperm(w.shape[0], generator=g)[:n], w.shape[0] / n
 
 
-# the linear whose input Hessian a pair's source linear reads (the lead of its input group)
-SOURCE_INPUT = {"self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+def source_input(pair, config) -> str | None:
+    """The lead of the input group of a pair's source when the source is a linear (v_proj, up_proj): its input
+    Hessian. None for a norm."""
+    fam = family_of(config)
+    return fam.lead_of(pair.source) if pair.source in fam.linears else None
 
 
 class SourceTerm:
@@ -110,7 +111,7 @@ def source_term(state: dict, prefix: str, pair, hessians: dict, config, fmt, see
     w = state[f"{prefix}{pair.source}.weight"]
     if w.ndim != 2 or fmt is None:
         return None
-    H_src = hessians[SOURCE_INPUT[pair.source]]
+    H_src = hessians[source_input(pair, config)]
     cols = sum((state[f"{prefix}{t}.weight"].float() ** 2).sum(0) for t in pair.targets)  # per target column
     if pair.gqa:  # kv channel c feeds the same column of every query head sharing it
         hd = cols.shape[0] // config.num_attention_heads
@@ -120,19 +121,19 @@ def source_term(state: dict, prefix: str, pair, hessians: dict, config, fmt, see
     else:  # up -> down: E[a_c^2] (down_proj's input) over E[up_c^2]
         wf = w.float()
         up_sq = ((wf @ H_src) * wf).sum(1)
-        gain = (torch.diagonal(hessians[LEAD[pair.name]]) / up_sq.clamp_min(1e-12)).clamp(0, 1e4)
+        gain = (torch.diagonal(hessians[pair.targets[0]]) / up_sq.clamp_min(1e-12)).clamp(0, 1e4)
     return SourceTerm(w, fmt, H_src, gain * cols, torch.Generator().manual_seed(seed + 1))
 
 
 def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for,
               held: dict | None = None) -> tuple[dict, list[str]]:
-    """Search and fold the four scale pairs of one decoder layer (state, hessians and held change in place).
+    """Search and fold the scale pairs of one decoder layer (its family's) (state, hessians and held change in place).
 
     held: the held-out windows' Hessians, by the same names; a pair whose searched scale does not beat s=1 on
     them is left unscaled. -> (scale per pair, the pairs left unscaled by that check)."""
     found, fell_back = {}, []
-    for pair in PAIRS:
-        lead = LEAD[pair.name]
+    for pair in family_of(config).pairs:
+        lead = pair.targets[0]  # the targets are one input group, lead first
         H = hessians[lead]
         fmts = [fmt_for(t) for t in pair.targets]
         if any(f is None for f in fmts):
@@ -145,9 +146,10 @@ def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for,
             rep = config.num_attention_heads // config.num_key_value_heads
             act = act.reshape(config.num_key_value_heads, rep, hd).mean(1).reshape(-1)
         H_hold = None if held is None else held.get(lead)
+        src_lead = source_input(pair, config)
         src = source_term(state, prefix, pair, hessians, config, fmt_for(pair.source), cfg.seed) \
-            if pair.source in SOURCE_INPUT else None
-        src_hold = None if src is None or held is None else held.get(SOURCE_INPUT[pair.source])
+            if src_lead is not None else None
+        src_hold = None if src is None or held is None else held.get(src_lead)
         s, fell = search_scale(ws, fmts, H, act, expand, cfg.seed, H_hold, src, src_hold)
         if fell:
             fell_back.append(pair.name)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QuantizeError
-from ..models.layered import check_layered, drop_layer, load_layer, rotary, run_layer
+from ..models.layered import check_layered, drop_layer, embed, load_layer, rotary, run_layer
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
@@ -21,14 +21,13 @@ from .equivalence import check_rescalable
 from .gptq import gptq
 from .hqq import hqq
 
-# linears that read the same input share one Hessian; the first of each group is where it is measured
-INPUT_GROUPS = {
-    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
-LINEARS = tuple(n for group in INPUT_GROUPS.values() for n in group)
+
+def input_groups(config) -> dict[str, tuple[str, ...]]:
+    """Linears that read the same input share one Hessian, measured at the first of each group (the lead):
+    lead -> group, from the model's family."""
+    from ..models.families import family_of
+
+    return {g[0]: g for g in family_of(config).groups}
 
 
 @dataclass
@@ -154,7 +153,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
 
     release_freed_memory_eagerly()
     config = lazy.config
-    check_layered(config, f"quantizing ({cfg.method})")
+    fam = check_layered(config, f"quantizing ({cfg.method})")
+    groups = input_groups(config)
     if cfg.method in SCALED:
         check_rescalable(config)
     if cfg.needs_calibration and calib is None:
@@ -162,12 +162,12 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     weights: dict[str, QuantizedWeight] = {}
     kept: dict[str, torch.Tensor] = {}
     extra: dict = {"awq_scales": {}} if cfg.method in SCALED else {}
-    embed = lazy.get("model.embed_tokens.weight")
+    table = lazy.get("model.embed_tokens.weight")
 
     xs = pe = None
     n_fit = 0
     if calib is not None:
-        xs = embed[calib].to(cfg.calib_torch_dtype)  # [samples, ctx, hidden]
+        xs = embed(lazy, calib, cfg.calib_torch_dtype, table)  # [samples, ctx, hidden]
         pe = rotary(lazy, calib.shape[1], xs.dtype)
         n_fit = calib.shape[0] - cfg.held_out_windows(calib.shape[0])
     guard = {"held_out_windows": 0 if xs is None else xs.shape[0] - n_fit, "tensors": 0, "rtn_fallbacks": [],
@@ -181,7 +181,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         hessians, held = {}, {}
         if xs is not None:
             layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
-            hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
+            hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in groups}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
             run_layer(layer, xs[:n_fit], pe)
             for h in hooks.values():
@@ -197,7 +197,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
                                          lambda n: cfg.format_for(prefix + n + ".weight"), held=held or None)
             extra["awq_scales"][i] = found
             guard["awq_scale_fallbacks"] += [f"{prefix}{p}" for p in fell_back]
-        for lead, group in INPUT_GROUPS.items():
+        for lead, group in groups.items():
             for n in group:
                 name = f"{prefix}{n}.weight"
                 fmt = cfg.format_for(name)
@@ -218,7 +218,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
             xs = run_layer(layer, xs, pe, out=xs)
         drop_layer(lazy, i)
         if progress and weights:
-            last = weights[f"{prefix}mlp.down_proj.weight"].error
+            last = weights[f"{prefix}{fam.down}.weight"].error
             steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB", rtn_fallbacks=len(guard["rtn_fallbacks"]))
 
     norm = lazy.get("model.norm.weight")
@@ -249,10 +249,10 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
 
     if config.tie_word_embeddings:
         tie = (lambda H: None if H is None else tied_hessian(H))
-        weights[head_name] = head_tensor(embed, fmt, tie(H_head), tie(H_head_hold))
+        weights[head_name] = head_tensor(table, fmt, tie(H_head), tie(H_head_hold))
     else:
         e_fmt = cfg.format_for("model.embed_tokens.weight")
-        weights["model.embed_tokens.weight"] = guarded(embed, e_fmt, replace(cfg, method="rtn"), None, None,
+        weights["model.embed_tokens.weight"] = guarded(table, e_fmt, replace(cfg, method="rtn"), None, None,
                                                        "model.embed_tokens.weight")[0] if e_fmt else None
         weights[head_name] = head_tensor(lazy.get("lm_head.weight"), fmt, H_head, H_head_hold)
     if guard["held_out_windows"] and cfg.method != "rtn":
@@ -261,6 +261,6 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         if qw is not None:
             qw.compact()
     for k in [k for k, v in weights.items() if v is None]:
-        kept[k] = embed if k == "model.embed_tokens.weight" else lazy.get(k)
+        kept[k] = table if k == "model.embed_tokens.weight" else lazy.get(k)
         del weights[k]
     return QuantizedModel(weights, kept, cfg, extra)

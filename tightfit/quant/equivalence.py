@@ -1,4 +1,4 @@
-"""Function-preserving channel rescaling of Llama/Qwen2 decoder layers.
+"""Function-preserving channel rescaling of decoder layers (the pairs each family declares, models/families).
 
 Where an op's output channel c feeds only the input column c of the next linears, multiplying those columns
 by s_c and dividing channel c of the op by s_c leaves the model's function unchanged (in exact arithmetic):
@@ -12,41 +12,27 @@ the quantization grid a GGUF source left them on, without changing what the mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UnsupportedArchitectureError
-
-RESCALABLE = ("llama", "qwen2")
-
-
-@dataclass(frozen=True)
-class ScalePair:
-    name: str
-    source: str  # the op whose output channels are divided by s (a norm weight or a linear's rows)
-    targets: tuple[str, ...]  # linears whose input columns are multiplied by s
-    gqa: bool = False  # v_proj -> o_proj: s is per kv channel, expanded over the query heads sharing it
+from ..models.families import ScalePair, family_of
 
 
-PAIRS = (
-    ScalePair("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScalePair("attn_out", "self_attn.v_proj", ("self_attn.o_proj",), gqa=True),
-    ScalePair("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScalePair("mlp_out", "mlp.up_proj", ("mlp.down_proj",)),
-)
+def pairs(config) -> tuple[ScalePair, ...]:
+    return family_of(config).pairs
 
 
 def check_rescalable(config) -> None:
-    if config.model_type not in RESCALABLE:
+    if not pairs(config):
         raise UnsupportedArchitectureError(
-            f"channel rescaling (AWQ, off-grid) handles model types {list(RESCALABLE)}, got {config.model_type!r}")
+            f"channel rescaling (AWQ, off-grid) has no function-preserving pairs for {config.model_type!r}; "
+            "use --method gptq or rtn")
 
 
 def pair_width(pair: ScalePair, config) -> int:
     if pair.gqa:
         return config.num_key_value_heads * _head_dim(config)
-    if pair.name == "mlp_out":
+    if pair.targets == (family_of(config).down,):
         return config.intermediate_size
     return config.hidden_size
 
@@ -67,7 +53,8 @@ def apply_scale(state: dict[str, torch.Tensor], prefix: str, pair: ScalePair, s:
     s = s.to(torch.float32)
     src = state[f"{prefix}{pair.source}.weight"]
     if src.ndim == 1:
-        src.div_(s)
+        off = family_of(config).norm_offset  # a gain of (off + w): (off + w) / s = off + w'
+        src.add_(off).div_(s).sub_(off) if off else src.div_(s)
     else:
         src.div_(s[:, None])
         bias = state.get(f"{prefix}{pair.source}.bias")
@@ -85,13 +72,13 @@ def layer_prefix(i: int) -> str:
 def offgrid_layer(state: dict[str, torch.Tensor], i: int, config, g: torch.Generator, sigma: float) -> None:
     """Layer i's pairs rescaled by exp(N(0, sigma^2)) factors drawn from g, in place (layers in order, each
     pair in PAIRS order: the same draws whether the model is held whole or streamed a layer at a time)."""
-    for pair in PAIRS:
+    for pair in pairs(config):
         s = torch.exp(torch.randn(pair_width(pair, config), generator=g) * sigma)
         apply_scale(state, layer_prefix(i), pair, s, config)
 
 
-def offgrid_record(sigma: float, seed: int) -> dict:
-    return {"transform": "offgrid", "sigma": sigma, "seed": seed, "pairs": [p.name for p in PAIRS]}
+def offgrid_record(sigma: float, seed: int, config) -> dict:
+    return {"transform": "offgrid", "sigma": sigma, "seed": seed, "pairs": [p.name for p in pairs(config)]}
 
 
 def offgrid(state: dict[str, torch.Tensor], config, sigma: float = 0.1, seed: int = 0) -> dict:
@@ -103,4 +90,4 @@ def offgrid(state: dict[str, torch.Tensor], config, sigma: float = 0.1, seed: in
     g = torch.Generator().manual_seed(seed)
     for i in range(config.num_hidden_layers):
         offgrid_layer(state, i, config, g, sigma)
-    return offgrid_record(sigma, seed)
+    return offgrid_record(sigma, seed, config)

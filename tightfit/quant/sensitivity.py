@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import FormatError
 from ..models.layered import check_layered, drop_layer, final_norm, head_weight, layer_call, load_layer, rotary, \
     run_layer
-from .calibrate import INPUT_GROUPS, quantize_one, tied_hessian
+from .calibrate import input_groups, quantize_one, tied_hessian
 from .config import GPTQ_METHODS, QuantConfig
 from .core import rtn, rtn_error, weight_error
 from .gptq import gptq_errors
@@ -108,8 +108,13 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     losses: dict[str, tuple] = {}
     bar = tqdm(total=2 * L + 2, desc=f"sensitivity ({cfg.method})", unit="step", disable=not progress)
 
+    from ..models.families import embed_scale_value
+    from ..models.layered import embed as embed_rows
+
+    groups = input_groups(config)
+    e_scale = embed_scale_value(check_layered(config, "the mixed-precision sensitivities"), config)
     embed = lazy.get(EMBED)
-    x = embed[ids].float()
+    x = embed_rows(lazy, ids, torch.float32, embed)
     if not tied:
         del embed
     pe = rotary(lazy, T)
@@ -117,14 +122,14 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     for i in range(L):  # forward: keep each layer's input, take its input Hessians, price the method
         prefix = f"model.layers.{i}."
         layer = load_layer(lazy, i)  # its parameters are the only copy of the layer's weights
-        hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in INPUT_GROUPS
+        hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in groups
                  if priced or keep_hessians}
         handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
         inputs[i].copy_(x)
         run_layer(layer, inputs[i], pe, batch=1, out=x)  # one window per call: the Hessian halves alternate
         for h in handles:
             h.remove()
-        for lead, group in INPUT_GROUPS.items():
+        for lead, group in groups.items():
             if lead not in hooks:
                 continue
             H_fit, H_test = hooks[lead].fit_test()
@@ -202,6 +207,8 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
         del layer, F, params, xs
         bar.update()
 
+    if e_scale != 1.0:  # x = scale * embedding row: the rows' gradient is scale times x's
+        grad.mul_(e_scale)
     if tied:  # the embedding's own gradient lands on the rows of each window's tokens
         F_embed = F_head
         for w, (uniq, inv, gh) in enumerate(tied_rows):

@@ -65,15 +65,17 @@ def _gguf_source(path: Path):
     lazy = lazy_gguf(path)
     config = lazy.config
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    names = hf_to_gguf_names(lazy.loaders.keys(), "gemma3" if config.model_type == "gemma3_text" else config.model_type,
-                             config.num_hidden_layers)
+    from ..models.families import family_of
+
+    fam = family_of(config, str(path))
+    names = hf_to_gguf_names(lazy.loaders.keys(), fam.gguf_arch, config.num_hidden_layers)
 
     def get(name: str) -> Weight:
         t = tensors[names[name]]
         if t.tensor_type not in GGUF_CODES:
             return lazy.loaders[name]()
         qw = gguf_quantized(t, _gguf_tensor_bytes(path, t))
-        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if fam.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             qw = _rows(qw, unpermute_qk(torch.arange(qw.shape[0])[:, None], heads)[:, 0])
         return qw
@@ -107,6 +109,8 @@ def _rows_slice(w: Weight, start: int, end: int) -> Weight:
 def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None, kernel: str = "auto") -> RuntimeLinear:
     """One runtime linear for weights that read the same input (q/k/v, gate/up), stacked along the output."""
     bias = None if not biases or biases[0] is None else torch.cat(biases)
+    if len(parts) == 1:
+        return _linear(parts[0], kernel, bias)
     if all(isinstance(p, torch.Tensor) for p in parts):
         return from_dense(torch.cat(parts), bias)
     qs = [p if isinstance(p, QuantizedWeight) else None for p in parts]
@@ -135,8 +139,8 @@ class Concat:
         return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 2)
 
 
-def _linear(w: Weight, kernel: str = "auto") -> RuntimeLinear:
-    return from_quantized(w, kernel=kernel) if isinstance(w, QuantizedWeight) else from_dense(w)
+def _linear(w: Weight, kernel: str = "auto", bias: torch.Tensor | None = None) -> RuntimeLinear:
+    return from_quantized(w, bias, kernel=kernel) if isinstance(w, QuantizedWeight) else from_dense(w, bias)
 
 
 def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress: bool = False,
@@ -147,21 +151,34 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
     from .stream import DiskEmbedding, StreamedHead, Streamer
 
     release_freed_memory_eagerly()  # conversion temporaries go back to the OS: resident size tracks the model
+    from ..models.families import family_of
+
+    fam = family_of(config, "the runtime's model")
     args = ModelArgs.from_config(config)
     streamer = Streamer() if max_memory is not None else None
     layers, errs = [], {}
+
+    def gain(name):  # a norm's full gain (Gemma stores w of a (1 + w) gain)
+        w = get(name).float()
+        return w + fam.norm_offset if fam.norm_offset else w
+
     for i in tqdm(range(args.n_layers), desc="preparing runtime", unit="layer", disable=not progress):
         p = f"model.layers.{i}."
-        at, mlp = p + "self_attn.", p + "mlp."
-        biases = [get(f"{at}{x}_proj.bias") if f"{at}{x}_proj.bias" in names else None for x in "qkv"]
+
+        def group(ns):
+            ws = [get(f"{p}{n}.weight") for n in ns]
+            bs = [f"{p}{n}.bias" for n in ns]
+            if not any(b in names for b in bs):
+                return fuse(ws, None, kernel)
+            return fuse(ws, [get(b).float() if b in names else torch.zeros(w.shape[0]) for b, w in zip(bs, ws)],
+                        kernel)
+
         layer = Layer(
-            attn_norm=get(p + "input_layernorm.weight").float(),
-            qkv=fuse([get(f"{at}{x}_proj.weight") for x in "qkv"], biases, kernel),
-            o=_linear(get(at + "o_proj.weight"), kernel),
-            mlp_norm=get(p + "post_attention_layernorm.weight").float(),
-            gate_up=fuse([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")], kernel=kernel),
-            down=_linear(get(mlp + "down_proj.weight"), kernel),
-        )
+            attn_norm=gain(p + fam.attn_norm + ".weight"), qkv=group(fam.qkv), o=group((fam.o,)),
+            mlp_norm=gain(p + fam.mlp_norm + ".weight"), gate_up=group(fam.gate_up), down=group((fam.down,)),
+            **{role: gain(f"{p}{n}.weight") for role, n in (("q_norm", fam.q_norm), ("k_norm", fam.k_norm),
+                                                            ("post_attn_norm", fam.post_attn_norm),
+                                                            ("post_mlp_norm", fam.post_mlp_norm)) if n})
         errs.update({f"{p}{n}": lin.added_error for n, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears())
                      if lin.added_error})
         if streamer is not None:
@@ -187,29 +204,11 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight) else embed_w.to(torch.bfloat16))
     info = dict(info or {})
     info["runtime_added_error"] = errs
-    engine = Engine(config, args, embed, layers, get("model.norm.weight").float(), head, _rotary(config, args),
-                    kv_format, info)
+    engine = Engine(config, args, embed, layers, gain("model.norm.weight"), head,
+                    fam.rope_tables(config, args.max_ctx), kv_format, info)
     engine.streamer = streamer
     return_free_heap()
     return engine
-
-
-def _rotary(config, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_ctx, 1, head_dim], rope scaling by transformers' own init functions. Importing only
-    modeling_rope_utils, not the Llama/Qwen2 modeling modules, keeps ~50 MB of Python modules out of the process."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rope = getattr(config, "rope_parameters", None) or {}
-    kind = rope.get("rope_type", "default")
-    if kind == "default":
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float) / args.head_dim))
-        scaling = 1.0
-    else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config)
-    freqs = torch.arange(args.max_ctx, dtype=torch.float)[:, None] * inv_freq.float()[None]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scaling)[:, None], (emb.sin() * scaling)[:, None]
 
 
 def resident_estimate(kind: str, path: Path) -> int:

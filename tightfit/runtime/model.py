@@ -1,6 +1,8 @@
-"""A lean Llama/Qwen2 forward over runtime weights: fused q/k/v and gate/up, fp32 residual stream, bf16 matmuls,
-a preallocated KV cache. Few ops per token, no per-layer branching: Python dispatch is most of a small model's
-decode time on a CPU (see PERF-NOTES)."""
+"""A lean decoder forward over runtime weights, for every family in models/families: fused q/k/v and gate/up,
+fp32 residual stream, bf16 matmuls, a preallocated KV cache. The variants a family needs (q/k norms, sandwich
+norms, GELU-tanh, sliding windows, partial rotary, scaled embeddings) are fields of ModelArgs and Layer, read
+by the same loop and by the C decode step. Few ops per token: Python dispatch is most of a small model's decode
+time on a CPU (see PERF-NOTES)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..errors import ContextError, UnsupportedArchitectureError
+from ..errors import ContextError
+from ..models.families import embed_scale_value, family_of
 from ..quant.core import QuantizedWeight
 from .kv import KVCache
 from .linear import RuntimeLinear
-
-RUNTIME_MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,22 @@ class ModelArgs:
     norm_eps: float
     max_ctx: int
     tied: bool
+    rot_dim: int  # rotary dimensions of each head (head_dim unless partial)
+    act: str  # "silu" | "gelu_tanh"
+    embed_scale: float
+    attn_scale: float
+    windows: tuple[int, ...]  # per layer: attention window in tokens, 0 for full
+    layer_types: tuple[str, ...]  # per layer: which RoPE table ("full_attention" | "sliding_attention")
+    final_softcap: float | None
 
     @classmethod
     def from_config(cls, config) -> ModelArgs:
-        if config.model_type not in RUNTIME_MODEL_TYPES:
-            raise UnsupportedArchitectureError(
-                f"the runtime runs model types {list(RUNTIME_MODEL_TYPES)}, not {config.model_type!r}. Evaluate it "
-                "without the runtime (tightfit eval on the source model) or export it to GGUF for llama.cpp.")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        fam = family_of(config, "the runtime's model")
         return cls(config.model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
-                   config.rms_norm_eps, config.max_position_embeddings, bool(config.tie_word_embeddings))
+                   config.num_key_value_heads, fam.head_dim(config), config.intermediate_size, config.vocab_size,
+                   config.rms_norm_eps, config.max_position_embeddings, bool(config.tie_word_embeddings),
+                   fam.rotary_dim(config), fam.act, embed_scale_value(fam, config), fam.attn_scale(config),
+                   tuple(fam.windows(config)), tuple(fam.layer_types(config)), fam.final_softcap(config))
 
 
 class Embedding:
@@ -66,17 +72,29 @@ class Embedding:
         return sum(x.numel() * x.element_size() for x in parts)
 
 
+NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+
 @dataclass
 class Layer:
+    """One decoder layer; norms are full gains (a family's offset folded in), None where the family has none."""
+
     attn_norm: torch.Tensor
     qkv: RuntimeLinear
     o: RuntimeLinear
     mlp_norm: torch.Tensor
     gate_up: RuntimeLinear
     down: RuntimeLinear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
 
     def linears(self) -> list[RuntimeLinear]:
         return [self.qkv, self.o, self.gate_up, self.down]
+
+    def norms(self) -> list[str]:
+        return [n for n in NORMS if getattr(self, n) is not None]
 
 
 class Engine:
@@ -91,9 +109,11 @@ class Engine:
         # else bf16 (torch's int4 op takes bf16 only)
         kinds = {lin.kind for L in layers for lin in L.linears() for lin in getattr(lin, "parts", [lin])}
         self.act_dtype = torch.float32 if kinds <= {"q4", "q8"} else torch.bfloat16
-        self.cos, self.sin = (t.to(self.act_dtype) for t in rotary)  # [max_ctx, 1, head_dim]
+        # per layer type: cos/sin [max_ctx, 1, rot_dim]; each layer's own pair in self.rope
+        self.tables = {k: tuple(t.to(self.act_dtype) for t in v) for k, v in rotary.items()}
+        self.rope = [self.tables[k] for k in args.layer_types]
         self.kv_format = kv_format
-        self.scale = args.head_dim ** -0.5
+        self.scale = args.attn_scale
         self.info = info or {}
         self.streamer = None  # with a memory budget: reads a streamed layer's weights into place before use
 
@@ -104,7 +124,7 @@ class Engine:
             return {"resident": s.resident_bytes + s.arena.numel(), "streamed_per_token": s.bytes_per_token,
                     "per_token": s.resident_bytes + s.bytes_per_token}
         layers = sum(lin.nbytes for L in self.layers for lin in L.linears())
-        norms = sum(L.attn_norm.numel() * 4 + L.mlp_norm.numel() * 4 for L in self.layers) + self.norm.numel() * 4
+        norms = sum(getattr(L, n).numel() * 4 for L in self.layers for n in L.norms()) + self.norm.numel() * 4
         return {"layers": layers, "head": self.head.nbytes, "embedding": self.embed.nbytes, "norms": norms,
                 "per_token": layers + self.head.nbytes + norms}
 
@@ -131,30 +151,73 @@ class Engine:
             import ctypes
 
             a = self.args
-            dims = Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale)
+
+            def ptr(t):
+                return 0 if t is None else t.data_ptr()
+            dims = Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale, a.rot_dim,
+                        {"silu": 0, "gelu_tanh": 1}[a.act])
             layers = [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
-                                q(L.down)) for L in self.layers]
+                                q(L.down), ptr(L.q_norm), ptr(L.k_norm), ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
+                                w) for L, w in zip(self.layers, a.windows)]
             # references made once: the per-token loop passes them as they are
             self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers])
         return self._fused
 
     def _fused_decode(self, h: torch.Tensor, pos: int, cache: KVCache) -> None:
         lib, _, _, dims_ref, layer_refs = self._fused
-        stride = self.cos.stride(0) * 4
-        cos, sin = self.cos.data_ptr() + pos * stride, self.sin.data_ptr() + pos * stride
         kb, vb = cache.k.data_ptr(), cache.v.data_ptr()
         per_layer = cache.k[0].numel() * cache.k.element_size()
         bf16, threads, hp = int(cache.k.dtype == torch.bfloat16), torch.get_num_threads(), h.data_ptr()
         for i, la in enumerate(layer_refs):
             if self.streamer is not None:
                 self.streamer.fetch(i)
-            lib.decode_layer(dims_ref, la, hp, pos, cos, sin, kb + i * per_layer,
-                             vb + i * per_layer, cache.max_ctx, bf16, threads)
+            cos, sin = self.rope[i]
+            stride = cos.stride(0) * 4
+            lib.decode_layer(dims_ref, la, hp, pos, cos.data_ptr() + pos * stride, sin.data_ptr() + pos * stride,
+                             kb + i * per_layer, vb + i * per_layer, cache.max_ctx, bf16, threads)
 
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 RMSNorm -> bf16 (F.rms_norm costs ~17 us per call on a [1, 576] input here; this ~5 us)."""
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * w).to(self.act_dtype)
+
+    def _norm32(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * w
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return h if self.args.embed_scale == 1.0 else h.mul_(self.args.embed_scale)
+
+    def _qk(self, L: Layer, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q and k heads [B, T, H + KV, hd] of a layer's qkv output: per-head norms (where the family has them),
+        then rotate-half RoPE on the first rot_dim dimensions."""
+        a = self.args
+        H = a.n_heads
+        qk = qkv[:, :, : H + a.n_kv_heads]
+        if L.q_norm is not None:
+            qk = torch.cat((self._norm32(qk[:, :, :H], L.q_norm), self._norm32(qk[:, :, H:], L.k_norm)), 2)
+            qk = qk.to(qkv.dtype)
+        rot = a.rot_dim
+        if rot == a.head_dim:
+            half = rot // 2
+            return qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+        r, half = qk[..., :rot], rot // 2
+        r = r * cos + torch.cat((-r[..., half:], r[..., :half]), -1) * sin
+        return torch.cat((r, qk[..., rot:]), -1)
+
+    def _act(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (F.silu(g) if self.args.act == "silu" else F.gelu(g, approximate="tanh")) * u
+
+    def _mlp(self, L: Layer, h: torch.Tensor) -> None:
+        """h += the layer's MLP (in place)."""
+        g, u = L.gate_up(self.rms_norm(h, L.mlp_norm)).split(self.args.ffn_dim, -1)
+        d = L.down(self._act(g, u))
+        h += d if L.post_mlp_norm is None else self._norm32(d, L.post_mlp_norm)
+
+    def _attn_out(self, L: Layer, h: torch.Tensor, att: torch.Tensor) -> None:
+        o = L.o(att)
+        h += o if L.post_attn_norm is None else self._norm32(o, L.post_attn_norm)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, logits_to_keep: int = 1) -> torch.Tensor:
@@ -165,40 +228,40 @@ class Engine:
             raise ContextError(f"{pos + T} tokens exceed the context of {cache.max_ctx}: shorten the prompt or "
                                "lower max_tokens.")
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
-        h = self.embed(tokens)
+        h = self._embed(tokens)
         if (T == 1 and B == 1 and cache.bits is None and cache.k.dtype in (torch.float32, torch.bfloat16)
                 and self.act_dtype == torch.float32 and self.fused() is not None):
             h = h.contiguous()
             self._fused_decode(h, pos, cache)
             return self._logits(h)
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        mask = None
-        if T > 1 and pos > 0:
-            mask = torch.ones(T, pos + T, dtype=torch.bool).tril(pos)
-        causal = T > 1 and pos == 0
-        half = hd // 2
+        masks = {}
         for i, L in enumerate(self.layers):
             if self.streamer is not None:
                 self.streamer.fetch(i)
+            cos, sin = (t[pos:pos + T] for t in self.rope[i])
             x = self.rms_norm(h, L.attn_norm)
             qkv = L.qkv(x).view(B, T, H + 2 * KV, hd)
-            qk = qkv[:, :, : H + KV]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            qk = self._qk(L, qkv, cos, sin)
             kt, v = cache.update(i, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2), pos)
             q = qk[:, :, :H].transpose(1, 2).to(kt.dtype)
+            w = a.windows[i]
             if T == 1:  # decode: CPU SDPA kernels cost ~0.4 ms per call here; two small matmuls cost ~20 us
+                if w and pos + 1 > w:
+                    kt, v = kt[..., pos + 1 - w:], v[:, :, pos + 1 - w:]
                 # fp32 matmuls: bf16/fp16 batched matmuls of these small shapes cost 3-10x more here
                 scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), kt.float()) * self.scale
                 att = torch.matmul(torch.softmax(scores, -1), v.float()).view(B, 1, H * hd)
             else:
+                if w not in masks:
+                    masks[w] = _mask(T, pos, w)
+                mask = masks[w]
                 # fp32 attention, as llama.cpp computes it over its 16-bit cache (bf16 softmax inputs cost accuracy)
-                att = F.scaled_dot_product_attention(q.float(), kt.transpose(-1, -2).float(), v.float(), attn_mask=mask,
-                                                     is_causal=causal, enable_gqa=KV != H)
+                att = F.scaled_dot_product_attention(q.float(), kt.transpose(-1, -2).float(), v.float(),
+                                                     attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H,
+                                                     scale=self.scale)
                 att = att.transpose(1, 2).reshape(B, T, H * hd)
-            h += L.o(att)
-            x = self.rms_norm(h, L.mlp_norm)
-            g, u = L.gate_up(x).split(a.ffn_dim, -1)
-            h += L.down(F.silu(g) * u)
+            self._attn_out(L, h, att)
+            self._mlp(L, h)
         return self._logits(h[:, -logits_to_keep:])
 
     @torch.inference_mode()
@@ -212,22 +275,19 @@ class Engine:
             if p + 1 > c.max_ctx:
                 raise ContextError(f"{p + 1} tokens exceed the context of {c.max_ctx}.")
         a = self.args
-        H, KV, hd, half = a.n_heads, a.n_kv_heads, a.head_dim, a.head_dim // 2
+        H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
         attend = self._rows_attention(positions, caches)
-        h = self.embed(torch.tensor(tokens)[:, None])
+        h = self._embed(torch.tensor(tokens)[:, None])
         pos = torch.tensor(positions)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, 1, head_dim]
         for i, L in enumerate(self.layers):
             if self.streamer is not None:
                 self.streamer.fetch(i)
+            cos, sin = (t[pos][:, None] for t in self.rope[i])  # [B, 1, 1, rot_dim]
             x = self.rms_norm(h, L.attn_norm)
             qkv = L.qkv(x).view(B, 1, H + 2 * KV, hd)
-            qk = qkv[:, :, : H + KV]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-            h += L.o(attend(qk, qkv[:, :, H + KV:], i))
-            x = self.rms_norm(h, L.mlp_norm)
-            g, u = L.gate_up(x).split(a.ffn_dim, -1)
-            h += L.down(F.silu(g) * u)
+            qk = self._qk(L, qkv, cos, sin)
+            self._attn_out(L, h, attend(qk, qkv[:, :, H + KV:], i))
+            self._mlp(L, h)
         return self._logits(h)[:, -1]
 
     def _rows_attention(self, positions: list[int], caches: list[KVCache]):
@@ -250,16 +310,18 @@ class Engine:
                 out = torch.empty(B, 1, H * hd)
                 ks = (ctypes.c_void_p * B)(*(c.k[i].data_ptr() for c in caches))
                 vs = (ctypes.c_void_p * B)(*(c.v[i].data_ptr() for c in caches))
-                lib.attend_rows(B, H, KV, hd, self.scale, qkv.data_ptr(), ks, vs, pos, cap, bf16, out.data_ptr(),
-                                threads)
+                lib.attend_rows(B, H, KV, hd, self.scale, qkv.data_ptr(), ks, vs, pos, cap, a.windows[i], bf16,
+                                out.data_ptr(), threads)
                 return out
             return attend
 
         def attend(qk, v, i):
-            rows = []
+            rows, w = [], a.windows[i]
             for b in range(B):
-                kt, vc = caches[b].update(i, qk[b:b + 1, :, H:].transpose(1, 2), v[b:b + 1].transpose(1, 2),
-                                          positions[b])
+                p = positions[b]
+                kt, vc = caches[b].update(i, qk[b:b + 1, :, H:].transpose(1, 2), v[b:b + 1].transpose(1, 2), p)
+                if w and p + 1 > w:
+                    kt, vc = kt[..., p + 1 - w:], vc[:, :, p + 1 - w:]
                 q = qk[b:b + 1, :, :H].transpose(1, 2).to(kt.dtype)
                 scores = torch.matmul(q.reshape(1, KV, H // KV, hd).float(), kt.float()) * self.scale
                 rows.append(torch.matmul(torch.softmax(scores, -1), vc.float()).view(1, 1, H * hd))
@@ -270,7 +332,9 @@ class Engine:
         x = self.rms_norm(h, self.norm)
         if self.streamer is not None:
             self.streamer.fetch("head")
-        return self.head(x).float()
+        logits = self.head(x).float()
+        cap = self.args.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def __call__(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_):
         """One-shot scoring (evaluation): a fresh cache sized to the input."""
@@ -281,3 +345,14 @@ class Engine:
 
     def eval(self):
         return self
+
+
+def _mask(T: int, pos: int, window: int) -> torch.Tensor | None:
+    """Which cached positions each of T new queries at pos.. attends to (bool [T, pos + T]); None where plain
+    causal attention from position 0 is it."""
+    if pos == 0 and not (window and T > window):
+        return None
+    q = torch.arange(pos, pos + T)[:, None]
+    k = torch.arange(pos + T)[None]
+    m = k <= q
+    return m & (q - k < window) if window else m

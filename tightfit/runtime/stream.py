@@ -32,7 +32,7 @@ def tensor_slots(obj) -> list[tuple[object, str]]:
     from .model import Layer
 
     if isinstance(obj, Layer):
-        slots = [(obj, "attn_norm"), (obj, "mlp_norm")]
+        slots = [(obj, n) for n in obj.norms()]
         for lin in obj.linears():
             slots += tensor_slots(lin)
         return slots

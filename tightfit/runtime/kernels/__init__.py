@@ -91,7 +91,7 @@ def library() -> ctypes.CDLL | None:
     lib.linear.restype = None
     lib.decode_layer.argtypes = [p, p, p, i, p, p, p, p, i, i, i]
     lib.decode_layer.restype = None
-    lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, p, i]
+    lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, i, p, i]
     lib.attend_rows.restype = None
     return lib
 
@@ -103,9 +103,11 @@ class QLin(ctypes.Structure):
 
 class LayerArgs(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", QLin), ("o", QLin),
-                ("gate_up", QLin), ("down", QLin)]
+                ("gate_up", QLin), ("down", QLin), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p), ("window", ctypes.c_int)]
 
 
 class Dims(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int), ("head_dim", ctypes.c_int),
-                ("ffn", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                ("ffn", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("rot", ctypes.c_int),
+                ("act", ctypes.c_int)]

@@ -210,15 +210,24 @@ struct QLin {
     int n, k, bits;
 };
 
+// the variants of a decoder layer: a null norm is one the family lacks (q/k norms: Qwen3, Gemma 3; the norms on
+// the attention and MLP outputs: Gemma's sandwich); window 0 is full attention
 struct LayerArgs {
     const float* attn_norm;
     const float* mlp_norm;
     QLin qkv, o, gate_up, down;
+    const float* q_norm;
+    const float* k_norm;
+    const float* post_attn_norm;
+    const float* post_mlp_norm;
+    int window;
 };
 
 struct Dims {
     int dim, n_heads, n_kv, head_dim, ffn;
     float eps, scale;
+    int rot;  // rotary dimensions (the first rot of each head; head_dim unless partial)
+    int act;  // 0: SiLU gate, 1: GELU (tanh approximation) gate
 };
 
 static inline float bf16_to_f(uint16_t v) {
@@ -292,7 +301,7 @@ static void attend_head(const float* q, const KT* kc, const KT* vc, int S, int c
 // qkv fp32 [B, H + 2 KV, hd] after RoPE; each row's k and v are stored, then every (row, head) attends
 template <typename KT>
 static void attend_rows_t(int B, int H, int KV, int hd, float scale, const float* qkv, KT* const* kcs, KT* const* vcs,
-                          const int* pos, int cap, float* att, int threads) {
+                          const int* pos, int cap, int window, float* att, int threads) {
     const size_t row = (size_t)(H + 2 * KV) * hd;
     for (int b = 0; b < B; b++)
         store_kv(qkv + b * row + (size_t)H * hd, qkv + b * row + (size_t)(H + KV) * hd, kcs[b], vcs[b], pos[b], cap,
@@ -300,16 +309,18 @@ static void attend_rows_t(int B, int H, int KV, int hd, float scale, const float
     const int group = H / KV;
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int t = 0; t < B * H; t++) {
-        const int b = t / H, head = t % H, g = head / group;
-        attend_head(qkv + b * row + (size_t)head * hd, kcs[b] + (size_t)g * hd * cap, vcs[b] + (size_t)g * cap * hd,
-                    pos[b] + 1, cap, hd, scale, att + (size_t)t * hd);
+        const int b = t / H, head = t % H, g = head / group, S = pos[b] + 1;
+        const int start = window > 0 && S > window ? S - window : 0;
+        attend_head(qkv + b * row + (size_t)head * hd, kcs[b] + (size_t)g * hd * cap + start,
+                    vcs[b] + ((size_t)g * cap + start) * hd, S - start, cap, hd, scale, att + (size_t)t * hd);
     }
 }
 
 template <typename KT>
 static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos,
                            const float* sin, KT* kc, KT* vc, int cap, int threads) {
-    const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, half = hd / 2, S = pos + 1;
+    const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, S = pos + 1;
+    const int start = L->window > 0 && S > L->window ? S - L->window : 0;
     thread_local std::vector<float> x, qkv, att, gu, act;
     x.resize(D > m->ffn ? D : m->ffn);
     qkv.resize((size_t)(H + 2 * KV) * hd);
@@ -319,12 +330,15 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
 
     rmsnorm(h, L->attn_norm, D, m->eps, x.data());
     run_linear(L->qkv, x.data(), qkv.data(), threads);
-    for (int head = 0; head < H + KV; head++) {  // rotate-half RoPE on the q and k heads
+    const int rh = m->rot / 2;
+    for (int head = 0; head < H + KV; head++) {  // q/k norms, then rotate-half RoPE on the q and k heads
         float* v = qkv.data() + (size_t)head * hd;
-        for (int i = 0; i < half; i++) {
-            const float a = v[i], b = v[i + half];
+        const float* qkn = head < H ? L->q_norm : L->k_norm;
+        if (qkn) rmsnorm(v, qkn, hd, m->eps, v);
+        for (int i = 0; i < rh; i++) {
+            const float a = v[i], b = v[i + rh];
             v[i] = a * cos[i] - b * sin[i];
-            v[i + half] = b * cos[i + half] + a * sin[i + half];
+            v[i + rh] = b * cos[i + rh] + a * sin[i + rh];
         }
     }
     store_kv(qkv.data() + (size_t)H * hd, qkv.data() + (size_t)(H + KV) * hd, kc, vc, pos, cap, KV, hd);
@@ -335,21 +349,31 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
 #pragma omp parallel for num_threads(threads) schedule(static) if (S > 256)
     for (int head = 0; head < H; head++) {
         const int g = head / group;
-        attend_head(qkv_p + (size_t)head * hd, kc + (size_t)g * hd * cap, vc + (size_t)g * cap * hd, S, cap, hd,
-                    m->scale, att_p + (size_t)head * hd);
+        attend_head(qkv_p + (size_t)head * hd, kc + (size_t)g * hd * cap + start, vc + ((size_t)g * cap + start) * hd,
+                    S - start, cap, hd, m->scale, att_p + (size_t)head * hd);
     }
     run_linear(L->o, att.data(), x.data(), threads);
+    if (L->post_attn_norm) rmsnorm(x.data(), L->post_attn_norm, D, m->eps, x.data());
     for (int i = 0; i < D; i++) h[i] += x[i];
 
     rmsnorm(h, L->mlp_norm, D, m->eps, x.data());
     run_linear(L->gate_up, x.data(), gu.data(), threads);
     const int F = m->ffn;
+    if (m->act == 1) {
 #pragma omp simd
-    for (int i = 0; i < F; i++) {
-        const float g = gu[i];
-        act[i] = g / (1.0f + expf(-g)) * gu[F + i];
+        for (int i = 0; i < F; i++) {
+            const float g = gu[i];
+            act[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * gu[F + i];
+        }
+    } else {
+#pragma omp simd
+        for (int i = 0; i < F; i++) {
+            const float g = gu[i];
+            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
+        }
     }
     run_linear(L->down, act.data(), x.data(), threads);
+    if (L->post_mlp_norm) rmsnorm(x.data(), L->post_mlp_norm, D, m->eps, x.data());
     for (int i = 0; i < D; i++) h[i] += x[i];
 }
 
@@ -366,12 +390,13 @@ void decode_layer(const Dims* m, const LayerArgs* L, float* h, int pos, const fl
 
 
 void attend_rows(int B, int H, int KV, int hd, float scale, const float* qkv, void* const* kcs, void* const* vcs,
-                 const int* pos, int cap, int kv_bf16, float* att, int threads) {
+                 const int* pos, int cap, int window, int kv_bf16, float* att, int threads) {
     if (kv_bf16)
-        attend_rows_t<uint16_t>(B, H, KV, hd, scale, qkv, (uint16_t* const*)kcs, (uint16_t* const*)vcs, pos, cap, att,
-                                threads);
+        attend_rows_t<uint16_t>(B, H, KV, hd, scale, qkv, (uint16_t* const*)kcs, (uint16_t* const*)vcs, pos, cap,
+                                window, att, threads);
     else
-        attend_rows_t<float>(B, H, KV, hd, scale, qkv, (float* const*)kcs, (float* const*)vcs, pos, cap, att, threads);
+        attend_rows_t<float>(B, H, KV, hd, scale, qkv, (float* const*)kcs, (float* const*)vcs, pos, cap, window, att,
+                             threads);
 }
 
 }

@@ -1,0 +1,290 @@
+"""Every family in tightfit/models/families through every verb, on tiny random configs built with transformers:
+the layered reference forward against transformers' own, the runtime against the reference, quantize -> artifact
+-> runtime, GGUF export read back by llama.cpp, the planner's parameter count. A new family adds its config here."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import tightfit
+from tightfit.errors import UnsupportedArchitectureError
+from tightfit.formats import WeightFormat
+from tightfit.quant.api import quantize
+from tightfit.quant.config import QuantConfig
+
+from .conftest import make_tokenizer, require_llama_cpp
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+              tie_word_embeddings=True)
+
+
+def family_config(name: str, vocab: int):
+    import transformers as tf
+
+    c = dict(COMMON, vocab_size=vocab)
+    if name == "llama":  # Llama 3.1's rope scaling
+        return tf.LlamaConfig(**c, head_dim=16, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if name == "mistral":  # a sliding window shorter than the test windows
+        return tf.MistralConfig(**c, head_dim=16, sliding_window=24)
+    if name == "qwen2":
+        return tf.Qwen2Config(**c)
+    if name == "qwen3":  # head_dim larger than hidden / heads, as in Qwen3
+        return tf.Qwen3Config(**c, head_dim=32)
+    if name == "gemma3":  # 6 layers: 5 sliding (window 24), the 6th full, as llama.cpp lays Gemma 3 out
+        return tf.Gemma3TextConfig(**dict(c, num_hidden_layers=6), head_dim=16, sliding_window=24,
+                                   query_pre_attn_scalar=16)
+    if name == "phi3":
+        return tf.Phi3Config(**c)
+    if name == "phi3-partial":  # Phi-4-mini's partial rotary embedding
+        return tf.Phi3Config(**c, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5})
+    raise KeyError(name)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial"]
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = make_tokenizer(add_bos=True)
+    out = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(family_config(name, len(tokenizer)))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.normal_(0, 0.15)
+                elif n.endswith("norm.weight"):  # norms away from their init, so an offset or a missed norm shows
+                    p.normal_(0 if "gemma" in name else 1, 0.2)
+                else:
+                    p.normal_(0, 0.1)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def kld(a: torch.Tensor, b: torch.Tensor) -> float:
+    la, lb = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
+    return float((la.exp() * (la - lb)).sum(-1).mean())
+
+
+def ids_for(tok, text: str, n: int = 48) -> torch.Tensor:
+    return torch.tensor([tok(text)["input_ids"][:n]])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reference_forward_equals_transformers(family_models, short_eval_text, name):
+    """The layered forward (calibration, eval --base, sensitivities) is transformers' own function."""
+    from tightfit.eval.reference import load_reference
+
+    lm = tightfit.load(family_models[name])
+    ids = ids_for(lm.tokenizer, short_eval_text)  # 48 tokens: past the 24-token sliding windows
+    with torch.inference_mode():
+        want = lm.model(ids).logits[0]
+    ref = load_reference(str(family_models[name]))
+    ref.prepare(ids, 0)
+    got = ref.logprobs(0)
+    assert float((torch.log_softmax(want[:-1], -1) - got).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_runtime_matches_the_reference(family_models, short_eval_text, name):
+    """bf16 runtime vs fp32 transformers: KLD < 2e-3 over 48 positions; incremental decoding (the fused C step
+    where the weights allow it) gives what one pass gives; greedy continuations agree for 32 tokens wherever
+    the reference's top two are not within bf16 noise of each other."""
+    from tightfit.runtime import load_runtime
+
+    lm = tightfit.load(family_models[name])
+    rt = load_runtime(family_models[name])
+    ids = ids_for(lm.tokenizer, short_eval_text)
+    with torch.inference_mode():
+        want = lm.model(ids).logits[0]
+    got = rt.model(ids).logits[0]
+    assert kld(want, got) < 2e-3
+    cache = rt.model.new_cache(1, 128)
+    first = rt.model.forward(ids[:, :20], 0, cache, 20)[0]
+    steps = [rt.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(20, ids.shape[1])]
+    assert kld(got, torch.cat([first] + steps)) < 1e-3
+    # greedy: the runtime's own continuation, checked token by token against the reference
+    seq = ids[0, :8].tolist()
+    cache = rt.model.new_cache(1, 128)
+    logits = rt.model.forward(torch.tensor([seq]), 0, cache)[0, -1]
+    for _ in range(32):
+        nxt = int(logits.argmax())
+        with torch.inference_mode():
+            ref = lm.model(torch.tensor([seq])).logits[0, -1]
+        top2 = ref.topk(2).values
+        assert nxt == int(ref.argmax()) or float(top2[0] - top2[1]) < 0.05, (name, len(seq))
+        seq.append(nxt)
+        logits = rt.model.forward(torch.tensor([[nxt]]), len(seq) - 1, cache)[0, -1]
+
+
+def quant_config(method: str) -> QuantConfig:
+    return QuantConfig(method=method, fmt=WeightFormat(4, 32, method != "gptq"), calib_samples=8, calib_ctx=48,
+                       calib_generated=0.0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq-gptq"])
+def test_quantize_round_trip_runs_on_the_runtime(family_models, tmp_path, short_eval_text, name, method):
+    """quantize -> artifact on disk -> the runtime runs it as its dequantized weights (fused C decode step)."""
+    from tightfit.runtime import load_runtime
+
+    quantize(family_models[name], quant_config(method), tmp_path / "a")
+    out = tmp_path / "a"
+    ref = tightfit.load(out)  # dequantized, through transformers
+    rt = load_runtime(out)
+    ids = ids_for(ref.tokenizer, short_eval_text)
+    with torch.inference_mode():
+        want = ref.model(ids).logits[0]
+    assert kld(want, rt.model(ids).logits[0]) < 3e-3
+    assert rt.model.fused() is not None  # every linear on tightfit's kernel: the one-call decode step runs it
+    cache = rt.model.new_cache(1, 64)
+    rt.model.forward(ids[:, :40], 0, cache)
+    fused = rt.model.forward(ids[:, 40:41], 40, cache)[0, -1]
+    assert kld(want[40][None], fused[None]) < 3e-3
+    base = tightfit.load(family_models[name])
+    with torch.inference_mode():
+        assert kld(base.model(ids).logits[0], want) < 0.5  # a 4-bit copy of the model, not another function
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+def test_mixed_precision_plan_quantizes_each_family(family_models, tmp_path, name):
+    cfg = QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False), calib_generated=0.0, calib_samples=4,
+                      calib_ctx=32, tensor_formats={f"model.layers.0.{n}.weight": WeightFormat.parse("sym8-g32")
+                                                    for n in tightfit.models.families.family_of(
+                                                        json.loads((family_models[name] / "config.json").read_text())
+                                                        ["model_type"]).qkv})
+    quantize(family_models[name], cfg, tmp_path / "m")
+    out = tmp_path / "m"
+    tensors = json.loads((out / "manifest.json").read_text())["tensors"]
+    fam = tightfit.models.families.family_of(json.loads((out / "config.json").read_text())["model_type"])
+    assert all(tensors[f"model.layers.0.{n}.weight"]["format"] == "sym8-g32" for n in fam.qkv)
+    assert tensors[f"model.layers.1.{fam.qkv[0]}.weight"]["format"] == "asym4-g32"
+
+
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_gguf_export_runs_in_llama_cpp(family_models, tmp_path, short_eval_text, caplog, name):
+    """The sym4 artifact exported as Q4_0: llama.cpp's logits on it agree with tightfit's evaluation of the same
+    codes (llama.cpp rounds activations to 8 bits for its Q4_0 dot products: KLD < 0.01). llama.cpp's llama
+    architecture has no sliding window: Mistral's export says so and is compared within its window."""
+    import numpy as np
+
+    from tightfit.eval.llama_cpp import open_llama
+    from tightfit.export.gguf_quant import export_gguf
+
+    require_llama_cpp()
+    quantize(family_models[name], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                    calib_generated=0.0), tmp_path / "a")
+    out = tmp_path / "a"
+    export_gguf(out, tmp_path / "a.gguf")
+    warned = "without a sliding window: the exported file matches this model only up to 24 tokens" in caplog.text
+    assert warned == (name == "mistral")
+    ref = tightfit.load(out)
+    ids = ids_for(ref.tokenizer, short_eval_text, 24 if name == "mistral" else 40)
+    with torch.inference_mode():
+        want = ref.model(ids).logits[0]
+    llm = open_llama(tmp_path / "a.gguf", 64, threads=2)
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
+    assert kld(want, got) < 0.01, name
+    # and tightfit reads its own GGUF back as the same function
+    back = tightfit.load(tmp_path / "a.gguf")
+    with torch.inference_mode():
+        assert kld(want, back.model(ids).logits[0]) < 1e-4
+
+
+def test_gguf_export_names_what_llama_cpp_cannot_take(family_models, tmp_path):
+    from tightfit.export.gguf_quant import export_gguf
+
+    quantize(family_models["phi3-partial"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                              calib_generated=0.0), tmp_path / "a")
+    out = tmp_path / "a"
+    with pytest.raises(UnsupportedArchitectureError, match="partial rotary embeddings"):
+        export_gguf(out, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_planner_counts_the_models_parameters(family_models, name):
+    from tightfit.planner.spec import load_spec
+
+    lm = tightfit.load(family_models[name])
+    total = sum(p.numel() for p in lm.model.parameters())  # tied: the shared table once
+    spec = load_spec(str(family_models[name]))
+    assert spec.params == total
+    names = {i.name for i in spec.items}
+    params = {n for n, _ in lm.model.named_parameters() if n.endswith(".weight") and "norm" not in n}
+    assert names == params  # the plan's items are the tensors quantize will look up
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_compressed_tensors_export(family_models, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    from tightfit.export.compressed_tensors import export_compressed_tensors
+
+    quantize(family_models[name], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                    calib_generated=0.0), tmp_path / "a")
+    out = tmp_path / "a"
+    export_compressed_tensors(out, tmp_path / "ct")
+    ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    ref = tightfit.load(out)
+    ids = torch.arange(5, 45)[None]
+    with torch.inference_mode():
+        assert kld(ref.model(ids).logits[0], ct(ids).logits[0]) < 1e-4
+
+
+def test_unknown_architecture_lists_the_families_and_the_closest(tmp_path, family_models):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(family_models["qwen3"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "qwen4"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    from tightfit.models.families import family_of
+
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=re.escape("holds a 'qwen4' model; tightfit handles model types ['llama', 'mistral', "
+                                       "'qwen2', 'qwen3', 'gemma3_text', 'phi3']. The closest supported type is "
+                                       "'qwen3'")):
+        family_of("qwen4", str(bad))
+
+
+def test_checkpoint_that_does_not_match_its_config_names_the_tensor(family_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tightfit.errors import NotAModelError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(family_models["qwen3"], bad)
+    f = bad / "model.safetensors"
+    state = load_file(f)
+    del state["model.layers.1.self_attn.k_norm.weight"]
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:100]
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(NotAModelError, match=re.escape("model.layers.0.mlp.up_proj.weight has shape (100, 64) but "
+                                                       "the config implies (128, 64)")):
+        tightfit.models.load_lazy(bad)
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(128, 64)
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(NotAModelError, match=re.escape("lacks weights ['model.layers.1.self_attn.k_norm.weight']")):
+        tightfit.models.load_lazy(bad)

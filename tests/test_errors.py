@@ -79,7 +79,7 @@ def test_unsupported_architecture_hf(tiny_models, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError,
                        match=re.escape(f"{tmp_path} holds a 'gpt2' model; tightfit handles model types "
-                                       "['llama', 'qwen2', 'gemma3_text']")):
+                                       "['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text', 'phi3']")):
         tightfit.load(tmp_path)
 
 
@@ -92,7 +92,8 @@ def test_unsupported_architecture_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"{p} holds a 'gpt2' model; tightfit handles "
-                                                                     "GGUF architectures ['gemma3', 'llama', 'qwen2']")):
+                                                                     "GGUF architectures ['gemma3', 'llama', 'phi3', 'qwen2', "
+                                                                     "'qwen3']")):
         tightfit.load(p)
 
 

@@ -203,9 +203,15 @@ def test_bad_input_typed_errors(tiny_models, tmp_path):
         next(generate(lm.model, lm.tokenizer, [5] * 1000, 100))
     with pytest.raises(FormatError, match="unknown KV-cache format 'int3'"):
         load_runtime(tiny_models["llama"], kv_format="int3")
-    with pytest.raises(UnsupportedArchitectureError, match=re.escape("the runtime runs model types ['llama', "
-                                                                     "'qwen2'], not 'gemma3_text'")):
-        load_runtime(tiny_models["gemma3_text"])
+    import json
+    import shutil
+
+    shutil.copytree(tiny_models["llama"], tmp_path / "gpt2")
+    cfg = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape("holds a 'gpt2' model; tightfit handles model "
+                                                                     "types ['llama', 'mistral', 'qwen2'")):
+        load_runtime(tmp_path / "gpt2")
     with pytest.raises(MemoryBudgetError, match=re.escape("a weight budget of 1.0 kB is too small: streaming needs "
                                                           "room for the largest unit, layer 0, of")):
         load_runtime(tiny_models["llama"], max_memory=1000)

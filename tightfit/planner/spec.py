@@ -190,7 +190,8 @@ def _family(cfg: dict):
     """The model's Family where tightfit has one (the planner also describes families it cannot run)."""
     from ..models.families import families
 
-    return families().get(cfg.get("model_type"))
+    model_type = cfg.get("model_type")
+    return families().get(model_type) if isinstance(model_type, str) else None
 
 
 def _small_params(cfg: dict, fam, L: int, D: int, H: int, KV: int, hd: int) -> int:

@@ -254,7 +254,7 @@ def family_of(config_or_type, where: str = "the model") -> Family:
     closest one otherwise."""
     model_type = config_or_type if isinstance(config_or_type, str) or config_or_type is None \
         else getattr(config_or_type, "model_type", None)
-    fam = families().get(model_type)
+    fam = families().get(model_type) if isinstance(model_type, str) else None
     if fam is None:
         known = list(families())
         close = difflib.get_close_matches(str(model_type), known, n=1, cutoff=0.3)

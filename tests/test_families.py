@@ -312,33 +312,17 @@ def test_batched_decode_rows_match_each_sequence_alone(family_models, name):
 
 def test_serve_answers_chat_for_a_sandwich_norm_family(family_models):
     """`tightfit serve` on Gemma 3: a chat completion over HTTP through the OpenAI client."""
-    import socket
-    import threading
-    import time
-
     import openai
-    import uvicorn
 
     from tightfit.runtime import load_runtime
     from tightfit.server.app import create_app
 
+    from .test_server import serving
+
     lm = load_runtime(family_models["gemma3"])
     app = create_app(lm.model, lm.tokenizer, "gemma", api_key="k", ctx=256, max_tokens_limit=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    try:
-        for _ in range(200):
-            if srv.started:
-                break
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         r = client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hello there"}],
                                            max_tokens=12, temperature=0)
         assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("length", "stop")
-    finally:
-        srv.should_exit = True
-        t.join(10)

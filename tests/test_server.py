@@ -1,5 +1,6 @@
 """A real uvicorn server on loopback, driven by the official openai client and by raw HTTP."""
 
+import contextlib
 import socket
 import threading
 import time
@@ -18,26 +19,35 @@ KEY = "sk-test"
 SERVERS = {}  # url -> the Server behind it (its batcher's counters)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
+@contextlib.contextmanager
+def serving(app):
+    """APP served by uvicorn on a free local port, in a thread: yields its URL."""
     import uvicorn
 
-    lm = load_runtime(tiny_models["llama"])
-    app = create_app(lm.model, lm.tokenizer, "tiny", api_key=KEY, ctx=1024, max_tokens_limit=256)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    SERVERS[f"http://127.0.0.1:{port}"] = app.state.server
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    try:
+        for _ in range(200):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    lm = load_runtime(tiny_models["llama"])
+    app = create_app(lm.model, lm.tokenizer, "tiny", api_key=KEY, ctx=1024, max_tokens_limit=256)
+    with serving(app) as url:
+        SERVERS[url] = app.state.server
+        yield url
 
 
 @pytest.fixture

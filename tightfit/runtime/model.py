@@ -159,22 +159,23 @@ class Engine:
             layers = [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
                                 q(L.down), ptr(L.q_norm), ptr(L.k_norm), ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
                                 w) for L, w in zip(self.layers, a.windows)]
-            # references made once: the per-token loop passes them as they are
-            self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers])
+            # references and each layer's RoPE table addresses made once: the per-token loop passes them as they are
+            rope = [(c.data_ptr(), sn.data_ptr(), c.stride(0) * c.element_size()) for c, sn in self.rope]
+            self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers], rope)
         return self._fused
 
     def _fused_decode(self, h: torch.Tensor, pos: int, cache: KVCache) -> None:
-        lib, _, _, dims_ref, layer_refs = self._fused
+        lib, _, _, dims_ref, layer_refs, rope = self._fused
         kb, vb = cache.k.data_ptr(), cache.v.data_ptr()
         per_layer = cache.k[0].numel() * cache.k.element_size()
         bf16, threads, hp = int(cache.k.dtype == torch.bfloat16), torch.get_num_threads(), h.data_ptr()
+        streamer, decode, cap = self.streamer, lib.decode_layer, cache.max_ctx
         for i, la in enumerate(layer_refs):
-            if self.streamer is not None:
-                self.streamer.fetch(i)
-            cos, sin = self.rope[i]
-            stride = cos.stride(0) * 4
-            lib.decode_layer(dims_ref, la, hp, pos, cos.data_ptr() + pos * stride, sin.data_ptr() + pos * stride,
-                             kb + i * per_layer, vb + i * per_layer, cache.max_ctx, bf16, threads)
+            if streamer is not None:
+                streamer.fetch(i)
+            cp, sp, st = rope[i]
+            decode(dims_ref, la, hp, pos, cp + pos * st, sp + pos * st, kb + i * per_layer, vb + i * per_layer, cap,
+                   bf16, threads)
 
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ so a job can hold one layer at a time."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +23,13 @@ class LazyModel:
     loaders: dict[str, Callable[[], torch.Tensor]]  # parameter name -> fp32 tensor
     path: Path
     format: str  # "gguf" | "hf"
+    # mixture of experts: one 2-D tensor per expert (families/moe.py names), read apart from the 3-D parameters
+    # transformers' layer holds (whose loaders stack them)
+    experts: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.experts:
+            return self.experts[name]()
         return self.loaders[name]()
 
     def materialize(self, module_prefix: str = "", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -74,24 +79,60 @@ def lazy_hf(path: Path) -> LazyModel:
                              "safetensors only. Convert it: tightfit convert DIR -o NEW_DIR")
     tokenizer = AutoTokenizer.from_pretrained(path)
     skeleton = _skeleton(config)
+    from .families import family_of
+
+    moe = family_of(config, str(path)).moe
     wanted = set(skeleton.state_dict().keys())
-    loaders = {}
+    loaders, experts = {}, {}
     for f in files:
         with safe_open(f, framework="pt") as h:
             shapes = {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
         for k, shape in shapes.items():
-            if k in wanted:
-                expected = tuple(skeleton.get_parameter(k).shape)
-                if shape != expected:
-                    raise NotAModelError(f"{f}: tensor {k} has shape {shape} but the config implies {expected}. "
-                                         "The weights and config.json disagree; use the folder's own config.")
-                loaders[k] = (lambda f=f, k=k: _read_one(f, k))
+            name = k if moe is None else moe.from_checkpoint(k)
+            if name in wanted:
+                expected = tuple(skeleton.get_parameter(name).shape)
+            elif moe is not None and name.startswith("model.layers.") and ".mlp.experts." in name:
+                expected = _expert_shape(name, config, moe)
+            else:
+                continue
+            if shape != expected:
+                raise NotAModelError(f"{f}: tensor {k} has shape {shape} but the config implies {expected}. "
+                                     "The weights and config.json disagree; use the folder's own config.")
+            (loaders if name in wanted else experts)[name] = (lambda f=f, k=k: _read_one(f, k))
+    if moe is not None:
+        _stacked_loaders(loaders, experts, wanted, config, moe)
     if config.tie_word_embeddings:
         loaders.pop("lm_head.weight", None)
     missing = sorted(wanted - set(loaders) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing:
         raise NotAModelError(f"{path} lacks weights {missing[:5]}; the folder is incomplete.")
-    return LazyModel(config, tokenizer, skeleton, loaders, path, "hf")
+    return LazyModel(config, tokenizer, skeleton, loaders, path, "hf", experts)
+
+
+def _expert_shape(name: str, config, moe) -> tuple[int, int]:
+    F, D = moe.ffn(config), config.hidden_size
+    return (D, F) if name.endswith("down_proj.weight") else (F, D)
+
+
+def _stacked_loaders(loaders: dict, experts: dict, wanted: set, config, moe) -> None:
+    """Loaders of transformers' 3-D expert parameters that stack the per-expert tensors when read; every
+    expert tensor of an MoE layer must be there."""
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if f"{p}mlp.experts.down_proj" not in wanted:
+            continue
+        need = [moe.expert_name(p, e, proj) for e in range(moe.n_experts(config))
+                for proj in ("gate_proj", "up_proj", "down_proj")]
+        missing = [n for n in need if n not in experts]
+        if missing:
+            raise NotAModelError(f"the checkpoint lacks expert tensors {missing[:3]} "
+                                 f"({moe.to_checkpoint(missing[0])} in its own names); the folder is incomplete.")
+        get = (lambda n: experts[n]())
+        loaders[f"{p}mlp.experts.gate_up_proj"] = (lambda p=p: torch.stack(
+            [torch.cat([get(moe.expert_name(p, e, "gate_proj")), get(moe.expert_name(p, e, "up_proj"))])
+             for e in range(moe.n_experts(config))]))
+        loaders[f"{p}mlp.experts.down_proj"] = (lambda p=p: torch.stack(
+            [get(moe.expert_name(p, e, "down_proj")) for e in range(moe.n_experts(config))]))
 
 
 def _read_one(file: Path, key: str) -> torch.Tensor:

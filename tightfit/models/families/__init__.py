@@ -63,6 +63,7 @@ class Family:
     gguf_swa: bool = False  # llama.cpp applies the config's sliding window in this architecture
     pairs: tuple[ScalePair, ...] = field(default_factory=llama_pairs)
     limits: tuple[str, ...] = ()  # what tightfit does not (yet) do for this family, said where it matters
+    moe: object = None  # families/moe.MoE: the MLP is a mixture of experts
 
     # ---- the layer's tensors ----
     @property
@@ -73,6 +74,14 @@ class Family:
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
+
+    def layer_groups(self, config, i: int) -> tuple[tuple[str, ...], ...]:
+        """The input groups of layer i whose linears are nn.Linear modules of the layer (an MoE layer's experts
+        are handled apart)."""
+        return self.groups
+
+    def is_moe_layer(self, config, i: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(config, i)
 
     def lead_of(self, linear: str) -> str:
         return next(g[0] for g in self.groups if linear in g)
@@ -224,10 +233,10 @@ def _nested_rope(config) -> bool:
 
 
 def _registry() -> dict[str, Family]:
-    from . import gemma3, llama, phi3, qwen2, qwen3
+    from . import gemma3, llama, moe, phi3, qwen2, qwen3
 
     out = {}
-    for module in (llama, qwen2, qwen3, gemma3, phi3):
+    for module in (llama, qwen2, qwen3, gemma3, phi3, moe):
         for fam in module.FAMILIES:
             for t in fam.model_types:
                 out[t] = fam

@@ -79,7 +79,7 @@ def test_unsupported_architecture_hf(tiny_models, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError,
                        match=re.escape(f"{tmp_path} holds a 'gpt2' model; tightfit handles model types "
-                                       "['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text', 'phi3']")):
+                                       "['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text', 'phi3', 'mixtral'")):
         tightfit.load(tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_unsupported_architecture_gguf(tmp_path):
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"{p} holds a 'gpt2' model; tightfit handles "
                                                                      "GGUF architectures ['gemma3', 'llama', 'phi3', 'qwen2', "
-                                                                     "'qwen3']")):
+                                                                     "'qwen2moe', 'qwen3', 'qwen3moe']")):
         tightfit.load(p)
 
 

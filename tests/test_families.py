@@ -45,10 +45,21 @@ def family_config(name: str, vocab: int):
     if name == "phi3-partial":  # Phi-4-mini's partial rotary embedding
         return tf.Phi3Config(**c, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.5})
+    moe = dict(c, intermediate_size=96)
+    if name == "mixtral":  # 4 experts, top-2
+        return tf.MixtralConfig(**moe, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+    if name == "qwen3_moe":  # top-2 of 4 with renormalized gates, q/k norms
+        return tf.Qwen3MoeConfig(**moe, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+                                 norm_topk_prob=True)
+    if name == "qwen2_moe":  # gates not renormalized, a shared expert, layer 0 dense (mlp_only_layers)
+        return tf.Qwen2MoeConfig(**moe, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=64, mlp_only_layers=[0], norm_topk_prob=False)
     raise KeyError(name)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
+FAMILIES = DENSE + MOE
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,7 @@ def family_models(tmp_path_factory):
         model = AutoModelForCausalLM.from_config(family_config(name, len(tokenizer)))
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if p.ndim == 2:
+                if p.ndim >= 2:  # linears, and transformers' 3-D expert parameters
                     p.normal_(0, 0.15)
                 elif n.endswith("norm.weight"):  # norms away from their init, so an offset or a missed norm shows
                     p.normal_(0 if "gemma" in name else 1, 0.2)
@@ -78,6 +89,14 @@ def family_models(tmp_path_factory):
 def kld(a: torch.Tensor, b: torch.Tensor) -> float:
     la, lb = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
     return float((la.exp() * (la - lb)).sum(-1).mean())
+
+
+def close(want: torch.Tensor, got: torch.Tensor, name: str, bound: float = 2e-3) -> None:
+    """Mean KLD over positions < bound. MoE: a router near a tie between two experts can route differently under
+    bf16 or int8-activation noise (as in any engine), and the other expert's output then reaches every later
+    position through attention: the whole model within a mean KLD of 0.05, the block itself exactly
+    (test_moe_block_routes_as_transformers)."""
+    assert kld(want, got) < (bound if name not in MOE else 0.05)
 
 
 def ids_for(tok, text: str, n: int = 48) -> torch.Tensor:
@@ -112,13 +131,13 @@ def test_runtime_matches_the_reference(family_models, short_eval_text, name):
     with torch.inference_mode():
         want = lm.model(ids).logits[0]
     got = rt.model(ids).logits[0]
-    assert kld(want, got) < 2e-3
+    close(want, got, name)
     cache = rt.model.new_cache(1, 128)
     first = rt.model.forward(ids[:, :20], 0, cache, 20)[0]
     steps = [rt.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(20, ids.shape[1])]
-    assert kld(got, torch.cat([first] + steps)) < 1e-3
+    close(got, torch.cat([first] + steps), name, 1e-3)
     # greedy: the runtime's own continuation, checked token by token against the reference
-    seq = ids[0, :8].tolist()
+    seq, misses = ids[0, :8].tolist(), 0
     cache = rt.model.new_cache(1, 128)
     logits = rt.model.forward(torch.tensor([seq]), 0, cache)[0, -1]
     for _ in range(32):
@@ -126,9 +145,28 @@ def test_runtime_matches_the_reference(family_models, short_eval_text, name):
         with torch.inference_mode():
             ref = lm.model(torch.tensor([seq])).logits[0, -1]
         top2 = ref.topk(2).values
-        assert nxt == int(ref.argmax()) or float(top2[0] - top2[1]) < 0.05, (name, len(seq))
+        misses += not (nxt == int(ref.argmax()) or float(top2[0] - top2[1]) < 0.05)
         seq.append(nxt)
         logits = rt.model.forward(torch.tensor([[nxt]]), len(seq) - 1, cache)[0, -1]
+    assert misses <= (2 if name in MOE else 0), (name, misses)  # MoE: a near-tie routing flip (see close)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_block_routes_as_transformers(family_models, name):
+    """The runtime's MoE block (fp32 router, top-k, gate normalization, shared expert) on the same inputs as
+    transformers' block: the same experts chosen, outputs within bf16 weight rounding (1%)."""
+    from tightfit.runtime import load_runtime
+
+    lm = tightfit.load(family_models[name])
+    rt = load_runtime(family_models[name])
+    i = next(i for i, L in enumerate(rt.model.layers) if L.moe is not None)
+    x = torch.randn(64, lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = lm.model.model.layers[i].mlp(x[None])[0]
+        got = rt.model._moe(rt.model.layers[i].moe, x)
+    assert float((want - got).norm() / want.norm()) < 0.01
+    if name == "qwen2_moe":  # layer 0 is dense (mlp_only_layers)
+        assert rt.model.layers[0].moe is None and rt.model.layers[0].gate_up is not None
 
 
 def quant_config(method: str) -> QuantConfig:
@@ -149,7 +187,12 @@ def test_quantize_round_trip_runs_on_the_runtime(family_models, tmp_path, short_
     ids = ids_for(ref.tokenizer, short_eval_text)
     with torch.inference_mode():
         want = ref.model(ids).logits[0]
-    assert kld(want, rt.model(ids).logits[0]) < 3e-3
+    close(want, rt.model(ids).logits[0], name, 3e-3)
+    if name in MOE:  # the torch step, reading only the routed experts; the manifest says how experts were fitted
+        assert rt.model.fused() is None
+        experts = json.loads((out / "manifest.json").read_text())["experts"]
+        assert experts["fallbacks"] == {} and "every token" in experts["fallback"]
+        return
     assert rt.model.fused() is not None  # every linear on tightfit's kernel: the one-call decode step runs it
     cache = rt.model.new_cache(1, 64)
     rt.model.forward(ids[:, :40], 0, cache)
@@ -210,7 +253,15 @@ def test_gguf_export_runs_in_llama_cpp(family_models, tmp_path, short_eval_text,
 
 
 def test_gguf_export_names_what_llama_cpp_cannot_take(family_models, tmp_path):
+    from tightfit.export.compressed_tensors import export_compressed_tensors
     from tightfit.export.gguf_quant import export_gguf
+
+    quantize(family_models["mixtral"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                   calib_generated=0.0), tmp_path / "moe")
+    for export in (export_gguf, export_compressed_tensors):
+        with pytest.raises(UnsupportedArchitectureError, match="export of mixture-of-experts models .mixtral. is not"):
+            export(tmp_path / "moe", tmp_path / "moe.out")
+    assert not (tmp_path / "moe.out").exists()
 
     quantize(family_models["phi3-partial"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
                                                               calib_generated=0.0), tmp_path / "a")
@@ -228,6 +279,8 @@ def test_planner_counts_the_models_parameters(family_models, name):
     total = sum(p.numel() for p in lm.model.parameters())  # tied: the shared table once
     spec = load_spec(str(family_models[name]))
     assert spec.params == total
+    if name in MOE:
+        return
     names = {i.name for i in spec.items}
     params = {n for n, _ in lm.model.named_parameters() if n.endswith(".weight") and "norm" not in n}
     assert names == params  # the plan's items are the tensors quantize will look up
@@ -251,7 +304,7 @@ def test_compressed_tensors_export(family_models, tmp_path, name):
 
 
 def test_unknown_architecture_lists_the_families_and_the_closest(tmp_path, family_models):
-    """A model type transformers knows but tightfit has no module for (Qwen3-MoE): every verb refuses it first."""
+    """A model type transformers knows but tightfit has no module for (Qwen3-Next): every verb refuses it."""
     import shutil
 
     from tightfit.runtime import load_runtime
@@ -259,9 +312,10 @@ def test_unknown_architecture_lists_the_families_and_the_closest(tmp_path, famil
     bad = tmp_path / "bad"
     shutil.copytree(family_models["qwen3"], bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3_moe"}))
-    msg = re.escape("holds a 'qwen3_moe' model; tightfit handles model types ['llama', 'mistral', 'qwen2', 'qwen3', "
-                    "'gemma3_text', 'phi3']. The closest supported type is 'qwen3'")
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3_next"}))
+    msg = re.escape("holds a 'qwen3_next' model; tightfit handles model types ['llama', 'mistral', 'qwen2', 'qwen3', "
+                    "'gemma3_text', 'phi3', 'mixtral', 'qwen3_moe', 'qwen2_moe']. The closest supported type is "
+                    "'qwen3_moe'")
     for verb in (tightfit.load, tightfit.models.load_lazy, load_runtime):
         with pytest.raises(UnsupportedArchitectureError, match=msg):
             verb(bad)
@@ -326,3 +380,20 @@ def test_serve_answers_chat_for_a_sandwich_norm_family(family_models):
         r = client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hello there"}],
                                            max_tokens=12, temperature=0)
         assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_experts_that_see_too_few_tokens_fall_back_and_say_so(family_models, tmp_path):
+    """GPTQ on an expert needs about as many routed tokens as its input width; with 3 windows of 16 tokens no
+    expert has 64, so each is fitted on every token entering its block, and the manifest lists them with their
+    counts."""
+    from tightfit.runtime import load_runtime
+
+    cfg = QuantConfig(method="gptq", fmt=WeightFormat(4, 32, True), calib_samples=3, calib_ctx=16, calib_generated=0.0)
+    quantize(family_models["qwen3_moe"], cfg, tmp_path / "a")
+    fallbacks = json.loads((tmp_path / "a" / "manifest.json").read_text())["experts"]["fallbacks"]
+    assert len(fallbacks) == 2 * 4 * 3  # every expert tensor of both MoE layers
+    assert all(0 <= n < 64 for n in fallbacks.values())
+    ref, rt = tightfit.load(tmp_path / "a"), load_runtime(tmp_path / "a")
+    ids = torch.arange(5, 45)[None]
+    with torch.inference_mode():
+        close(ref.model(ids).logits[0], rt.model(ids).logits[0], "qwen3_moe")

@@ -47,6 +47,11 @@ def lazy_gguf(path: Path) -> LazyModel:
     reader = open_gguf(path)
     gguf_arch = architecture(reader, path)
     config, tokenizer = hf_config(path)
+    from .families import family_of
+
+    if family_of(config, str(path)).moe is not None:
+        raise GGUFFormatError(f"{path} holds a mixture-of-experts model ({config.model_type}); tightfit reads MoE "
+                              "models from their Hugging Face folder only, not yet from GGUF.")
     skeleton = _skeleton(config)
     names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
@@ -120,6 +125,14 @@ def _stacked_loaders(loaders: dict, experts: dict, wanted: set, config, moe) -> 
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         if f"{p}mlp.experts.down_proj" not in wanted:
+            continue
+        if f"{p}mlp.experts.down_proj" in loaders:  # saved in transformers' own 3-D layout: slice per expert
+            F = moe.ffn(config)
+            for e in range(moe.n_experts(config)):
+                gu, dn = loaders[f"{p}mlp.experts.gate_up_proj"], loaders[f"{p}mlp.experts.down_proj"]
+                experts[moe.expert_name(p, e, "gate_proj")] = (lambda gu=gu, e=e: gu()[e, :F].contiguous())
+                experts[moe.expert_name(p, e, "up_proj")] = (lambda gu=gu, e=e: gu()[e, F:].contiguous())
+                experts[moe.expert_name(p, e, "down_proj")] = (lambda dn=dn, e=e: dn()[e].contiguous())
             continue
         need = [moe.expert_name(p, e, proj) for e in range(moe.n_experts(config))
                 for proj in ("gate_proj", "up_proj", "down_proj")]

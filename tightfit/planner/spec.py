@@ -84,7 +84,8 @@ SIZE_FIELDS = {"hidden_size": 1 << 20, "num_hidden_layers": 4096, "num_attention
                "num_local_experts": 1 << 14, "num_experts_per_tok": 1 << 14, "moe_intermediate_size": 1 << 22,
                "n_shared_experts": 1 << 10, "first_k_dense_replace": 4096, "kv_lora_rank": 1 << 16,
                "qk_rope_head_dim": 1 << 14, "qk_nope_head_dim": 1 << 14, "v_head_dim": 1 << 14,
-               "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26}
+               "q_lora_rank": 1 << 16, "max_position_embeddings": 1 << 26,
+               "shared_expert_intermediate_size": 1 << 22, "decoder_sparse_step": 4096}
 MAY_BE_ZERO = {"num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok", "n_shared_experts",
                "first_k_dense_replace", "kv_lora_rank", "q_lora_rank"}
 
@@ -156,12 +157,19 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
                       Item(p + "self_attn.k_proj.weight", layer, "k", (KV * hd, D)),
                       Item(p + "self_attn.v_proj.weight", layer, "v", (KV * hd, D)),
                       Item(p + "self_attn.o_proj.weight", layer, "o", (D, H * hd))]
-        if n_exp and layer >= dense_first:
+        sparse = layer >= dense_first and (fam is None or fam.moe is None or fam.moe.is_moe_layer(_Cfg(cfg), layer))
+        if n_exp and sparse:
             e = p + "mlp.experts."
             items += [Item(e + "gate_proj", layer, "expert_gate", (moe_ffn, D), n_exp, k_exp, n_exp),
                       Item(e + "up_proj", layer, "expert_up", (moe_ffn, D), n_exp, k_exp, n_exp),
                       Item(e + "down_proj", layer, "expert_down", (D, moe_ffn), n_exp, k_exp, n_exp),
                       Item(p + "mlp.gate.weight", layer, "router", (n_exp, D))]
+            if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one shared expert behind a sigmoid gate
+                sf = cfg["shared_expert_intermediate_size"]
+                items += [Item(p + "mlp.shared_expert.gate_proj.weight", layer, "gate", (sf, D)),
+                          Item(p + "mlp.shared_expert.up_proj.weight", layer, "up", (sf, D)),
+                          Item(p + "mlp.shared_expert.down_proj.weight", layer, "down", (D, sf)),
+                          Item(p + "mlp.shared_expert_gate.weight", layer, "router", (1, D))]
             if shared:
                 sf = moe_ffn * shared
                 items += [Item(p + "mlp.shared_experts.gate_proj.weight", layer, "gate", (sf, D)),
@@ -186,6 +194,16 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
                      max_ctx=int(cfg.get("max_position_embeddings") or 8192))
 
 
+class _Cfg:
+    """A config.json dict read as attributes (what the family helpers take)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+    def __getattr__(self, name):
+        return None
+
+
 def _family(cfg: dict):
     """The model's Family where tightfit has one (the planner also describes families it cannot run)."""
     from ..models.families import families
@@ -200,7 +218,7 @@ def _small_params(cfg: dict, fam, L: int, D: int, H: int, KV: int, hd: int) -> i
     if fam is None:
         return (2 * L + 1) * D
     per_layer = sum(hd if n in (fam.q_norm, fam.k_norm) else D for n in fam.norms)
-    if fam.name == "qwen2" or cfg.get("attention_bias"):
+    if fam.qkv_bias or cfg.get("attention_bias"):
         per_layer += (H + 2 * KV) * hd + (D if cfg.get("attention_bias") else 0)
     return L * per_layer + D
 

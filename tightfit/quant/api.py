@@ -97,8 +97,8 @@ def quantize(source, cfg: QuantConfig, out, *, calib: str | None = None, progres
             ids, mix = calibration_ids(lazy.tokenizer, text, cfg.calib_samples, cfg.calib_ctx, cfg.seed), {}
         calib_info |= {"samples": cfg.calib_samples, "ctx": cfg.calib_ctx, "seed": cfg.seed} | mix
     qm = quantize_model(lazy, cfg, ids, progress=progress)
-    guard = {"guard": qm.extra["guard"]} if "guard" in qm.extra else None
-    return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), extra=guard, force=force)
+    extra = {k: qm.extra[k] for k in ("guard", "experts") if k in qm.extra} or None
+    return save_artifact(out, qm, lazy, calibration=calib_info, source=str(source), extra=extra, force=force)
 
 
 def quantize_(lm, config: QuantConfig, calib_ids: torch.Tensor | None = None) -> QuantizedModel:

@@ -197,6 +197,22 @@ def load_artifact(path: Path):
     config = AutoConfig.from_pretrained(path)
     state = {name: qw.dequantize() for name, qw in qweights.items()}
     state.update({k: v.float() for k, v in kept.items()})
+    from ..models.families import family_of
+
+    moe = family_of(config, str(path)).moe
+    if moe is not None:  # one tensor per expert -> transformers' 3-D expert parameters
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names = [moe.expert_name(p, e, q) for e in range(moe.n_experts(config))
+                     for q in ("gate_proj", "up_proj", "down_proj")]
+            if all(n in state for n in names):
+                parts = {n: state.pop(n) for n in names}
+                E = moe.n_experts(config)
+                state[f"{p}mlp.experts.gate_up_proj"] = torch.stack(
+                    [torch.cat([parts[moe.expert_name(p, e, "gate_proj")], parts[moe.expert_name(p, e, "up_proj")]])
+                     for e in range(E)])
+                state[f"{p}mlp.experts.down_proj"] = torch.stack([parts[moe.expert_name(p, e, "down_proj")]
+                                                                  for e in range(E)])
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     expected = set(skeleton.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())

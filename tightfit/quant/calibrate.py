@@ -147,6 +147,73 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
     return qw, False
 
 
+class RoutedInputs:
+    """The inputs an MoE layer routes to each of its experts (a forward pre-hook on transformers' experts module,
+    whose arguments are the block's input rows and each row's top-k expert indices), kept apart for the fit
+    windows (part 0) and the held-out ones (part 1), plus every row entering the block (the fallback)."""
+
+    def __init__(self, n_experts: int):
+        self.rows = [[[] for _ in range(n_experts)], [[] for _ in range(n_experts)]]
+        self.all = [[], []]
+        self.part = 0
+
+    def __call__(self, module, args):
+        x, idx = args[0].float(), args[1]
+        self.all[self.part].append(x)
+        for e in range(len(self.rows[0])):
+            sel = (idx == e).any(-1)
+            if sel.any():
+                self.rows[self.part][e].append(x[sel])
+
+    def inputs(self, e: int | None, part: int) -> torch.Tensor | None:
+        xs = self.all[part] if e is None else self.rows[part][e]
+        return torch.cat(xs) if xs else None
+
+
+def _gram(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None or not len(x) else (x.T @ x) / x.shape[0]
+
+
+def quantize_experts(state, prefix: str, fam, config, cfg: QuantConfig, routed: RoutedInputs | None, weights: dict,
+                     kept: dict, guard: dict) -> None:
+    """Each expert of an MoE layer as its own tensors: gate and up fitted on the rows routed to it (their input
+    Hessian), down on those rows' activations act(gate) * up through the expert's original weights. An expert
+    whose fit rows number fewer than its input width (a singular Hessian) is fitted on every row entering the
+    block instead, and recorded. The dequantized weights go back into the layer's 3-D parameters."""
+    import torch.nn.functional as F
+
+    from transformers.activations import ACT2FN
+
+    moe = fam.moe
+    act = ACT2FN[config.hidden_act]
+    views = moe.unstack(state, prefix, config)
+    for e in range(moe.n_experts(config)):
+        names = [moe.expert_name(prefix, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        fit = hold = None
+        if routed is not None:
+            fit, hold = routed.inputs(e, 0), routed.inputs(e, 1)
+            n = 0 if fit is None else fit.shape[0]
+            if n < config.hidden_size:
+                for name in names:
+                    guard["expert_fallbacks"][name] = n
+                fit, hold = routed.inputs(None, 0), routed.inputs(None, 1)
+        gate, up, down = (views[n].float() for n in names)
+        acts = [None if x is None else act(F.linear(x, gate)) * F.linear(x, up) for x in (fit, hold)]
+        for name, x, a in ((names[0], fit, None), (names[1], fit, None), (names[2], None, acts)):
+            H, H_hold = (_gram(fit), _gram(hold)) if a is None else (_gram(a[0]), _gram(a[1]))
+            fmt = cfg.format_for(name)
+            if fmt is None:
+                kept[name] = views[name].clone()
+                continue
+            qw, fell = guarded(views[name], fmt, cfg, H, H_hold, name)
+            guard["tensors"] += 1
+            if fell:
+                guard["rtn_fallbacks"].append(name)
+            views[name].copy_(qw.dequantize())
+            weights[name] = qw
+        del acts, fit, hold
+
+
 def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None, progress: bool = False) -> QuantizedModel:
     """calib: [samples, ctx] token ids (needed for gptq/awq; used by rtn/hqq only to report output error)."""
     from ..io import release_freed_memory_eagerly
@@ -154,7 +221,6 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     release_freed_memory_eagerly()
     config = lazy.config
     fam = check_layered(config, f"quantizing ({cfg.method})")
-    groups = input_groups(config)
     if cfg.method in SCALED:
         check_rescalable(config)
     if cfg.needs_calibration and calib is None:
@@ -172,19 +238,26 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         n_fit = calib.shape[0] - cfg.held_out_windows(calib.shape[0])
     guard = {"held_out_windows": 0 if xs is None else xs.shape[0] - n_fit, "tensors": 0, "rtn_fallbacks": [],
              "awq_scale_fallbacks": []}
+    if fam.moe is not None:
+        guard["expert_fallbacks"] = {}  # expert tensor -> its routed fit tokens, where too few to fit on
 
     steps = tqdm(range(config.num_hidden_layers), desc=f"quantizing ({cfg.method})", unit="layer",
                  disable=not progress)
     for i in steps:
         prefix = f"model.layers.{i}."
         state = lazy.materialize(prefix)
-        hessians, held = {}, {}
+        groups = {g[0]: g for g in fam.layer_groups(config, i)}
+        moe_layer = fam.is_moe_layer(config, i)
+        hessians, held, routed = {}, {}, None
         if xs is not None:
             layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
             hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in groups}
             handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
+            if moe_layer:
+                routed = RoutedInputs(fam.moe.n_experts(config))
+                handles.append(layer.mlp.experts.register_forward_pre_hook(routed))
             run_layer(layer, xs[:n_fit], pe)
-            for h in hooks.values():
+            for h in [*hooks.values(), *([routed] if routed else [])]:
                 h.part = 1
             run_layer(layer, xs[n_fit:], pe)
             for h in handles:
@@ -210,15 +283,18 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
                 state[name] = qw.dequantize()
                 weights[name] = qw
         del hessians, held
+        if moe_layer:
+            quantize_experts(state, prefix, fam, config, cfg, routed, weights, kept, guard)
+            del routed
         for k, v in state.items():
-            if k not in weights:
+            if k not in weights and not k.startswith(f"{prefix}mlp.experts."):
                 kept[k] = v
         if xs is not None:
             layer = load_layer(lazy, i, state, cfg.calib_torch_dtype)
             xs = run_layer(layer, xs, pe, out=xs)
         drop_layer(lazy, i)
         if progress and weights:
-            last = weights[f"{prefix}{fam.down}.weight"].error
+            last = weights[next(n for n in reversed(weights) if n.startswith(prefix))].error
             steps.set_postfix(down_sqnr=f"{last['sqnr_db']:.1f}dB", rtn_fallbacks=len(guard["rtn_fallbacks"]))
 
     norm = lazy.get("model.norm.weight")
@@ -255,6 +331,9 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         weights["model.embed_tokens.weight"] = guarded(table, e_fmt, replace(cfg, method="rtn"), None, None,
                                                        "model.embed_tokens.weight")[0] if e_fmt else None
         weights[head_name] = head_tensor(lazy.get("lm_head.weight"), fmt, H_head, H_head_hold)
+    if fam.moe is not None:
+        extra["experts"] = {"fallbacks": guard.pop("expert_fallbacks"), "min_tokens": "the expert's input width",
+                            "fallback": "fitted on every token entering the layer's MoE block"}
     if guard["held_out_windows"] and cfg.method != "rtn":
         extra["guard"] = guard | {"rtn_fallback_rate": len(guard["rtn_fallbacks"]) / max(guard["tensors"], 1)}
     for qw in weights.values():

@@ -112,6 +112,12 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     from ..models.layered import embed as embed_rows
 
     groups = input_groups(config)
+    if check_layered(config, "the mixed-precision sensitivities").moe is not None:
+        from ..errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(
+            f"mixed precision (per-tensor sensitivities) does not handle mixture-of-experts models "
+            f"({config.model_type}) yet; quantize with one format (--format) instead.")
     e_scale = embed_scale_value(check_layered(config, "the mixed-precision sensitivities"), config)
     embed = lazy.get(EMBED)
     x = embed_rows(lazy, ids, torch.float32, embed)

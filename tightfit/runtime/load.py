@@ -96,7 +96,7 @@ def _hf_source(path: Path):
     from ..models.lazy import lazy_hf
 
     lazy = lazy_hf(path)
-    return lazy.config, lazy.tokenizer, lambda name: lazy.loaders[name](), set(lazy.loaders), None
+    return lazy.config, lazy.tokenizer, lazy.get, set(lazy.loaders) | set(lazy.experts), None
 
 
 def _rows_slice(w: Weight, start: int, end: int) -> Weight:
@@ -173,9 +173,11 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
             return fuse(ws, [get(b).float() if b in names else torch.zeros(w.shape[0]) for b, w in zip(bs, ws)],
                         kernel)
 
+        moe = _moe_block(fam, config, i, p, get, group) if fam.is_moe_layer(config, i) else None
         layer = Layer(
             attn_norm=gain(p + fam.attn_norm + ".weight"), qkv=group(fam.qkv), o=group((fam.o,)),
-            mlp_norm=gain(p + fam.mlp_norm + ".weight"), gate_up=group(fam.gate_up), down=group((fam.down,)),
+            mlp_norm=gain(p + fam.mlp_norm + ".weight"), moe=moe,
+            gate_up=None if moe else group(fam.gate_up), down=None if moe else group((fam.down,)),
             **{role: gain(f"{p}{n}.weight") for role, n in (("q_norm", fam.q_norm), ("k_norm", fam.k_norm),
                                                             ("post_attn_norm", fam.post_attn_norm),
                                                             ("post_mlp_norm", fam.post_mlp_norm)) if n})
@@ -209,6 +211,20 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
     engine.streamer = streamer
     return_free_heap()
     return engine
+
+
+def _moe_block(fam, config, i: int, p: str, get, group):
+    from .model import MoEBlock
+
+    moe = fam.moe
+    experts = [(group((f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj")), group((f"mlp.experts.{e}.down_proj",)))
+               for e in range(moe.n_experts(config))]
+    shared = gate = None
+    if moe.shared:
+        g = fam.shared_groups
+        shared, gate = (group(g[0]), group(g[1])), get(p + "mlp.shared_expert_gate.weight").float()
+    return MoEBlock(get(p + "mlp.gate.weight").float(), experts, moe.top_k(config), moe.normalize(config),
+                    moe.ffn(config), shared, gate, getattr(config, "shared_expert_intermediate_size", 0) or 0)
 
 
 def resident_estimate(kind: str, path: Path) -> int:

@@ -76,6 +76,31 @@ NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_ml
 
 
 @dataclass
+class MoEBlock:
+    """A mixture-of-experts MLP: an fp32 router, each expert's fused gate/up and down, and optionally a shared
+    expert behind a sigmoid gate (Qwen2-MoE). Only the experts a token is routed to are read."""
+
+    router: torch.Tensor  # [experts, dim] fp32
+    experts: list  # [(gate_up, down)] per expert
+    top_k: int
+    normalize: bool  # renormalize the top-k gates to sum to 1
+    ffn: int  # one expert's intermediate size
+    shared: tuple | None = None  # (gate_up, down) of the shared expert
+    shared_gate: torch.Tensor | None = None  # [1, dim] fp32
+    shared_ffn: int = 0
+
+    def linears(self) -> list:
+        out = [lin for pair in self.experts for lin in pair]
+        return out + (list(self.shared) if self.shared else [])
+
+    def active_bytes(self) -> float:
+        """Weight bytes one token reads: the router, top_k of the experts (on average), the shared expert."""
+        experts = sum(lin.nbytes for pair in self.experts for lin in pair)
+        shared = sum(lin.nbytes for lin in self.shared) + self.shared_gate.numel() * 4 if self.shared else 0
+        return self.router.numel() * 4 + experts * self.top_k / len(self.experts) + shared
+
+
+@dataclass
 class Layer:
     """One decoder layer; norms are full gains (a family's offset folded in), None where the family has none."""
 
@@ -83,14 +108,17 @@ class Layer:
     qkv: RuntimeLinear
     o: RuntimeLinear
     mlp_norm: torch.Tensor
-    gate_up: RuntimeLinear
-    down: RuntimeLinear
+    gate_up: RuntimeLinear | None  # None in an MoE layer
+    down: RuntimeLinear | None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_mlp_norm: torch.Tensor | None = None
+    moe: MoEBlock | None = None
 
     def linears(self) -> list[RuntimeLinear]:
+        if self.moe is not None:
+            return [self.qkv, self.o, *self.moe.linears()]
         return [self.qkv, self.o, self.gate_up, self.down]
 
     def norms(self) -> list[str]:
@@ -125,8 +153,10 @@ class Engine:
                     "per_token": s.resident_bytes + s.bytes_per_token}
         layers = sum(lin.nbytes for L in self.layers for lin in L.linears())
         norms = sum(getattr(L, n).numel() * 4 for L in self.layers for n in L.norms()) + self.norm.numel() * 4
+        read = sum((L.moe.active_bytes() + L.qkv.nbytes + L.o.nbytes) if L.moe is not None
+                   else sum(lin.nbytes for lin in L.linears()) for L in self.layers)
         return {"layers": layers, "head": self.head.nbytes, "embedding": self.embed.nbytes, "norms": norms,
-                "per_token": layers + self.head.nbytes + norms}
+                "per_token": int(read) + self.head.nbytes + norms}
 
     def new_cache(self, batch: int = 1, max_ctx: int | None = None, kv_format: str | None = None) -> KVCache:
         a = self.args
@@ -142,7 +172,7 @@ class Engine:
 
         self._fused = None
         lib = library()
-        ok = lib is not None and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
+        ok = lib is not None and all(L.moe is None for L in self.layers) and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
                                      for L in self.layers for lin in L.linears())
         if ok:
             def q(lin):
@@ -212,9 +242,34 @@ class Engine:
 
     def _mlp(self, L: Layer, h: torch.Tensor) -> None:
         """h += the layer's MLP (in place)."""
+        if L.moe is not None:
+            h += self._moe(L.moe, self._norm32(h, L.mlp_norm))
+            return
         g, u = L.gate_up(self.rms_norm(h, L.mlp_norm)).split(self.args.ffn_dim, -1)
         d = L.down(self._act(g, u))
         h += d if L.post_mlp_norm is None else self._norm32(d, L.post_mlp_norm)
+
+    def _moe(self, m: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+        """The MoE block on normed inputs x (fp32): routed in fp32 (a near tie routed otherwise would change which
+        expert runs), each hit expert over the rows routed to it."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = torch.softmax(flat @ m.router.T, -1)
+        w, idx = probs.topk(m.top_k, -1)
+        if m.normalize:
+            w = w / w.sum(-1, keepdim=True)
+        xa = flat.to(self.act_dtype)
+        out = torch.zeros(flat.shape[0], shape[-1])
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            gate_up, down = m.experts[e]
+            g, u = gate_up(xa[rows]).split(m.ffn, -1)
+            out.index_add_(0, rows, down(self._act(g, u)).float() * w[rows, slot, None])
+        if m.shared is not None:
+            gate_up, down = m.shared
+            g, u = gate_up(xa).split(m.shared_ffn, -1)
+            out += torch.sigmoid(flat @ m.shared_gate.T) * down(self._act(g, u)).float()
+        return out.view(shape)
 
     def _attn_out(self, L: Layer, h: torch.Tensor, att: torch.Tensor) -> None:
         o = L.o(att)

@@ -33,6 +33,8 @@ def tensor_slots(obj) -> list[tuple[object, str]]:
 
     if isinstance(obj, Layer):
         slots = [(obj, n) for n in obj.norms()]
+        if obj.moe is not None:
+            slots += [(obj.moe, "router")] + ([(obj.moe, "shared_gate")] if obj.moe.shared_gate is not None else [])
         for lin in obj.linears():
             slots += tensor_slots(lin)
         return slots

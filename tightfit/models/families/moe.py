@@ -46,10 +46,11 @@ class MoE:
 
     def is_moe_layer(self, config, i: int) -> bool:
         """Qwen2-MoE may run some layers with a dense MLP (mlp_only_layers, decoder_sparse_step)."""
-        if i in (getattr(config, "mlp_only_layers", None) or []):
+        only = getattr(config, "mlp_only_layers", None)
+        if isinstance(only, (list, tuple)) and i in only:
             return False
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-        return (i + 1) % step == 0
+        step = getattr(config, "decoder_sparse_step", 1)
+        return not isinstance(step, int) or step < 1 or (i + 1) % step == 0
 
     # ---- names ----
     def expert_name(self, prefix: str, e: int, proj: str) -> str:
@@ -118,6 +119,6 @@ MIXTRAL = _moe_family("mixtral", ("mixtral",), "llama", MoE("block_sparse_moe", 
                                                              always_normalize=True), permute_qk=True)
 QWEN3_MOE = _moe_family("qwen3_moe", ("qwen3_moe",), "qwen3moe", MoE(), q_norm="self_attn.q_norm",
                         k_norm="self_attn.k_norm")
-QWEN2_MOE = _moe_family("qwen2_moe", ("qwen2_moe",), "qwen2moe", MoE(shared=True))
+QWEN2_MOE = _moe_family("qwen2_moe", ("qwen2_moe",), "qwen2moe", MoE(shared=True), qkv_bias=True)
 
 FAMILIES = (MIXTRAL, QWEN3_MOE, QWEN2_MOE)

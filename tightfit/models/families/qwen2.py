@@ -2,6 +2,6 @@
 
 from . import Family
 
-QWEN2 = Family("qwen2", ("qwen2",), "qwen2")
+QWEN2 = Family("qwen2", ("qwen2",), "qwen2", qkv_bias=True)
 
 FAMILIES = (QWEN2,)

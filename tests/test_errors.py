@@ -92,8 +92,8 @@ def test_unsupported_architecture_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"{p} holds a 'gpt2' model; tightfit handles "
-                                                                     "GGUF architectures ['gemma3', 'llama', 'phi3', 'qwen2', "
-                                                                     "'qwen2moe', 'qwen3', 'qwen3moe']")):
+                                                                     "GGUF architectures ['gemma3', 'llama', 'olmoe', 'phi3', "
+                                                                     "'qwen2', 'qwen2moe', 'qwen3', 'qwen3moe']")):
         tightfit.load(p)
 
 

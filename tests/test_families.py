@@ -54,11 +54,13 @@ def family_config(name: str, vocab: int):
     if name == "qwen2_moe":  # gates not renormalized, a shared expert, layer 0 dense (mlp_only_layers)
         return tf.Qwen2MoeConfig(**moe, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                  shared_expert_intermediate_size=64, mlp_only_layers=[0], norm_topk_prob=False)
+    if name == "olmoe":  # q/k norms over all heads, gates not renormalized
+        return tf.OlmoeConfig(**moe, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)
     raise KeyError(name)
 
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial"]
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 FAMILIES = DENSE + MOE
 
 
@@ -314,8 +316,8 @@ def test_unknown_architecture_lists_the_families_and_the_closest(tmp_path, famil
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3_next"}))
     msg = re.escape("holds a 'qwen3_next' model; tightfit handles model types ['llama', 'mistral', 'qwen2', 'qwen3', "
-                    "'gemma3_text', 'phi3', 'mixtral', 'qwen3_moe', 'qwen2_moe']. The closest supported type is "
-                    "'qwen3_moe'")
+                    "'gemma3_text', 'phi3', 'mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe']. The closest supported "
+                    "type is 'qwen3_moe'")
     for verb in (tightfit.load, tightfit.models.load_lazy, load_runtime):
         with pytest.raises(UnsupportedArchitectureError, match=msg):
             verb(bad)

@@ -217,7 +217,8 @@ def _small_params(cfg: dict, fam, L: int, D: int, H: int, KV: int, hd: int) -> i
     (Qwen2; attention_bias elsewhere), plus the final norm."""
     if fam is None:
         return (2 * L + 1) * D
-    per_layer = sum(hd if n in (fam.q_norm, fam.k_norm) else D for n in fam.norms)
+    widths = {fam.q_norm: H * hd if fam.qk_norm_full else hd, fam.k_norm: KV * hd if fam.qk_norm_full else hd}
+    per_layer = sum(widths.get(n, D) for n in fam.norms)
     if fam.qkv_bias or cfg.get("attention_bias"):
         per_layer += (H + 2 * KV) * hd + (D if cfg.get("attention_bias") else 0)
     return L * per_layer + D

@@ -39,6 +39,7 @@ class ModelArgs:
     windows: tuple[int, ...]  # per layer: attention window in tokens, 0 for full
     layer_types: tuple[str, ...]  # per layer: which RoPE table ("full_attention" | "sliding_attention")
     final_softcap: float | None
+    qk_norm_full: bool = False  # q/k norms over all heads (OLMoE)
 
     @classmethod
     def from_config(cls, config) -> ModelArgs:
@@ -47,7 +48,8 @@ class ModelArgs:
                    config.num_key_value_heads, fam.head_dim(config), config.intermediate_size, config.vocab_size,
                    config.rms_norm_eps, config.max_position_embeddings, bool(config.tie_word_embeddings),
                    fam.rotary_dim(config), fam.act, embed_scale_value(fam, config), fam.attn_scale(config),
-                   tuple(fam.windows(config)), tuple(fam.layer_types(config)), fam.final_softcap(config))
+                   tuple(fam.windows(config)), tuple(fam.layer_types(config)), fam.final_softcap(config),
+                   fam.qk_norm_full)
 
 
 class Embedding:
@@ -172,7 +174,7 @@ class Engine:
 
         self._fused = None
         lib = library()
-        ok = lib is not None and all(L.moe is None for L in self.layers) and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
+        ok = lib is not None and not self.args.qk_norm_full and all(L.moe is None for L in self.layers) and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
                                      for L in self.layers for lin in L.linears())
         if ok:
             def q(lin):
@@ -226,7 +228,12 @@ class Engine:
         a = self.args
         H = a.n_heads
         qk = qkv[:, :, : H + a.n_kv_heads]
-        if L.q_norm is not None:
+        if L.q_norm is not None and a.qk_norm_full:
+            B, T = qk.shape[:2]
+            q = self._norm32(qk[:, :, :H].reshape(B, T, -1), L.q_norm).view(B, T, H, -1)
+            k = self._norm32(qk[:, :, H:].reshape(B, T, -1), L.k_norm).view(B, T, a.n_kv_heads, -1)
+            qk = torch.cat((q, k), 2).to(qkv.dtype)
+        elif L.q_norm is not None:
             qk = torch.cat((self._norm32(qk[:, :, :H], L.q_norm), self._norm32(qk[:, :, H:], L.k_norm)), 2)
             qk = qk.to(qkv.dtype)
         rot = a.rot_dim

@@ -57,6 +57,7 @@ class Family:
     post_mlp_norm: str | None = None
     q_norm: str | None = None  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
     k_norm: str | None = None
+    qk_norm_full: bool = False  # OLMoE: the q/k norms span all heads (q: heads x head_dim wide), not one head
     norm_offset: float = 0.0  # Gemma: a norm scales by (offset + w)
     act: str = "silu"  # the gate's activation: "silu" or "gelu_tanh"
     permute_qk: bool = False  # llama.cpp's llama architecture keeps q/k rows interleaved (convert_hf_to_gguf.py)
@@ -128,6 +129,8 @@ class Family:
         """Refuse a config this family's code paths would get wrong."""
         if getattr(config, "attn_logit_softcapping", None):
             raise UnsupportedArchitectureError(f"{config.model_type}: attention logit soft-capping is not supported")
+        if getattr(config, "clip_qkv", None) is not None:
+            raise UnsupportedArchitectureError(f"{config.model_type}: clip_qkv is not supported; use a config without it")
 
     def rope_tables(self, config, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin [n, 1, rotary_dim] per layer type, rope scaling by transformers' own init functions (importing

@@ -121,4 +121,8 @@ QWEN3_MOE = _moe_family("qwen3_moe", ("qwen3_moe",), "qwen3moe", MoE(), q_norm="
                         k_norm="self_attn.k_norm")
 QWEN2_MOE = _moe_family("qwen2_moe", ("qwen2_moe",), "qwen2moe", MoE(shared=True), qkv_bias=True)
 
-FAMILIES = (MIXTRAL, QWEN3_MOE, QWEN2_MOE)
+# OLMoE: q/k norms over all heads at once, gates not renormalized (norm_topk_prob false)
+OLMOE = _moe_family("olmoe", ("olmoe",), "olmoe", MoE(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                    qk_norm_full=True)
+
+FAMILIES = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE)

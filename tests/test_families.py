@@ -399,3 +399,27 @@ def test_experts_that_see_too_few_tokens_fall_back_and_say_so(family_models, tmp
     ids = torch.arange(5, 45)[None]
     with torch.inference_mode():
         close(ref.model(ids).logits[0], rt.model(ids).logits[0], "qwen3_moe")
+
+
+def test_experts_stream_from_disk_under_a_weight_budget(family_models, tmp_path):
+    """With --max-memory below the model, dense layers stay resident first and experts are the units read from
+    disk, only when a token is routed to them: the same logits as fully resident, and per token about top_k /
+    experts of the streamed experts' bytes."""
+    from tightfit.runtime import load_runtime
+
+    quantize(family_models["qwen2_moe"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                     calib_generated=0.0), tmp_path / "a")
+    full = load_runtime(tmp_path / "a").model
+    total = full.weight_bytes()["layers"] + full.weight_bytes()["head"] + full.weight_bytes()["embedding"]
+    small = load_runtime(tmp_path / "a", max_memory=int(total * 0.7)).model
+    s = small.streamer
+    streamed = [k for k in s.streamed if isinstance(k, tuple) and k[0] == "expert"]
+    assert streamed and not [k for k in s.streamed if isinstance(k, int)]  # experts go first, layers stay
+    ids = torch.arange(5, 37)[None]
+    assert torch.equal(full(ids).logits, small(ids).logits)
+    cache = small.new_cache(1, 64)
+    small.forward(ids, 0, cache)
+    before = s.reads
+    small.forward(torch.tensor([[7]]), 32, cache)
+    per_expert = s.units[streamed[0]][1]
+    assert 0 < s.reads - before <= 2 * per_expert  # top_k = 2 experts of its one MoE layer (layer 0 is dense)

@@ -184,7 +184,7 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         errs.update({f"{p}{n}": lin.added_error for n, lin in zip(("qkv", "o", "gate_up", "down"), layer.linears())
                      if lin.added_error})
         if streamer is not None:
-            streamer.store(i, layer)
+            streamer.store_layer(i, layer)
         layers.append(layer)
     embed_w = get("model.embed_tokens.weight")
     head_w = embed_w if args.tied else get("lm_head.weight")
@@ -224,7 +224,7 @@ def _moe_block(fam, config, i: int, p: str, get, group):
         g = fam.shared_groups
         shared, gate = (group(g[0]), group(g[1])), get(p + "mlp.shared_expert_gate.weight").float()
     return MoEBlock(get(p + "mlp.gate.weight").float(), experts, moe.top_k(config), moe.normalize(config),
-                    moe.ffn(config), shared, gate, getattr(config, "shared_expert_intermediate_size", 0) or 0)
+                    moe.ffn(config), shared, gate, getattr(config, "shared_expert_intermediate_size", 0) or 0, i)
 
 
 def resident_estimate(kind: str, path: Path) -> int:

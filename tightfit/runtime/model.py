@@ -90,9 +90,10 @@ class MoEBlock:
     shared: tuple | None = None  # (gate_up, down) of the shared expert
     shared_gate: torch.Tensor | None = None  # [1, dim] fp32
     shared_ffn: int = 0
+    index: int = 0  # the layer's index (a streamed expert's key)
 
-    def linears(self) -> list:
-        out = [lin for pair in self.experts for lin in pair]
+    def linears(self, experts: bool = True) -> list:
+        out = [lin for pair in self.experts for lin in pair] if experts else []
         return out + (list(self.shared) if self.shared else [])
 
     def active_bytes(self) -> float:
@@ -118,9 +119,9 @@ class Layer:
     post_mlp_norm: torch.Tensor | None = None
     moe: MoEBlock | None = None
 
-    def linears(self) -> list[RuntimeLinear]:
+    def linears(self, experts: bool = True) -> list[RuntimeLinear]:
         if self.moe is not None:
-            return [self.qkv, self.o, *self.moe.linears()]
+            return [self.qkv, self.o, *self.moe.linears(experts)]
         return [self.qkv, self.o, self.gate_up, self.down]
 
     def norms(self) -> list[str]:
@@ -267,15 +268,17 @@ class Engine:
             w = w / w.sum(-1, keepdim=True)
         xa = flat.to(self.act_dtype)
         out = torch.zeros(flat.shape[0], shape[-1])
-        for e in idx.unique().tolist():
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            gate_up, down = m.experts[e]
-            g, u = gate_up(xa[rows]).split(m.ffn, -1)
-            out.index_add_(0, rows, down(self._act(g, u)).float() * w[rows, slot, None])
-        if m.shared is not None:
+        if m.shared is not None:  # first: a streamed expert's weights take the arena the layer's are in
             gate_up, down = m.shared
             g, u = gate_up(xa).split(m.shared_ffn, -1)
             out += torch.sigmoid(flat @ m.shared_gate.T) * down(self._act(g, u)).float()
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if self.streamer is not None:
+                self.streamer.fetch(("expert", m.index, e))
+            gate_up, down = m.experts[e]
+            g, u = gate_up(xa[rows]).split(m.ffn, -1)
+            out.index_add_(0, rows, down(self._act(g, u)).float() * w[rows, slot, None])
         return out.view(shape)
 
     def _attn_out(self, L: Layer, h: torch.Tensor, att: torch.Tensor) -> None:

@@ -31,13 +31,15 @@ def tensor_slots(obj) -> list[tuple[object, str]]:
     from .load import Concat
     from .model import Layer
 
-    if isinstance(obj, Layer):
+    if isinstance(obj, Layer):  # an MoE layer's routed experts are units of their own (Streamer.store_layer)
         slots = [(obj, n) for n in obj.norms()]
         if obj.moe is not None:
             slots += [(obj.moe, "router")] + ([(obj.moe, "shared_gate")] if obj.moe.shared_gate is not None else [])
-        for lin in obj.linears():
+        for lin in obj.linears(experts=False):
             slots += tensor_slots(lin)
         return slots
+    if isinstance(obj, (list, tuple)):  # one expert: its gate/up and down
+        return [s for lin in obj for s in tensor_slots(lin)]
     if isinstance(obj, Concat):
         return [s for p in obj.parts for s in tensor_slots(p)] + ([(obj, "bias")] if obj.bias is not None else [])
     if isinstance(obj, RuntimeLinear):
@@ -49,9 +51,11 @@ def unit_bytes(obj) -> int:
     return sum(_align(getattr(o, a).numel() * getattr(o, a).element_size()) for o, a in tensor_slots(obj))
 
 
-def choose_resident(sizes: dict, budget: int) -> tuple[set, int]:
+def choose_resident(sizes: dict, budget: int, share: dict | None = None) -> tuple[set, int]:
     """Which units stay resident so that resident bytes + the arena (the largest streamed unit) fit the budget,
-    streaming the fewest bytes per token. Returns (resident keys, arena bytes)."""
+    streaming the fewest bytes per token. share[k]: the fraction of tokens that read unit k (an expert:
+    top_k / experts; else 1): units read by every token are kept first. Returns (resident keys, arena bytes)."""
+    share = share or {}
     best = None
     for arena in sorted({0, *sizes.values()}):
         must = {k for k, s in sizes.items() if s > arena}
@@ -59,18 +63,19 @@ def choose_resident(sizes: dict, budget: int) -> tuple[set, int]:
         if room < 0:
             continue
         keep = set(must)
-        for k in sorted((k for k in sizes if k not in must), key=lambda k: -sizes[k]):
+        for k in sorted((k for k in sizes if k not in must), key=lambda k: (-share.get(k, 1.0), -sizes[k])):
             if sizes[k] <= room:
                 keep.add(k)
                 room -= sizes[k]
         if len(keep) == len(sizes):
             arena = 0
-        streamed = sum(s for k, s in sizes.items() if k not in keep)
+        streamed = sum(s * share.get(k, 1.0) for k, s in sizes.items() if k not in keep)
         if best is None or streamed < best[2]:
             best = (keep, arena, streamed)
     if best is None:
         big = max(sizes, key=sizes.get)
-        what = f"layer {big}" if isinstance(big, int) else "a slice of the output head"
+        what = (f"layer {big}" if isinstance(big, int) else f"expert {big[2]} of layer {big[1]}"
+                if big[0] == "expert" else "a slice of the output head")
         raise MemoryBudgetError(f"a weight budget of {_size(budget)} is too small: streaming needs room for "
                                 f"the largest unit, {what}, of {_size(sizes[big])}. Raise --max-memory to at "
                                 f"least {_size(sizes[big])}, or quantize to fewer bits.")
@@ -89,6 +94,7 @@ class Streamer:
         self.fd = self.file.fileno()
         self.end = 0
         self.units: dict[object, tuple[int, int, list]] = {}  # key -> (file offset, bytes, slots)
+        self.share: dict[object, float] = {}  # key -> fraction of tokens reading it (experts)
         self.streamed: dict[object, tuple[int, int]] = {}
         self.arena: torch.Tensor | None = None
         self.current = None
@@ -103,8 +109,17 @@ class Streamer:
         self.end = _align(off + len(data))
         return off
 
-    def store(self, key, unit) -> None:
+    def store_layer(self, i: int, layer) -> None:
+        """A decoder layer as a unit, and each routed expert of an MoE layer as a unit of its own (fetched only
+        when a token is routed to it)."""
+        self.store(i, layer)
+        if layer.moe is not None:
+            for e, pair in enumerate(layer.moe.experts):
+                self.store(("expert", i, e), pair, layer.moe.top_k / len(layer.moe.experts))
+
+    def store(self, key, unit, share: float = 1.0) -> None:
         """Write a unit's tensors to the file and drop them from memory until `place`."""
+        self.share[key] = share
         start, slots = self.end, []
         for owner, attr in tensor_slots(unit):
             t = getattr(owner, attr)
@@ -115,7 +130,7 @@ class Streamer:
 
     def place(self, budget: int) -> None:
         sizes = {k: n for k, (_, n, _) in self.units.items()}
-        keep, arena = choose_resident(sizes, budget)
+        keep, arena = choose_resident(sizes, budget, self.share)
         self.arena = torch.empty(max(arena, ALIGN), dtype=torch.uint8)
         for key, (start, n, slots) in self.units.items():
             if key in keep:
@@ -125,7 +140,7 @@ class Streamer:
             else:
                 buf = self.arena
                 self.streamed[key] = (start, n)
-                self.bytes_per_token += n
+                self.bytes_per_token += int(n * self.share.get(key, 1.0))
             for owner, attr, off, nb, dtype, shape in slots:
                 setattr(owner, attr, buf[off:off + nb].view(dtype).view(shape))
 

@@ -51,16 +51,18 @@ def family_config(name: str, vocab: int):
     if name == "qwen3_moe":  # top-2 of 4 with renormalized gates, q/k norms
         return tf.Qwen3MoeConfig(**moe, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
                                  norm_topk_prob=True)
-    if name == "qwen2_moe":  # gates not renormalized, a shared expert, layer 0 dense (mlp_only_layers)
+    if name.startswith("qwen2_moe"):  # gates not renormalized, a shared expert; -dense0: layer 0 a dense MLP
         return tf.Qwen2MoeConfig(**moe, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                 shared_expert_intermediate_size=64, mlp_only_layers=[0], norm_topk_prob=False)
-    if name == "olmoe":  # q/k norms over all heads, gates not renormalized
-        return tf.OlmoeConfig(**moe, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)
+                                 shared_expert_intermediate_size=64, norm_topk_prob=False,
+                                 mlp_only_layers=[0] if name.endswith("dense0") else [])
+    if name == "olmoe":  # q/k norms over all heads, gates not renormalized; no GQA, as OLMoE (and llama.cpp's olmoe)
+        return tf.OlmoeConfig(**dict(moe, num_key_value_heads=4), num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=False)
     raise KeyError(name)
 
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial"]
-MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "qwen2_moe-dense0", "olmoe"]
 FAMILIES = DENSE + MOE
 
 
@@ -167,7 +169,7 @@ def test_moe_block_routes_as_transformers(family_models, name):
         want = lm.model.model.layers[i].mlp(x[None])[0]
         got = rt.model._moe(rt.model.layers[i].moe, x)
     assert float((want - got).norm() / want.norm()) < 0.01
-    if name == "qwen2_moe":  # layer 0 is dense (mlp_only_layers)
+    if name == "qwen2_moe-dense0":  # layer 0 is dense (mlp_only_layers)
         assert rt.model.layers[0].moe is None and rt.model.layers[0].gate_up is not None
 
 
@@ -220,7 +222,7 @@ def test_mixed_precision_plan_quantizes_each_family(family_models, tmp_path, nam
     assert tensors[f"model.layers.1.{fam.qkv[0]}.weight"]["format"] == "asym4-g32"
 
 
-GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 
 
 @pytest.mark.parametrize("name", GGUF_FAMILIES)
@@ -248,6 +250,10 @@ def test_gguf_export_runs_in_llama_cpp(family_models, tmp_path, short_eval_text,
     llm.eval(ids[0].tolist())
     got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
     assert kld(want, got) < 0.01, name
+    if name in MOE:  # tightfit reads MoE from Hugging Face folders only, and says so
+        with pytest.raises(tightfit.errors.GGUFFormatError, match="tightfit reads MoE models from their Hugging"):
+            tightfit.load(tmp_path / "a.gguf")
+        return
     # and tightfit reads its own GGUF back as the same function
     back = tightfit.load(tmp_path / "a.gguf")
     with torch.inference_mode():
@@ -258,11 +264,13 @@ def test_gguf_export_names_what_llama_cpp_cannot_take(family_models, tmp_path):
     from tightfit.export.compressed_tensors import export_compressed_tensors
     from tightfit.export.gguf_quant import export_gguf
 
-    quantize(family_models["mixtral"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
-                                                   calib_generated=0.0), tmp_path / "moe")
-    for export in (export_gguf, export_compressed_tensors):
-        with pytest.raises(UnsupportedArchitectureError, match="export of mixture-of-experts models .mixtral. is not"):
-            export(tmp_path / "moe", tmp_path / "moe.out")
+    quantize(family_models["qwen2_moe-dense0"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                            calib_generated=0.0), tmp_path / "moe")
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(
+            "layers [0] have a dense MLP (mlp_only_layers / decoder_sparse_step); llama.cpp's qwen2moe")):
+        export_gguf(tmp_path / "moe", tmp_path / "moe.out")
+    with pytest.raises(UnsupportedArchitectureError, match="compressed-tensors export of mixture-of-experts models"):
+        export_compressed_tensors(tmp_path / "moe", tmp_path / "moe.out")
     assert not (tmp_path / "moe.out").exists()
 
     quantize(family_models["phi3-partial"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
@@ -407,8 +415,8 @@ def test_experts_stream_from_disk_under_a_weight_budget(family_models, tmp_path)
     experts of the streamed experts' bytes."""
     from tightfit.runtime import load_runtime
 
-    quantize(family_models["qwen2_moe"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
-                                                     calib_generated=0.0), tmp_path / "a")
+    quantize(family_models["qwen2_moe-dense0"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                            calib_generated=0.0), tmp_path / "a")
     full = load_runtime(tmp_path / "a").model
     total = full.weight_bytes()["layers"] + full.weight_bytes()["head"] + full.weight_bytes()["embedding"]
     small = load_runtime(tmp_path / "a", max_memory=int(total * 0.7)).model

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 from ..errors import FormatError
 from ..formats.ggml import to_ggml
 from ..models.arch import to_gguf_tensor
+from ..models.families import family_of
 from ..quant.core import QuantizedWeight
 from .gguf import TensorEntry, gguf_names, tokenizer_writer, write_gguf
 
@@ -38,6 +40,63 @@ def _permuted(qw: QuantizedWeight, name: str, config) -> QuantizedWeight:
     return QuantizedWeight(qw.fmt, rows(qw.codes), rows(qw.scales), rows(qw.mins), qw.g_idx)
 
 
+def _gguf_raw(qw: QuantizedWeight, hf_name: str, config, strict: bool) -> tuple[str, np.ndarray, dict]:
+    """(GGML type, raw blocks, report entry) of one quantized tensor: its codes as they are where the format is a
+    GGML type, else re-quantized to the nearest larger GGML type with the added error reported."""
+    if qw.fmt.ggml_type and qw.g_idx is None:
+        ggml, raw = to_ggml(_permuted(qw, hf_name, config))
+        return ggml, raw, {"format": qw.fmt.name, "ggml_type": ggml, "exact": True}
+    ggml = requant_type(qw)
+    w = to_gguf_tensor(hf_name, qw.dequantize(), config).numpy()
+    qtype = gguf.GGMLQuantizationType[ggml]
+    raw = gguf.quants.quantize(w, qtype)
+    back = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+    added = float(((back - w) ** 2).sum() / max(float((w ** 2).sum()), 1e-30))
+    msg = f"{hf_name}: {qw.fmt.name}{' with g_idx' if qw.g_idx is not None else ''} has no GGML type; " \
+          f"re-quantized to {ggml}, adding relative error {added:.3e}"
+    if strict:
+        raise FormatError(msg + " (strict: export only formats GGUF holds exactly, or drop --strict)")
+    log.warning(msg)
+    return ggml, raw, {"format": qw.fmt.name, "ggml_type": ggml, "exact": False, "added_rel_mse": added}
+
+
+def _expert_entries(config, qweights: dict, kept: dict, entries: list, report: dict, counts: dict,
+                    strict: bool) -> None:
+    """Pop every expert tensor from qweights / kept into 3-D GGUF entries [experts, rows, row bytes] (all experts
+    of one projection must share a GGML type: a kept float expert makes the stack F32)."""
+    fam = family_of(config)
+    moe = fam.moe
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if not moe.is_moe_layer(config, i):
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names = [moe.expert_name(p, e, proj) for e in range(moe.n_experts(config))]
+            gname = fam.gguf_expert_name(i, proj)
+            if any(n in kept for n in names):
+                t = torch.stack([kept.pop(n).float() if n in kept else qweights.pop(n).dequantize() for n in names])
+                entries.append(TensorEntry(gname, tuple(t.shape), np.dtype(np.float32), t.numel() * 4,
+                                           lambda t=t: t.numpy()))
+                report[gname] = {"ggml_type": "F32", "exact": True, "experts": len(names)}
+                continue
+            parts = [_gguf_raw(qweights.pop(n), n, config, strict) for n in names]
+            types = {g for g, _, _ in parts}
+            if len(types) > 1:
+                raise FormatError(f"{gname}: its experts were quantized to different GGML types {sorted(types)}; "
+                                  "GGUF stacks one projection's experts in one tensor of one type.")
+            ggml = types.pop()
+            raw = np.stack([r for _, r, _ in parts])
+            report.update({n: rep for n, (_, _, rep) in zip(names, parts)})
+            counts[ggml] = counts.get(ggml, 0) + sum(int(np.prod(_rows_cols(r, ggml))) for _, r, _ in parts)
+            entries.append(TensorEntry(gname, tuple(raw.shape), np.dtype(np.uint8), raw.nbytes,
+                                       lambda raw=raw: raw, gguf.GGMLQuantizationType[ggml]))
+
+
+def _rows_cols(raw: np.ndarray, ggml: str) -> tuple[int, int]:
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml]]
+    return raw.shape[0], raw.shape[1] // nbytes * block
+
+
 def requant_type(qw: QuantizedWeight) -> str:
     bpw = qw.fmt.bits_per_weight(qw.shape)
     return next((t for t, b in REQUANT_TYPES if b >= bpw - 1e-9), "Q8_0")
@@ -55,8 +114,10 @@ def export_gguf(artifact: str | Path, out: str | Path, *, strict: bool = False, 
     manifest, qweights, kept = load_quantized(artifact)
     lm = load(artifact)  # config and tokenizer (its weights are the reference for the added error)
     config = lm.config
-    names = gguf_names(config, list(qweights) + list(kept))
     report, entries, counts = {}, [], {}
+    if family_of(config).moe is not None:  # one 3-D GGUF tensor per layer and projection, its experts stacked
+        _expert_entries(config, qweights, kept, entries, report, counts, strict)
+    names = gguf_names(config, list(qweights) + list(kept))
     for hf_name, gguf_name in names.items():
         if hf_name in kept:
             t = kept[hf_name].float()
@@ -65,25 +126,13 @@ def export_gguf(artifact: str | Path, out: str | Path, *, strict: bool = False, 
             report[hf_name] = {"ggml_type": "F32", "exact": True}
             continue
         qw = qweights[hf_name]
-        if qw.fmt.ggml_type and qw.g_idx is None:
-            ggml, raw = to_ggml(_permuted(qw, hf_name, config))
-            report[hf_name] = {"format": qw.fmt.name, "ggml_type": ggml, "exact": True}
-        else:
-            ggml = requant_type(qw)
-            w = to_gguf_tensor(hf_name, qw.dequantize(), config).numpy()
-            qtype = gguf.GGMLQuantizationType[ggml]
-            raw = gguf.quants.quantize(w, qtype)
-            back = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
-            added = float(((back - w) ** 2).sum() / max(float((w ** 2).sum()), 1e-30))
-            msg = f"{hf_name}: {qw.fmt.name}{' with g_idx' if qw.g_idx is not None else ''} has no GGML type; " \
-                  f"re-quantized to {ggml}, adding relative error {added:.3e}"
-            if strict:
-                raise FormatError(msg + " (strict: export only formats GGUF holds exactly, or drop --strict)")
-            log.warning(msg)
-            report[hf_name] = {"format": qw.fmt.name, "ggml_type": ggml, "exact": False, "added_rel_mse": added}
+        ggml, raw, report[hf_name] = _gguf_raw(qw, hf_name, config, strict)
         counts[ggml] = counts.get(ggml, 0) + qw.shape[0] * qw.shape[1]
         entries.append(TensorEntry(gguf_name, tuple(raw.shape), np.dtype(np.uint8), raw.nbytes,
                                    lambda raw=raw: raw, gguf.GGMLQuantizationType[ggml]))
+    if config.tie_word_embeddings and family_of(config).gguf_output_required:  # the tied head written twice
+        embed = next(e for e in entries if e.name == "token_embd.weight")
+        entries.append(TensorEntry("output.weight", embed.shape, embed.dtype, embed.nbytes, embed.make, embed.raw_type))
     main_type = max(counts, key=counts.get)
     out = write_gguf(Path(out), config, artifact.name, tokenizer_writer(lm), entries, FILE_TYPES[main_type],
                      force, progress)

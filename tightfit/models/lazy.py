@@ -46,12 +46,12 @@ def lazy_gguf(path: Path) -> LazyModel:
 
     reader = open_gguf(path)
     gguf_arch = architecture(reader, path)
+    expert_count = reader.fields.get(f"{gguf_arch}.expert_count")
+    if expert_count is not None and expert_count.contents():
+        raise GGUFFormatError(f"{path} holds a mixture-of-experts model ({gguf_arch}, {expert_count.contents()} "
+                              "experts); tightfit reads MoE models from their Hugging Face folder only, not yet from "
+                              "GGUF.")
     config, tokenizer = hf_config(path)
-    from .families import family_of
-
-    if family_of(config, str(path)).moe is not None:
-        raise GGUFFormatError(f"{path} holds a mixture-of-experts model ({config.model_type}); tightfit reads MoE "
-                              "models from their Hugging Face folder only, not yet from GGUF.")
     skeleton = _skeleton(config)
     names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}

@@ -63,6 +63,7 @@ class Family:
     permute_qk: bool = False  # llama.cpp's llama architecture keeps q/k rows interleaved (convert_hf_to_gguf.py)
     gguf_swa: bool = False  # llama.cpp applies the config's sliding window in this architecture
     qkv_bias: bool = False  # q, k and v carry biases whatever the config says (Qwen2)
+    gguf_output_required: bool = False  # llama.cpp's architecture has no tied-embedding fallback for output.weight
     pairs: tuple[ScalePair, ...] = field(default_factory=llama_pairs)
     limits: tuple[str, ...] = ()  # what tightfit does not (yet) do for this family, said where it matters
     moe: object = None  # families/moe.MoE: the MLP is a mixture of experts

@@ -98,12 +98,44 @@ class MoEFamily(Family):
             return self.groups
         return (self.qkv, (self.o,)) + self.shared_groups
 
+    # llama.cpp renormalizes the top-k gates by architecture, not by a config flag (llama-model.cpp build_moe_ffn)
+    GGUF_NORM = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+
     def check_export(self, config, target):
         from ...errors import UnsupportedArchitectureError
 
-        raise UnsupportedArchitectureError(
-            f"{target} export of mixture-of-experts models ({config.model_type}) is not written yet: tightfit runs, "
-            "evaluates and serves its artifacts itself.")
+        if target != "gguf":
+            raise UnsupportedArchitectureError(
+                f"{target} export of mixture-of-experts models ({config.model_type}) is not written yet: export to "
+                "GGUF, or run and serve the artifact with tightfit.")
+        super().check_export(config, target)
+        if self.moe.normalize(config) != self.GGUF_NORM[self.gguf_arch]:
+            raise UnsupportedArchitectureError(
+                f"llama.cpp's {self.gguf_arch} architecture {'always' if self.GGUF_NORM[self.gguf_arch] else 'never'} "
+                f"renormalizes the top-k expert gates, but this config's norm_topk_prob says otherwise: the GGUF "
+                "would compute another function.")
+        if self.qk_norm_full and config.num_key_value_heads != config.num_attention_heads:
+            raise UnsupportedArchitectureError(
+                f"llama.cpp's {self.gguf_arch} architecture sizes the k norm as the hidden size (no grouped-query "
+                f"attention); this config has {config.num_key_value_heads} kv heads for {config.num_attention_heads}.")
+        dense = [i for i in range(config.num_hidden_layers) if not self.moe.is_moe_layer(config, i)]
+        if dense:
+            raise UnsupportedArchitectureError(
+                f"layers {dense[:5]} have a dense MLP (mlp_only_layers / decoder_sparse_step); llama.cpp's "
+                f"{self.gguf_arch} architecture expects experts in every layer.")
+
+    def gguf_metadata(self, w, config):
+        super().gguf_metadata(w, config)
+        w.add_expert_count(self.moe.n_experts(config))
+        w.add_expert_used_count(self.moe.top_k(config))
+        if self.gguf_arch != "llama":
+            w.add_expert_feed_forward_length(self.moe.ffn(config))
+        if self.moe.shared:
+            w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+    @staticmethod
+    def gguf_expert_name(i: int, proj: str) -> str:
+        return f"blk.{i}.ffn_{proj.removesuffix('_proj')}_exps.weight"
 
 
 def _moe_family(name, model_types, gguf_arch, moe: MoE, **kw) -> MoEFamily:
@@ -119,10 +151,11 @@ MIXTRAL = _moe_family("mixtral", ("mixtral",), "llama", MoE("block_sparse_moe", 
                                                              always_normalize=True), permute_qk=True)
 QWEN3_MOE = _moe_family("qwen3_moe", ("qwen3_moe",), "qwen3moe", MoE(), q_norm="self_attn.q_norm",
                         k_norm="self_attn.k_norm")
-QWEN2_MOE = _moe_family("qwen2_moe", ("qwen2_moe",), "qwen2moe", MoE(shared=True), qkv_bias=True)
+QWEN2_MOE = _moe_family("qwen2_moe", ("qwen2_moe",), "qwen2moe", MoE(shared=True), qkv_bias=True,
+                        gguf_output_required=True)
 
 # OLMoE: q/k norms over all heads at once, gates not renormalized (norm_topk_prob false)
 OLMOE = _moe_family("olmoe", ("olmoe",), "olmoe", MoE(), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-                    qk_norm_full=True)
+                    qk_norm_full=True, gguf_output_required=True)
 
 FAMILIES = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE)

@@ -431,3 +431,21 @@ def test_experts_stream_from_disk_under_a_weight_budget(family_models, tmp_path)
     small.forward(torch.tensor([[7]]), 32, cache)
     per_expert = s.units[streamed[0]][1]
     assert 0 < s.reads - before <= 2 * per_expert  # top_k = 2 experts of its one MoE layer (layer 0 is dense)
+
+
+def test_a_plan_gives_each_expert_its_groups_format(family_models, tmp_path):
+    """The planner prices one projection of a layer's experts as one item; quantize gives every expert tensor
+    of that group the plan's format."""
+    from tightfit.planner.plan_io import formats_from_plan
+
+    plan = {"model": "moe", "hardware": "this-machine", "devices": [], "context": 512, "batch": 1,
+            "memory_bytes": 1, "kv_format": "bf16", "predicted": {"kld": 0.01}, "placement": {},
+            "tensors": {"model.layers.1.mlp.experts.down_proj": "sym8-g32",
+                        "model.layers.0.self_attn.q_proj.weight": "asym4-g32"}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = formats_from_plan(tmp_path / "plan.json", QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True),
+                                                                calib_generated=0.0), "moe")
+    quantize(family_models["mixtral"], cfg, tmp_path / "a")
+    tensors = json.loads((tmp_path / "a" / "manifest.json").read_text())["tensors"]
+    assert {tensors[f"model.layers.1.mlp.experts.{e}.down_proj.weight"]["format"] for e in range(4)} == {"sym8-g32"}
+    assert {tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"]["format"] for e in range(4)} == {"sym4-g32"}

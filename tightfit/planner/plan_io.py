@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def read_plan(path: str | Path) -> dict:
     return plan
 
 
+# the planner prices one projection of all of a layer's experts as one item (planner/spec.py); QuantConfig.format_for
+# gives each expert tensor its group's format
+EXPERT_GROUP = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate|up|down)_proj$")
+
+
 def formats_from_plan(path: str | Path, cfg, model: str):
     """The QuantConfig whose per-tensor formats are the plan's (bf16 tensors are kept unquantized)."""
     plan = read_plan(path)
@@ -52,9 +58,9 @@ def formats_from_plan(path: str | Path, cfg, model: str):
         raise PlanFileError(f"--plan {path} was made for {plan['model']!r}, not {model!r}; plan this model first.")
     formats = {}
     for name, f in plan["tensors"].items():
-        if not name.endswith(".weight"):
-            raise PlanFileError(f"--plan {path}: {name!r} is a group of tensors (a config-only plan of an MoE or "
-                                "MLA model); tightfit quantizes Llama/Qwen2 tensors by name.")
+        if not name.endswith(".weight") and not EXPERT_GROUP.match(name):
+            raise PlanFileError(f"--plan {path}: {name!r} is neither a tensor name nor a layer's experts of one "
+                                "projection (model.layers.N.mlp.experts.gate_proj); the file is damaged.")
         try:
             formats[name] = None if f == DENSE else WeightFormat.parse(f)
         except FormatError as e:

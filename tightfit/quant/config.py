@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from ..errors import QuantizeError
@@ -12,6 +13,9 @@ METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")
 CALIBRATED = ("gptq", "awq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold per-channel scales
 GPTQ_METHODS = ("gptq", "awq-gptq")  # methods that round with GPTQ
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class QuantConfig:
         """The format of one tensor: the plan's entry, else the embedding format or the default. None: keep."""
         if name in self.tensor_formats:
             return self.tensor_formats[name]
+        m = _EXPERT.match(name)  # one expert's tensor: its layer's group format, where a plan gives one
+        if m and f"{m.group(1)}mlp.experts.{m.group(2)}" in self.tensor_formats:
+            return self.tensor_formats[f"{m.group(1)}mlp.experts.{m.group(2)}"]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return self.embed_fmt or self.fmt
         return self.fmt

@@ -449,3 +449,26 @@ def test_a_plan_gives_each_expert_its_groups_format(family_models, tmp_path):
     tensors = json.loads((tmp_path / "a" / "manifest.json").read_text())["tensors"]
     assert {tensors[f"model.layers.1.mlp.experts.{e}.down_proj.weight"]["format"] for e in range(4)} == {"sym8-g32"}
     assert {tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"]["format"] for e in range(4)} == {"sym4-g32"}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_mixed_precision_prices_each_expert_as_an_item(family_models, method):
+    """The sensitivities of an MoE model: one item per expert tensor (priced on the tokens routed to it), the
+    routers not items (they stay in full precision)."""
+    from tightfit.data import CALIBRATION, read_part
+    from tightfit.quant.api import calibration_ids
+    from tightfit.quant.mixed import CANDIDATES, priced_sensitivities
+
+    lazy = tightfit.models.load_lazy(family_models["qwen2_moe-dense0"])
+    ids = calibration_ids(lazy.tokenizer, read_part(CALIBRATION), 4, 32)
+    sens, ratios, _ = priced_sensitivities(lazy, ids, QuantConfig(method=method),
+                                           [f for f in CANDIDATES if f.bits in (4, 8)])
+    experts = [n for n in sens.names if ".mlp.experts." in n]
+    assert len(experts) == 4 * 3  # layer 1's experts; layer 0 is dense
+    assert not [n for n in sens.names if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    assert "model.layers.0.mlp.gate_proj.weight" in sens.names  # the dense layer's MLP
+    assert "model.layers.1.mlp.shared_expert.down_proj.weight" in sens.names
+    assert sens.loss.shape[0] == len(sens.names) == 1 + 7 + (4 + 3 + 12)
+    assert (sens.loss[:, 0] > 0).all()  # every item priced at 4 bits
+    if method == "gptq":
+        assert all(n in ratios for n in experts)

@@ -20,12 +20,55 @@ from tqdm.auto import tqdm
 from ..errors import FormatError
 from ..models.layered import check_layered, drop_layer, final_norm, head_weight, layer_call, load_layer, rotary, \
     run_layer
-from .calibrate import input_groups, quantize_one, tied_hessian
+from .calibrate import quantize_one, tied_hessian
 from .config import GPTQ_METHODS, QuantConfig
 from .core import rtn, rtn_error, weight_error
 from .gptq import gptq_errors
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")  # kept in full precision: not items
+
+
+class RoutedInputs:
+    """The rows an MoE layer routes to each expert, one window per call, calls alternating between two halves
+    (as SplitHessian's)."""
+
+    def __init__(self, n_experts: int):
+        self.rows = [[[] for _ in range(n_experts)], [[] for _ in range(n_experts)]]
+        self.calls = 0
+
+    def switch(self, module, args):
+        x, idx = args[0].detach().float(), args[1]
+        half = self.rows[self.calls % 2]
+        for e in range(len(half)):
+            sel = (idx == e).any(-1)
+            if sel.any():
+                half[e].append(x[sel])
+        self.calls += 1
+
+
+def expert_hessians(layer, prefix: str, fam, config, routed: RoutedInputs) -> dict:
+    """{expert tensor name: (E[x x^T] of the fit half, of the test half)}: gate and up on the rows routed to the
+    expert, down on act(gate) * up of those rows. An expert with no rows in a half gets the identity there."""
+    import torch.nn.functional as Fn
+
+    from transformers.activations import ACT2FN
+
+    act, moe = ACT2FN[config.hidden_act], fam.moe
+    w = moe.unstack(dict(layer.named_parameters(prefix=prefix[:-1])), prefix, config)
+    out = {}
+    for e in range(moe.n_experts(config)):
+        g, u, d = (moe.expert_name(prefix, e, p) for p in ("gate_proj", "up_proj", "down_proj"))
+        pair_in, pair_down = [], []
+        for half in routed.rows:
+            x = torch.cat(half[e]) if half[e] else None
+            with torch.no_grad():
+                a = None if x is None else act(Fn.linear(x, w[g])) * Fn.linear(x, w[u])
+            pair_in.append(torch.eye(config.hidden_size) if x is None else (x.T @ x) / x.shape[0])
+            pair_down.append(torch.eye(moe.ffn(config)) if a is None else (a.T @ a) / a.shape[0])
+        out[g] = out[u] = tuple(pair_in)
+        out[d] = tuple(pair_down)
+    return out
 
 
 def tensor_ratios(w: torch.Tensor, H: torch.Tensor, H_eval: torch.Tensor, cfg: QuantConfig, formats, name: str,
@@ -111,13 +154,7 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     from ..models.families import embed_scale_value
     from ..models.layered import embed as embed_rows
 
-    groups = input_groups(config)
-    if check_layered(config, "the mixed-precision sensitivities").moe is not None:
-        from ..errors import UnsupportedArchitectureError
-
-        raise UnsupportedArchitectureError(
-            f"mixed precision (per-tensor sensitivities) does not handle mixture-of-experts models "
-            f"({config.model_type}) yet; quantize with one format (--format) instead.")
+    fam = check_layered(config, "the mixed-precision sensitivities")
     e_scale = embed_scale_value(check_layered(config, "the mixed-precision sensitivities"), config)
     embed = lazy.get(EMBED)
     x = embed_rows(lazy, ids, torch.float32, embed)
@@ -128,13 +165,26 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     for i in range(L):  # forward: keep each layer's input, take its input Hessians, price the method
         prefix = f"model.layers.{i}."
         layer = load_layer(lazy, i)  # its parameters are the only copy of the layer's weights
+        groups = {g[0]: g for g in fam.layer_groups(config, i)}
         hooks = {lead: SplitHessian(layer.get_submodule(lead).in_features) for lead in groups
                  if priced or keep_hessians}
         handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
+        routed = None
+        if fam.is_moe_layer(config, i) and (priced or keep_hessians):
+            routed = RoutedInputs(fam.moe.n_experts(config))
+            handles.append(layer.mlp.experts.register_forward_pre_hook(lambda m, a: routed.switch(m, a)))
         inputs[i].copy_(x)
         run_layer(layer, inputs[i], pe, batch=1, out=x)  # one window per call: the Hessian halves alternate
         for h in handles:
             h.remove()
+        if routed is not None:
+            for name, (H_fit, H_test) in expert_hessians(layer, prefix, fam, config, routed).items():
+                if priced:
+                    w = fam.moe.unstack(dict(layer.named_parameters(prefix=prefix[:-1])), prefix, config)[name]
+                    ratios[name] = tensor_ratios(w.detach(), H_fit, H_test, cfg, formats, name, rows, g_rows)
+                if keep_hessians:
+                    hessians[name] = (H_fit + H_test) / 2
+            del routed
         for lead, group in groups.items():
             if lead not in hooks:
                 continue
@@ -189,8 +239,8 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
         layer = load_layer(lazy, i)
         params = {f"{prefix}{n}": p for n, p in layer.named_parameters()}
         for p in params.values():
-            p.requires_grad_(p.ndim == 2)
-        params = {n: p for n, p in params.items() if p.ndim == 2}
+            p.requires_grad_(p.ndim >= 2)  # linears, and transformers' 3-D expert parameters
+        params = {n: p for n, p in params.items() if p.ndim >= 2}
         F = {n: torch.zeros_like(p) for n, p in params.items()}
         xs = inputs[i]
         for w in range(n_win):
@@ -207,6 +257,12 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
             del out
         for p in params.values():
             p.grad = None
+        if fam.is_moe_layer(config, i):  # one item per expert tensor; the routers stay in full precision
+            experts = fam.moe.unstack(F, prefix, config)
+            weights = fam.moe.unstack({n: p.detach() for n, p in params.items()}, prefix, config)
+            for n in experts:
+                losses[n] = tensor_losses(weights[n], experts[n] / n_win, formats, ratios.get(n), n)
+            params = {n: p for n, p in params.items() if ".mlp.experts." not in n and not n.endswith(ROUTERS)}
         for n, p in params.items():
             losses[n] = tensor_losses(p.detach(), F.pop(n) / n_win, formats, ratios.get(n), n)
         drop_layer(lazy, i)

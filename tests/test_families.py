@@ -472,3 +472,21 @@ def test_mixed_precision_prices_each_expert_as_an_item(family_models, method):
     assert (sens.loss[:, 0] > 0).all()  # every item priced at 4 bits
     if method == "gptq":
         assert all(n in ratios for n in experts)
+
+
+def test_cost_model_prices_the_moe_step_per_layer_and_per_routed_expert(family_models):
+    """MoE layers run on the runtime's torch step: the probe measures a cost per MoE layer and per routed expert
+    (probe.fixed_costs), and the decode prediction adds them for each MoE layer instead of the fused layer's."""
+    from dataclasses import replace
+
+    from tightfit.hardware import get_device
+    from tightfit.planner.cost import Workload, fixed_decode_seconds
+    from tightfit.planner.spec import load_spec
+
+    spec = load_spec(str(family_models["qwen2_moe-dense0"]))  # layer 0 dense, layer 1 top-2 of 4 experts
+    base = get_device("ddr5-desktop")
+    eff = {**base.efficiency, "overhead_s": 0.0, "overhead_layer_s": 1e-5}
+    plain = fixed_decode_seconds(spec, replace(base, efficiency=eff), Workload(256))
+    moe = fixed_decode_seconds(spec, replace(base, efficiency=eff | {"overhead_moe_layer_s": 2e-4,
+                                                                     "overhead_expert_s": 5e-5}), Workload(256))
+    assert moe - plain == pytest.approx(2e-4 + 2 * 5e-5 - 1e-5, rel=1e-6)

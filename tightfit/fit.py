@@ -11,6 +11,18 @@ from pathlib import Path
 from .io import check_target, publish, write_json
 
 
+
+def _profile_is_stale() -> bool:
+    """A profile written before the probe measured what the cost model now reads (the MoE step's overheads)."""
+    from .hardware import profile_path
+
+    try:
+        eff = json.loads(profile_path().read_text())["device"]["efficiency"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return "overhead_moe_layer_s" not in eff
+
+
 def measured_losses(source, formats: list[str], method: str = "rtn", windows: int = 8, ctx: int = 256,
                     progress: bool = False) -> dict:
     """Per (tensor, format) predicted KLD of quantizing with `method`: the diagonal Fisher on calibration text
@@ -77,10 +89,10 @@ def fit(model: str, out: str | Path, *, hardware: str = "this", max_memory: floa
     t0 = time.time()
     out = Path(out)
     check_target(out, force)
-    if hardware == "this" and not profile_path().is_file():
+    if hardware == "this" and (not profile_path().is_file() or _profile_is_stale()):
         from .probe import probe, save_profile
 
-        log("no profile of this machine yet: probing it (about a minute)")
+        log("no current profile of this machine yet: probing it (about a minute)")
         save_profile(probe(progress=progress))
     device = get_device(hardware)
     spec = load_spec(model)

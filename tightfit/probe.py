@@ -149,11 +149,51 @@ def _paired_extra(a, b, steps: int, reps: int = 7) -> float:
     return statistics.median(diffs)
 
 
+def _synthetic_moe_engine(layers: int, top_k: int, experts: int = 8, hidden: int = 64, ffn: int = 64):
+    """A runtime engine whose every layer is an MoE block (Qwen3-MoE layout) over random RTN weights."""
+    from transformers import Qwen3MoeConfig
+
+    from .formats.weight import WeightFormat
+    from .quant.core import rtn
+    from .runtime.load import build_engine
+
+    cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn, moe_intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    fmt = WeightFormat(4, 32, True)
+    shapes = {"q_proj": (64, hidden), "k_proj": (32, hidden), "v_proj": (32, hidden), "o_proj": (hidden, 64),
+              "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn), "gate": (experts, hidden)}
+
+    def get(name: str):
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            return torch.ones(16 if "_norm" in name.rsplit(".", 2)[-2] and "layernorm" not in name else hidden)
+        if name == "model.embed_tokens.weight":
+            return rtn(torch.randn(256, hidden, generator=g), WeightFormat(8, 32, True))
+        w = torch.randn(*shapes[name.rsplit(".", 2)[-2]], generator=g)
+        return w if name.endswith("mlp.gate.weight") else rtn(w * 0.05, fmt)
+
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names |= {p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                                  "self_attn.k_norm.weight", "mlp.gate.weight")}
+        names |= {f"{p}self_attn.{k}.weight" for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        names |= {f"{p}mlp.experts.{e}.{k}.weight" for e in range(experts) for k in ("gate_proj", "up_proj", "down_proj")}
+    return build_engine(cfg, get, names)
+
+
 def fixed_costs() -> dict:
-    """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64)."""
+    """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64); for MoE
+    layers (the runtime's torch step), seconds per layer and per routed expert, from 4 layers at top-1 and top-4."""
     t1, t9 = (_step_seconds(_synthetic_engine(n, 64, 128, 4, 2, 4)[0], 100) for n in (1, 9))
     per_layer = max((t9 - t1) / 8, 0.0)
-    return {"per_layer_s": per_layer, "per_token_s": max(t1 - per_layer, 0.0)}
+    m1, m4 = (_step_seconds(_synthetic_moe_engine(4, k), 40) for k in (1, 4))
+    per_expert = max((m4 - m1) / 3 / 4, 0.0)
+    per_moe_layer = max((m1 - max(t1 - per_layer, 0.0)) / 4 - per_expert, 0.0)
+    return {"per_layer_s": per_layer, "per_token_s": max(t1 - per_layer, 0.0), "per_moe_layer_s": per_moe_layer,
+            "per_expert_s": per_expert}
 
 
 def disk_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -254,6 +294,8 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
               # the runtime streams weights at `stream`, a fraction of the raw read bandwidth
               "efficiency": {"bandwidth": min(1.0, stream / bw), "compute": 1.0, "overhead_s": fixed["per_token_s"],
                              "overhead_layer_s": fixed["per_layer_s"], "stream_by_bits": by_bits,
+                             "overhead_moe_layer_s": fixed["per_moe_layer_s"],
+                             "overhead_expert_s": fixed["per_expert_s"],
                              "stream_by_shape": by_shape,
                              "page_cache": cache, "engine_by_bits": engine["resident"],
                              "stream_extra": engine["stream_extra"]},

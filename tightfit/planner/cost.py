@@ -219,7 +219,16 @@ def fixed_decode_seconds(spec: ModelSpec, device: Device, w: Workload) -> float:
         per = ALLREDUCE_LATENCY_S + 2 * (w.devices - 1) / w.devices * w.batch * spec.dim * 2 / link
         comm = 2 * spec.n_layers * per
     e = device.efficiency
-    return compute + comm + e.get("overhead_s", 0.0) + e.get("overhead_layer_s", 0.0) * spec.n_layers
+    moe = moe_layers(spec)  # tightfit runs MoE layers on its torch step: a cost per layer and per routed expert
+    overhead = e.get("overhead_layer_s", 0.0) * (spec.n_layers - len(moe)) + sum(
+        e.get("overhead_moe_layer_s", e.get("overhead_layer_s", 0.0)) + e.get("overhead_expert_s", 0.0) * k
+        for k in moe.values())
+    return compute + comm + e.get("overhead_s", 0.0) + overhead
+
+
+def moe_layers(spec: ModelSpec) -> dict[int, float]:
+    """Layer -> experts each token is routed to, for the layers with routed experts."""
+    return {it.layer: it.active for it in spec.items if it.experts and it.layer is not None}
 
 
 def prefill_tok_s(spec: ModelSpec, device: Device, w: Workload, weight_bytes: float) -> float:

@@ -45,11 +45,11 @@ def family_config(name: str, vocab: int):
     if name == "phi3-partial":  # Phi-4-mini's partial rotary embedding
         return tf.Phi3Config(**c, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.5})
-    moe = dict(c, intermediate_size=96)
+    moe = dict(c, intermediate_size=128)
     if name == "mixtral":  # 4 experts, top-2
         return tf.MixtralConfig(**moe, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
     if name == "qwen3_moe":  # top-2 of 4 with renormalized gates, q/k norms
-        return tf.Qwen3MoeConfig(**moe, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+        return tf.Qwen3MoeConfig(**moe, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                  norm_topk_prob=True)
     if name.startswith("qwen2_moe"):  # gates not renormalized, a shared expert; -dense0: layer 0 a dense MLP
         return tf.Qwen2MoeConfig(**moe, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
@@ -192,16 +192,17 @@ def test_quantize_round_trip_runs_on_the_runtime(family_models, tmp_path, short_
     with torch.inference_mode():
         want = ref.model(ids).logits[0]
     close(want, rt.model(ids).logits[0], name, 3e-3)
-    if name in MOE:  # the torch step, reading only the routed experts; the manifest says how experts were fitted
-        assert rt.model.fused() is None
+    if name in MOE:  # the manifest says how experts were fitted
         experts = json.loads((out / "manifest.json").read_text())["experts"]
         assert experts["fallbacks"] == {} and "every token" in experts["fallback"]
+    if name == "olmoe":  # full-width q/k norms: the torch step
+        assert rt.model.fused() is None
         return
     assert rt.model.fused() is not None  # every linear on tightfit's kernel: the one-call decode step runs it
     cache = rt.model.new_cache(1, 64)
     rt.model.forward(ids[:, :40], 0, cache)
     fused = rt.model.forward(ids[:, 40:41], 40, cache)[0, -1]
-    assert kld(want[40][None], fused[None]) < 3e-3
+    assert kld(want[40][None], fused[None]) < (3e-3 if name not in MOE else 0.05)
     base = tightfit.load(family_models[name])
     with torch.inference_mode():
         assert kld(base.model(ids).logits[0], want) < 0.5  # a 4-bit copy of the model, not another function
@@ -249,7 +250,7 @@ def test_gguf_export_runs_in_llama_cpp(family_models, tmp_path, short_eval_text,
     llm = open_llama(tmp_path / "a.gguf", 64, threads=2)
     llm.eval(ids[0].tolist())
     got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
-    assert kld(want, got) < 0.01, name
+    close(want, got, name, 0.01)  # MoE: routing near ties (see close)
     if name in MOE:  # tightfit reads MoE from Hugging Face folders only, and says so
         with pytest.raises(tightfit.errors.GGUFFormatError, match="tightfit reads MoE models from their Hugging"):
             tightfit.load(tmp_path / "a.gguf")

@@ -13,14 +13,14 @@ from .io import check_target, publish, write_json
 
 
 def _profile_is_stale() -> bool:
-    """A profile written before the probe measured what the cost model now reads (the MoE step's overheads)."""
+    """A profile written by an older probe than the cost model now reads (probe.PROBE_VERSION)."""
     from .hardware import profile_path
+    from .probe import PROBE_VERSION
 
     try:
-        eff = json.loads(profile_path().read_text())["device"]["efficiency"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads(profile_path().read_text()).get("probe_version", 0) < PROBE_VERSION
+    except (OSError, ValueError, AttributeError):
         return True
-    return "overhead_moe_layer_s" not in eff
 
 
 def measured_losses(source, formats: list[str], method: str = "rtn", windows: int = 8, ctx: int = 256,

@@ -149,6 +149,10 @@ def _paired_extra(a, b, steps: int, reps: int = 7) -> float:
     return statistics.median(diffs)
 
 
+# what a profile's numbers describe: 2 = the MoE decode step on the fused C path (per-layer and per-expert costs)
+PROBE_VERSION = 2
+
+
 def _synthetic_moe_engine(layers: int, top_k: int, experts: int = 8, hidden: int = 64, ffn: int = 64):
     """A runtime engine whose every layer is an MoE block (Qwen3-MoE layout) over random RTN weights."""
     from transformers import Qwen3MoeConfig
@@ -186,7 +190,7 @@ def _synthetic_moe_engine(layers: int, top_k: int, experts: int = 8, hidden: int
 
 def fixed_costs() -> dict:
     """Per-layer and per-token seconds of a decode step whose arithmetic is negligible (hidden 64); for MoE
-    layers (the runtime's torch step), seconds per layer and per routed expert, from 4 layers at top-1 and top-4."""
+    layers, seconds per layer and per routed expert, from 4 layers at top-1 and top-4."""
     t1, t9 = (_step_seconds(_synthetic_engine(n, 64, 128, 4, 2, 4)[0], 100) for n in (1, 9))
     per_layer = max((t9 - t1) / 8, 0.0)
     m1, m4 = (_step_seconds(_synthetic_moe_engine(4, k), 40) for k in (1, 4))
@@ -300,7 +304,7 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
                              "page_cache": cache, "engine_by_bits": engine["resident"],
                              "stream_extra": engine["stream_extra"]},
               "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
-    return {"device": device, "measurements": steps, "threads": torch.get_num_threads()}
+    return {"device": device, "measurements": steps, "threads": torch.get_num_threads(), "probe_version": PROBE_VERSION}
 
 
 def save_profile(profile: dict) -> Path:

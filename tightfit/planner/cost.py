@@ -219,7 +219,7 @@ def fixed_decode_seconds(spec: ModelSpec, device: Device, w: Workload) -> float:
         per = ALLREDUCE_LATENCY_S + 2 * (w.devices - 1) / w.devices * w.batch * spec.dim * 2 / link
         comm = 2 * spec.n_layers * per
     e = device.efficiency
-    moe = moe_layers(spec)  # tightfit runs MoE layers on its torch step: a cost per layer and per routed expert
+    moe = moe_layers(spec)  # an MoE layer's step costs per layer and per routed expert (probe.fixed_costs)
     overhead = e.get("overhead_layer_s", 0.0) * (spec.n_layers - len(moe)) + sum(
         e.get("overhead_moe_layer_s", e.get("overhead_layer_s", 0.0)) + e.get("overhead_expert_s", 0.0) * k
         for k in moe.values())

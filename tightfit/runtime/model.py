@@ -168,37 +168,60 @@ class Engine:
 
     # ---- the fused decode step (tightfit's kernel: one C call per layer) ----
     def fused(self):
-        """Per-layer argument structs for the C decode step, or None where a layer cannot take it."""
+        """Per-layer argument structs for the C decode step, or None where a layer cannot take it (a linear not on
+        tightfit's kernel, full-width q/k norms, or MoE experts streamed from disk: those are fetched per token
+        from Python)."""
         if getattr(self, "_fused", False) is not False:
             return self._fused
-        from .kernels import Dims, LayerArgs, QLin, library
+        import ctypes
+
+        from .kernels import Dims, LayerArgs, MoEArgs, QLin, library
 
         self._fused = None
         lib = library()
-        ok = lib is not None and not self.args.qk_norm_full and all(L.moe is None for L in self.layers) and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
-                                     for L in self.layers for lin in L.linears())
-        if ok:
-            def q(lin):
-                return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
-                            0 if lin.bias is None else lin.bias.data_ptr(), lin.out_features, lin.in_features, lin.group)
-            import ctypes
+        has_moe = any(L.moe is not None for L in self.layers)
+        ok = (lib is not None and not self.args.qk_norm_full and not (has_moe and self.streamer is not None)
+              and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
+                      for L in self.layers for lin in L.linears()))
+        if not ok:
+            return None
 
-            a = self.args
+        def q(lin):
+            if lin is None:
+                return QLin()
+            return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
+                        0 if lin.bias is None else lin.bias.data_ptr(), lin.out_features, lin.in_features, lin.group)
 
-            def ptr(t):
-                return 0 if t is None else t.data_ptr()
-            dims = Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale, a.rot_dim,
-                        {"silu": 0, "gelu_tanh": 1}[a.act])
-            layers = [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
-                                q(L.down), ptr(L.q_norm), ptr(L.k_norm), ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
-                                w) for L, w in zip(self.layers, a.windows)]
-            # references and each layer's RoPE table addresses made once: the per-token loop passes them as they are
-            rope = [(c.data_ptr(), sn.data_ptr(), c.stride(0) * c.element_size()) for c, sn in self.rope]
-            self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers], rope)
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+
+        keep = []  # ctypes arrays the structs point into
+
+        def moe_args(m):
+            if m is None:
+                return None
+            gu = (QLin * len(m.experts))(*(q(g) for g, _ in m.experts))
+            dn = (QLin * len(m.experts))(*(q(d) for _, d in m.experts))
+            shared = [ctypes.pointer(q(lin)) for lin in m.shared] if m.shared else [None, None]
+            keep.extend([gu, dn, *shared])
+            return MoEArgs(m.router.data_ptr(), gu, dn, len(m.experts), m.top_k, int(m.normalize), m.ffn,
+                           shared[0], shared[1], ptr(m.shared_gate), m.shared_ffn)
+
+        a = self.args
+        dims = Dims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, self.scale, a.rot_dim,
+                    {"silu": 0, "gelu_tanh": 1}[a.act])
+        layers = [LayerArgs(L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), q(L.qkv), q(L.o), q(L.gate_up),
+                            q(L.down), ptr(L.q_norm), ptr(L.k_norm), ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
+                            w) for L, w in zip(self.layers, a.windows)]
+        moes = [moe_args(L.moe) for L in self.layers]
+        # references and each layer's RoPE table addresses made once: the per-token loop passes them as they are
+        rope = [(c.data_ptr(), sn.data_ptr(), c.stride(0) * c.element_size()) for c, sn in self.rope]
+        self._fused = (lib, dims, layers, ctypes.byref(dims), [ctypes.byref(la) for la in layers], rope,
+                       [None if m is None else ctypes.byref(m) for m in moes], (moes, keep))
         return self._fused
 
     def _fused_decode(self, h: torch.Tensor, pos: int, cache: KVCache) -> None:
-        lib, _, _, dims_ref, layer_refs, rope = self._fused
+        lib, _, _, dims_ref, layer_refs, rope, moe_refs, _ = self._fused
         kb, vb = cache.k.data_ptr(), cache.v.data_ptr()
         per_layer = cache.k[0].numel() * cache.k.element_size()
         bf16, threads, hp = int(cache.k.dtype == torch.bfloat16), torch.get_num_threads(), h.data_ptr()
@@ -207,8 +230,8 @@ class Engine:
             if streamer is not None:
                 streamer.fetch(i)
             cp, sp, st = rope[i]
-            decode(dims_ref, la, hp, pos, cp + pos * st, sp + pos * st, kb + i * per_layer, vb + i * per_layer, cap,
-                   bf16, threads)
+            decode(dims_ref, la, moe_refs[i], hp, pos, cp + pos * st, sp + pos * st, kb + i * per_layer,
+                   vb + i * per_layer, cap, bf16, threads)
 
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,7 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
     lib.linear.restype = None
-    lib.decode_layer.argtypes = [p, p, p, i, p, p, p, p, i, i, i]
+    lib.decode_layer.argtypes = [p, p, p, p, i, p, p, p, p, i, i, i]
     lib.decode_layer.restype = None
     lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, i, p, i]
     lib.attend_rows.restype = None
@@ -105,6 +105,13 @@ class LayerArgs(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", QLin), ("o", QLin),
                 ("gate_up", QLin), ("down", QLin), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p), ("window", ctypes.c_int)]
+
+
+class MoEArgs(ctypes.Structure):
+    _fields_ = [("router", ctypes.c_void_p), ("gate_up", ctypes.POINTER(QLin)), ("down", ctypes.POINTER(QLin)),
+                ("n_experts", ctypes.c_int), ("top_k", ctypes.c_int), ("normalize", ctypes.c_int), ("ffn", ctypes.c_int),
+                ("shared_gate_up", ctypes.POINTER(QLin)), ("shared_down", ctypes.POINTER(QLin)),
+                ("shared_gate", ctypes.c_void_p), ("shared_ffn", ctypes.c_int)]
 
 
 class Dims(ctypes.Structure):

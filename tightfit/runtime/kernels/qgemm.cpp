@@ -230,6 +230,20 @@ struct Dims {
     int act;  // 0: SiLU gate, 1: GELU (tanh approximation) gate
 };
 
+// an MoE block in place of the MLP: an fp32 router [experts, dim], each expert's fused gate/up and down, the top_k
+// experts' outputs weighted by their softmax gates (renormalized over the top_k if normalize), plus an optional
+// shared expert scaled by sigmoid(shared_gate . x)
+struct MoEArgs {
+    const float* router;
+    const QLin* gate_up;
+    const QLin* down;
+    int n_experts, top_k, normalize, ffn;
+    const QLin* shared_gate_up;
+    const QLin* shared_down;
+    const float* shared_gate;
+    int shared_ffn;
+};
+
 static inline float bf16_to_f(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
@@ -316,17 +330,87 @@ static void attend_rows_t(int B, int H, int KV, int hd, float scale, const float
     }
 }
 
+static void gated(int act_kind, const float* gu, int F, float* out) {
+    if (act_kind == 1) {
+#pragma omp simd
+        for (int i = 0; i < F; i++) {
+            const float g = gu[i];
+            out[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * gu[F + i];
+        }
+    } else {
+#pragma omp simd
+        for (int i = 0; i < F; i++) {
+            const float g = gu[i];
+            out[i] = g / (1.0f + expf(-g)) * gu[F + i];
+        }
+    }
+}
+
+// h += the MoE block of x (the normed input)
+static void moe_block(const Dims* m, const MoEArgs* e, const float* x, float* h, std::vector<float>& gu,
+                      std::vector<float>& act, std::vector<float>& y, int threads) {
+    const int D = m->dim, E = e->n_experts;
+    thread_local std::vector<float> p;
+    p.resize(E);
+    for (int j = 0; j < E; j++) {
+        const float* r = e->router + (size_t)j * D;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < D; i++) s += r[i] * x[i];
+        p[j] = s;
+    }
+    float mx = p[0];  // (no -INFINITY: compiled with -ffast-math)
+    for (int j = 1; j < E; j++) mx = p[j] > mx ? p[j] : mx;
+    float sum = 0;
+    for (int j = 0; j < E; j++) { p[j] = expf(p[j] - mx); sum += p[j]; }
+    for (int j = 0; j < E; j++) p[j] /= sum;
+    int chosen[64];
+    float w[64], wsum = 0;
+    const int K = e->top_k < 64 ? e->top_k : 64;
+    for (int k = 0; k < K; k++) {  // top_k by selection: the largest not yet chosen, lowest index on ties
+        int best = -1;
+        for (int j = 0; j < E; j++) {
+            bool taken = false;
+            for (int c = 0; c < k; c++) taken |= chosen[c] == j;
+            if (!taken && (best < 0 || p[j] > p[best])) best = j;
+        }
+        chosen[k] = best;
+        w[k] = p[best];
+        wsum += w[k];
+    }
+    if (e->shared_gate_up) {
+        run_linear(*e->shared_gate_up, x, gu.data(), threads);
+        gated(m->act, gu.data(), e->shared_ffn, act.data());
+        run_linear(*e->shared_down, act.data(), y.data(), threads);
+        float g = 0;
+        for (int i = 0; i < D; i++) g += e->shared_gate[i] * x[i];
+        g = 1.0f / (1.0f + expf(-g));
+        for (int i = 0; i < D; i++) h[i] += g * y[i];
+    }
+    for (int k = 0; k < K; k++) {
+        const int j = chosen[k];
+        const float wk = e->normalize ? w[k] / wsum : w[k];
+        run_linear(e->gate_up[j], x, gu.data(), threads);
+        gated(m->act, gu.data(), e->ffn, act.data());
+        run_linear(e->down[j], act.data(), y.data(), threads);
+        for (int i = 0; i < D; i++) h[i] += wk * y[i];
+    }
+}
+
 template <typename KT>
-static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos,
+static void decode_layer_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe, float* h, int pos, const float* cos,
                            const float* sin, KT* kc, KT* vc, int cap, int threads) {
     const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, S = pos + 1;
     const int start = L->window > 0 && S > L->window ? S - L->window : 0;
-    thread_local std::vector<float> x, qkv, att, gu, act;
-    x.resize(D > m->ffn ? D : m->ffn);
+    thread_local std::vector<float> x, qkv, att, gu, act, y;
+    int F_max = m->ffn;
+    if (moe) F_max = moe->ffn > moe->shared_ffn ? moe->ffn : moe->shared_ffn;
+    x.resize(D > F_max ? D : F_max);
     qkv.resize((size_t)(H + 2 * KV) * hd);
     att.resize((size_t)H * hd);
-    gu.resize(2 * (size_t)m->ffn);
-    act.resize(m->ffn);
+    gu.resize(2 * (size_t)F_max);
+    act.resize(F_max);
+    y.resize(D);
 
     rmsnorm(h, L->attn_norm, D, m->eps, x.data());
     run_linear(L->qkv, x.data(), qkv.data(), threads);
@@ -357,21 +441,12 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
     for (int i = 0; i < D; i++) h[i] += x[i];
 
     rmsnorm(h, L->mlp_norm, D, m->eps, x.data());
-    run_linear(L->gate_up, x.data(), gu.data(), threads);
-    const int F = m->ffn;
-    if (m->act == 1) {
-#pragma omp simd
-        for (int i = 0; i < F; i++) {
-            const float g = gu[i];
-            act[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * gu[F + i];
-        }
-    } else {
-#pragma omp simd
-        for (int i = 0; i < F; i++) {
-            const float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
-        }
+    if (moe) {
+        moe_block(m, moe, x.data(), h, gu, act, y, threads);
+        return;
     }
+    run_linear(L->gate_up, x.data(), gu.data(), threads);
+    gated(m->act, gu.data(), m->ffn, act.data());
     run_linear(L->down, act.data(), x.data(), threads);
     if (L->post_mlp_norm) rmsnorm(x.data(), L->post_mlp_norm, D, m->eps, x.data());
     for (int i = 0; i < D; i++) h[i] += x[i];
@@ -380,12 +455,13 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, float* h, int pos,
 extern "C" {
 
 // kv_bf16: 1 if the cache holds bf16 (uint16) values, 0 for fp32
-void decode_layer(const Dims* m, const LayerArgs* L, float* h, int pos, const float* cos, const float* sin,
-                  void* kc, void* vc, int cap, int kv_bf16, int threads) {
+// moe: null for a dense layer
+void decode_layer(const Dims* m, const LayerArgs* L, const MoEArgs* moe, float* h, int pos, const float* cos,
+                  const float* sin, void* kc, void* vc, int cap, int kv_bf16, int threads) {
     if (kv_bf16)
-        decode_layer_t<uint16_t>(m, L, h, pos, cos, sin, (uint16_t*)kc, (uint16_t*)vc, cap, threads);
+        decode_layer_t<uint16_t>(m, L, moe, h, pos, cos, sin, (uint16_t*)kc, (uint16_t*)vc, cap, threads);
     else
-        decode_layer_t<float>(m, L, h, pos, cos, sin, (float*)kc, (float*)vc, cap, threads);
+        decode_layer_t<float>(m, L, moe, h, pos, cos, sin, (float*)kc, (float*)vc, cap, threads);
 }
 
 

@@ -37,8 +37,11 @@ def _add_architecture(w: gguf.GGUFWriter, config, name: str, file_type: int) -> 
     w.add_rope_dimension_count(fam.rotary_dim(config))
     fam.gguf_metadata(w, config)
     # what transformers' GGUF reader does not rebuild, for tightfit reading the file back (models/gguf_file.py)
-    keep = {k: getattr(config, k) for k in ("rope_parameters", "layer_types", "sliding_window",
-                                             "query_pre_attn_scalar", "head_dim") if getattr(config, k, None) is not None}
+    keep = {k: getattr(config, k) for k in ("model_type", "rope_parameters", "layer_types", "sliding_window",
+                                             "query_pre_attn_scalar", "head_dim", "num_local_experts", "num_experts",
+                                             "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                                             "shared_expert_intermediate_size", "mlp_only_layers",
+                                             "decoder_sparse_step") if getattr(config, k, None) is not None}
     w.add_string("tightfit.config", json.dumps(keep))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)

@@ -47,37 +47,72 @@ def hf_config(path: Path, tokenizer: bool = True):
     vocabulary that does not match its merges, a missing or mistyped key) is a GGUFFormatError, whatever
     transformers raised."""
     from transformers import AutoConfig, AutoTokenizer
-
     what = "config"
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         what = "tokenizer"
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
     except Exception as e:  # transformers' GGUF integration raises whatever its parsing hit
+        if "is not supported yet" in str(e):
+            field = open_gguf(path).fields.get("general.architecture")
+            raise GGUFFormatError(
+                f"{path} is a GGUF of the {field.contents() if field else None!r} architecture, whose config and "
+                f"tokenizer transformers' GGUF reader does not read ({str(e)[:120]}). tightfit writes such files "
+                "for llama.cpp; read the model from its Hugging Face folder.") from e
         raise GGUFFormatError(
             f"{path}: the model {what} in its metadata could not be read ({type(e).__name__}: {str(e)[:200]}). "
             "The file is damaged or was written by a tool tightfit does not know; download or export it again."
         ) from e
-    _restore_config(open_gguf(path), config, path)
-    return config, tok
+    return _restore_config(open_gguf(path), config, path), tok
 
 
-def _restore_config(reader, config, path) -> None:
+# the model type of a GGUF architecture that holds routed experts, and whether llama.cpp renormalizes their gates
+MOE_TYPES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True)}
+
+
+def _restore_config(reader, config, path):
     """What transformers' GGUF reader does not rebuild: the config fields tightfit wrote under tightfit.* keys
-    (rope scaling that GGUF holds only as a tensor, Gemma's layer types, query_pre_attn_scalar). A foreign file
-    with rope factors but no such key is run without them, and says so."""
+    (rope scaling that GGUF holds only as a tensor, Gemma's layer types, query_pre_attn_scalar, the MoE fields),
+    and a mixture-of-experts config from the expert keys (transformers reads Mixtral as Llama and leaves
+    Qwen2-MoE's expert sizes at their defaults). A foreign file with rope factors but no such key is run without
+    them, and says so. Returns the config (a new one for MoE)."""
     import json
     import logging
 
+    from transformers import AutoConfig
+
     field = reader.fields.get("tightfit.config")
-    if field is not None:
-        for k, v in json.loads(field.contents()).items():
+    keep = json.loads(field.contents()) if field is not None else {}
+    arch = reader.fields["general.architecture"].contents()
+
+    def meta(key):
+        f = reader.fields.get(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    if meta("expert_count"):
+        if arch not in MOE_TYPES:
+            raise GGUFFormatError(f"{path}: a {arch!r} file with routed experts; tightfit reads MoE GGUF files of "
+                                  f"the architectures {sorted(MOE_TYPES)}.")
+        model_type, norm = MOE_TYPES[arch]
+        d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+        d |= {"num_experts_per_tok": meta("expert_used_count"), "norm_topk_prob": norm}
+        if model_type == "mixtral":
+            d["num_local_experts"] = meta("expert_count")
+        else:
+            d |= {"num_experts": meta("expert_count"), "moe_intermediate_size": meta("expert_feed_forward_length")}
+        if meta("expert_shared_feed_forward_length"):
+            d["shared_expert_intermediate_size"] = meta("expert_shared_feed_forward_length")
+        d |= {k: v for k, v in keep.items() if k != "model_type"}
+        return AutoConfig.for_model(keep.get("model_type", model_type), **d)
+    for k, v in keep.items():
+        if k != "model_type":
             setattr(config, k, v)
-    elif any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if field is None and any(t.name == "rope_freqs.weight" for t in reader.tensors):
         logging.getLogger(__name__).warning(
             "%s holds rope frequency factors (Llama 3.1 rope scaling) that transformers' GGUF reader drops: "
             "tightfit runs it with plain rotary embeddings. Convert from the Hugging Face folder for exact "
             "long-context behaviour.", path)
+    return config
 
 
 def architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:

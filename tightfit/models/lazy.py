@@ -46,16 +46,16 @@ def lazy_gguf(path: Path) -> LazyModel:
 
     reader = open_gguf(path)
     gguf_arch = architecture(reader, path)
-    expert_count = reader.fields.get(f"{gguf_arch}.expert_count")
-    if expert_count is not None and expert_count.contents():
-        raise GGUFFormatError(f"{path} holds a mixture-of-experts model ({gguf_arch}, {expert_count.contents()} "
-                              "experts); tightfit reads MoE models from their Hugging Face folder only, not yet from "
-                              "GGUF.")
     config, tokenizer = hf_config(path)
     skeleton = _skeleton(config)
     names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
-    loaders = {}
+    loaders, experts = {}, {}
+    from .families import family_of
+
+    fam = family_of(config, str(path))
+    if fam.moe is not None:
+        _gguf_expert_loaders(path, fam, config, tensors, skeleton, loaders, experts)
     for hf_name, gguf_name in names.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -69,7 +69,43 @@ def lazy_gguf(path: Path) -> LazyModel:
                 f"{path}: tensor {gguf_name!r} has shape {tuple(reversed(t.shape.tolist()))} but the model's "
                 f"metadata implies {expected}. The file's metadata and tensors disagree; export it again.")
         loaders[hf_name] = (lambda t=t, n=hf_name: from_gguf_tensor(n, dequantize(t), config))
-    return LazyModel(config, tokenizer, skeleton, loaders, path, "gguf")
+    return LazyModel(config, tokenizer, skeleton, loaders, path, "gguf", experts)
+
+
+def _gguf_expert_loaders(path, fam, config, tensors: dict, skeleton, loaders: dict, experts: dict) -> None:
+    """An MoE GGUF holds each layer's experts of one projection stacked in one 3-D tensor (ffn_*_exps): loaders
+    of transformers' 3-D parameters from them, and of each expert's 2-D tensor (the last stack read is kept, so
+    reading a layer's experts one by one dequantizes each stack once)."""
+    from .gguf_file import dequantize
+
+    moe, memo = fam.moe, {}
+
+    def stack(gname: str) -> torch.Tensor:
+        if gname not in memo:
+            memo.clear()
+            memo[gname] = dequantize(tensors[gname])
+        return memo[gname]
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if not moe.is_moe_layer(config, i):
+            continue
+        g, u, d = (fam.gguf_expert_name(i, q) for q in ("gate_proj", "up_proj", "down_proj"))
+        E, F, D = moe.n_experts(config), moe.ffn(config), config.hidden_size
+        for gname, want in ((g, (E, F, D)), (u, (E, F, D)), (d, (E, D, F))):
+            t = tensors.get(gname)
+            if t is None:
+                raise GGUFFormatError(f"{path} lacks the tensor {gname!r} that layer {i}'s experts need. The file "
+                                      "is incomplete; export it again.")
+            if tuple(reversed(t.shape.tolist())) != want:
+                raise GGUFFormatError(f"{path}: tensor {gname!r} has shape {tuple(reversed(t.shape.tolist()))} but "
+                                      f"the model's metadata implies {want}. Export it again.")
+        loaders[f"{p}mlp.experts.gate_up_proj"] = (lambda g=g, u=u: torch.cat([dequantize(tensors[g]),
+                                                                                dequantize(tensors[u])], 1))
+        loaders[f"{p}mlp.experts.down_proj"] = (lambda d=d: dequantize(tensors[d]))
+        for e in range(E):
+            for proj, gname in (("gate_proj", g), ("up_proj", u), ("down_proj", d)):
+                experts[moe.expert_name(p, e, proj)] = (lambda gname=gname, e=e: stack(gname)[e].clone())
 
 
 def lazy_hf(path: Path) -> LazyModel:

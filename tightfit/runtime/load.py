@@ -4,6 +4,7 @@ Hugging Face folder (bf16)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import gguf
@@ -26,12 +27,13 @@ GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
               gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False)}
 
 
-def gguf_quantized(t, data: np.ndarray | None = None) -> QuantizedWeight | None:
-    """The codes of a Q8_0/Q4_0/Q4_1 GGUF tensor as a QuantizedWeight (bit-exact), or None for other types."""
+def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> QuantizedWeight | None:
+    """The codes of a Q8_0/Q4_0/Q4_1 GGUF tensor as a QuantizedWeight (bit-exact), or None for other types.
+    shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
     fmt = GGUF_CODES.get(t.tensor_type)
     if fmt is None:
         return None
-    n, k = (int(s) for s in reversed(t.shape.tolist()))
+    n, k = shape or (int(s) for s in reversed(t.shape.tolist()))
     raw = torch.from_numpy(np.array(t.data if data is None else data, dtype=np.uint8).reshape(n, k // 32, -1))
     d = raw[..., :2].contiguous().view(torch.float16)[..., 0]
     if fmt.bits == 8:
@@ -70,7 +72,24 @@ def _gguf_source(path: Path):
     fam = family_of(config, str(path))
     names = hf_to_gguf_names(lazy.loaders.keys(), fam.gguf_arch, config.num_hidden_layers)
 
+    moe = fam.moe
+    expert = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+    def get_expert(name: str) -> Weight:
+        i, e, proj = expert.match(name).groups()
+        t = tensors[fam.gguf_expert_name(int(i), proj)]
+        if t.tensor_type not in GGUF_CODES:
+            return lazy.experts[name]()
+        E, rows, cols = (int(x) for x in reversed(t.shape.tolist()))
+        per = int(t.n_bytes) // E
+        with open(path, "rb") as f:  # one expert's bytes by a plain read
+            f.seek(int(t.data_offset) + int(e) * per)
+            raw = np.frombuffer(f.read(per), dtype=np.uint8)
+        return gguf_quantized(t, raw, (rows, cols))
+
     def get(name: str) -> Weight:
+        if moe is not None and name in lazy.experts:
+            return get_expert(name)
         t = tensors[names[name]]
         if t.tensor_type not in GGUF_CODES:
             return lazy.loaders[name]()
@@ -80,7 +99,7 @@ def _gguf_source(path: Path):
             qw = _rows(qw, unpermute_qk(torch.arange(qw.shape[0])[:, None], heads)[:, 0])
         return qw
 
-    return config, lazy.tokenizer, get, set(lazy.loaders), None
+    return config, lazy.tokenizer, get, set(lazy.loaders) | set(lazy.experts), None
 
 
 def _artifact_source(path: Path):

@@ -129,12 +129,15 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
     config = AutoConfig.from_pretrained(artifact)
     from ..models.families import family_of
 
-    family_of(config, str(artifact)).check_export(config, "compressed-tensors")
+    fam = family_of(config, str(artifact))
+    fam.check_export(config, "compressed-tensors")
+    # checkpoint names (Mixtral's block_sparse_moe.experts.E.w1 ...): what transformers and vLLM load
+    ckpt = fam.moe.to_checkpoint if fam.moe is not None else (lambda n: n)
     linear = {n: qw for n, qw in qweights.items() if ".layers." in n}
     dtype = torch.bfloat16 if all(qw.fmt.scale_dtype == "bfloat16" for qw in linear.values()) else torch.float16
     tensors, report, groups = {}, {}, {}
     for name, qw in linear.items():
-        module = name.removesuffix(".weight")
+        module = ckpt(name).removesuffix(".weight")
         fmt = qw.fmt
         entry = {"exact": True}
         if not fmt.symmetric or qw.g_idx is not None:
@@ -163,7 +166,7 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     for name, t in kept.items():
-        tensors[name] = t.to(dtype) if t.is_floating_point() else t
+        tensors[ckpt(name)] = t.to(dtype) if t.is_floating_point() else t
     from ..formats.weight import WeightFormat
 
     config_groups = {}
@@ -172,7 +175,10 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
                                                          weights=_scheme(WeightFormat.parse(fmt_name)),
                                                          format="pack-quantized")
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
-                                 quantization_status="compressed", ignore=["lm_head"])
+                                 quantization_status="compressed",
+                                 # MoE routers stay in full precision (vLLM builds them as Linear layers)
+                                 ignore=["lm_head"] + (["re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$",
+                                                        "re:.*shared_expert_gate$"] if fam.moe is not None else []))
     warnings = kernel_warnings(linear) + tp_warnings(config, linear)
     for w in warnings:
         log.warning(w)

@@ -104,11 +104,9 @@ class MoEFamily(Family):
     def check_export(self, config, target):
         from ...errors import UnsupportedArchitectureError
 
-        if target != "gguf":
-            raise UnsupportedArchitectureError(
-                f"{target} export of mixture-of-experts models ({config.model_type}) is not written yet: export to "
-                "GGUF, or run and serve the artifact with tightfit.")
         super().check_export(config, target)
+        if target != "gguf":
+            return
         if self.moe.normalize(config) != self.GGUF_NORM[self.gguf_arch]:
             raise UnsupportedArchitectureError(
                 f"llama.cpp's {self.gguf_arch} architecture {'always' if self.GGUF_NORM[self.gguf_arch] else 'never'} "

@@ -252,3 +252,41 @@ def test_damaged_config_json_gives_a_plan_spec_or_a_typed_error(data):
     else:
         cfg = mutate_json(cfg, data)
     outcome(spec_from_config, cfg, "fuzzed")
+
+
+def read_hf_fully(folder: Path) -> None:
+    """What every verb does first with a Hugging Face folder: its config, tokenizer and tensors, read lazily."""
+    from tightfit.models import load_lazy
+
+    lazy = load_lazy(folder)
+    for name in [*lazy.loaders, *lazy.experts]:
+        lazy.get(name)
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_hugging_face_folders_give_a_result_or_a_typed_error(tiny_models, tmp_path, data):
+    """A safetensors file cut short or with header bytes changed, or a config.json with a field changed."""
+    folder = tmp_path / "m"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(tiny_models["qwen2"], folder)
+    weights = folder / "model.safetensors"
+    what = data.draw(st.sampled_from(["truncate", "header-bytes", "header-length", "config"]))
+    blob = bytearray(weights.read_bytes())
+    if what == "truncate":
+        weights.write_bytes(bytes(blob[: data.draw(st.integers(0, len(blob) - 1))]))
+    elif what == "header-bytes":
+        n = struct.unpack("<Q", blob[:8])[0]
+        for _ in range(data.draw(st.integers(1, 6))):
+            blob[data.draw(st.integers(8, 8 + n - 1))] = data.draw(st.integers(32, 126))
+        weights.write_bytes(bytes(blob))
+    elif what == "header-length":
+        blob[:8] = struct.pack("<Q", data.draw(st.sampled_from([0, 1, 7, 2**31, 2**40, 2**64 - 1])))
+        weights.write_bytes(bytes(blob))
+    else:
+        cfg = json.loads((folder / "config.json").read_text())
+        key = data.draw(st.sampled_from(sorted(cfg)))
+        cfg[key] = data.draw(st.one_of(SCALAR, st.integers(-5, 10**6)))
+        (folder / "config.json").write_text(json.dumps(cfg))
+    outcome(read_hf_fully, folder)

@@ -97,13 +97,9 @@ def parameter_count(path: Path, kind: str) -> int:
         from .gguf_file import open_gguf
 
         return sum(int(t.n_elements) for t in open_gguf(path).tensors)
-    from safetensors import safe_open
+    from .lazy import safetensors_shapes
 
-    total = 0
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
-    return total
+    return sum(math.prod(shape) for f in sorted(path.glob("*.safetensors")) for shape in safetensors_shapes(f).values())
 
 
 def load_lazy(source: str | os.PathLike):

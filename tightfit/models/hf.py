@@ -15,8 +15,9 @@ def check_hf_folder(path: Path):
     """The folder's config, once its model type, weights and tokenizer files are known to be there."""
     try:
         config = AutoConfig.from_pretrained(path)
-    except (ValueError, OSError) as e:
-        raise NotAModelError(f"{path}/config.json could not be read as a model config ({e}). Fix or replace it.") from e
+    except Exception as e:  # transformers' config classes raise whatever a field's validation hit
+        raise NotAModelError(f"{path}/config.json could not be read as a model config ({type(e).__name__}: "
+                             f"{str(e)[:200]}). Fix or replace it.") from e
     check_model_type(getattr(config, "model_type", None), str(path))
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise NotAModelError(

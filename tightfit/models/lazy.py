@@ -37,8 +37,17 @@ class LazyModel:
 
 
 def _skeleton(config) -> torch.nn.Module:
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    """The model on the meta device; a config transformers cannot build a model from is a NotAModelError."""
+    from ..errors import TightfitError
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except TightfitError:
+        raise
+    except Exception as e:  # a size, activation or dtype field transformers' modules refuse
+        raise NotAModelError(f"the model's config describes a model transformers cannot build ({type(e).__name__}: "
+                             f"{str(e)[:200]}). Fix the config (config.json, or the GGUF's metadata).") from e
 
 
 def lazy_gguf(path: Path) -> LazyModel:
@@ -118,7 +127,11 @@ def lazy_hf(path: Path) -> LazyModel:
     if not files:
         raise NotAModelError(f"{path} holds no *.safetensors weights; tightfit reads weights lazily from "
                              "safetensors only. Convert it: tightfit convert DIR -o NEW_DIR")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers raises whatever its parsing of the files hit
+        raise NotAModelError(f"{path}: the tokenizer files could not be read ({type(e).__name__}: {str(e)[:200]}). "
+                             "Copy them again from the model's source.") from e
     skeleton = _skeleton(config)
     from .families import family_of
 
@@ -126,8 +139,7 @@ def lazy_hf(path: Path) -> LazyModel:
     wanted = set(skeleton.state_dict().keys())
     loaders, experts = {}, {}
     for f in files:
-        with safe_open(f, framework="pt") as h:
-            shapes = {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+        shapes = safetensors_shapes(f)
         for k, shape in shapes.items():
             name = k if moe is None else moe.from_checkpoint(k)
             if name in wanted:
@@ -184,11 +196,27 @@ def _stacked_loaders(loaders: dict, experts: dict, wanted: set, config, moe) -> 
             [get(moe.expert_name(p, e, "down_proj")) for e in range(moe.n_experts(config))]))
 
 
-def _read_one(file: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header; a damaged file is a NotAModelError naming it."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(file, framework="pt") as h:
-        return h.get_tensor(key).float()
+    try:
+        with safe_open(file, framework="pt") as h:
+            return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+    except (SafetensorError, OSError) as e:
+        raise NotAModelError(f"{file} is not a readable safetensors file ({e}); it is truncated or damaged. "
+                             "Download or convert it again.") from e
+
+
+def _read_one(file: Path, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as h:
+            return h.get_tensor(key).float()
+    except (SafetensorError, OSError) as e:
+        raise NotAModelError(f"{file}: tensor {key} could not be read ({e}); the file is truncated or damaged. "
+                             "Download or convert it again.") from e
 
 
 def build(lazy: LazyModel, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -257,13 +257,9 @@ def resident_estimate(kind: str, path: Path) -> int:
     files = sorted(path.glob("*.safetensors"))
     if kind == "artifact":
         return sum(f.stat().st_size for f in files)
-    from safetensors import safe_open
+    from ..models.lazy import safetensors_shapes
 
-    total = 0
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            total += sum(int(np.prod(h.get_slice(k).get_shape())) * 2 for k in h.keys())
-    return total
+    return sum(int(np.prod(shape)) * 2 for f in files for shape in safetensors_shapes(f).values())
 
 
 def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,

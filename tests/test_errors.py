@@ -234,3 +234,48 @@ def test_a_killed_quantize_leaves_nothing_that_looks_complete_and_a_rerun_starts
     assert r.returncode == 0, r.stderr[-1500:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]  # the killed run's partial folder is gone
     tightfit.load(out)
+
+
+@pytest.mark.parametrize("verb", ["convert-hf", "convert-gguf", "export-gguf"])
+def test_a_killed_convert_or_export_leaves_nothing_that_looks_complete(tiny_models, tmp_path, verb):
+    """SIGKILL while convert or export writes: the output is whole or absent, only the dead run's hidden partial
+    is left beside it, and a rerun removes that and publishes a whole output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tiny_models["llama"]
+    if verb == "export-gguf":
+        from tightfit.formats import WeightFormat
+        from tightfit.quant.api import quantize
+        from tightfit.quant.config import QuantConfig
+
+        quantize(src, QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True), calib_generated=0.0),
+                 tmp_path / "art")
+        src = tmp_path / "art"
+    work = tmp_path / "out"
+    work.mkdir()
+    out = work / ("m" if verb == "convert-hf" else "m.gguf")
+    cmd = [sys.executable, "-m", "tightfit.cli", *{"convert-hf": ["convert", str(src), "-o", str(out)],
+                                                   "convert-gguf": ["convert", str(src), "--to", "gguf-f16", "-o",
+                                                                    str(out)],
+                                                   "export-gguf": ["export", str(src), "--format", "gguf", "-o",
+                                                                   str(out)]}[verb]]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(work.glob(f".{out.name}.partial-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if out.exists():  # the kill came after the rename: then it is whole
+        tightfit.load(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    left = list(work.iterdir())
+    assert all(x.name.startswith(f".{out.name}.partial-{p.pid}-") for x in left), left
+    if not left:  # make the dead run's leftover explicit, as a kill mid-write leaves it
+        (work / f".{out.name}.partial-{p.pid}-x").write_bytes(b"half")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert sorted(x.name for x in work.iterdir()) == [out.name]
+    tightfit.load(out)

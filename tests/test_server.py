@@ -226,13 +226,19 @@ def test_tool_call_round_trip_and_named_choice(client):
     answer = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, CLOCK],
                                             tool_choice="none", max_tokens=8, temperature=0)
     assert answer.choices[0].message.tool_calls is None and isinstance(answer.choices[0].message.content, str)
-    # streamed: the call arrives as one delta, then finish_reason tool_calls
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=history[:1], tools=[WEATHER], max_tokens=200, temperature=0, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
-    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert [tc.function.name for tc in calls] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    # streamed: the call's id and name in its first delta, then its arguments text as it is generated, then
+    # finish_reason tool_calls; the pieces join into the arguments the same request gets unstreamed
+    kw = dict(model="tiny", messages=history[:1], tools=[WEATHER], max_tokens=200, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert len(deltas) > 3 and chunks[-1].choices[0].finish_reason == "tool_calls"  # streamed, not one piece
+    arguments = json.loads("".join(d.function.arguments for d in deltas))
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    assert json.loads(whole.function.arguments) == arguments
 
 
 def test_auto_tool_choice_parses_calls_the_model_writes():
@@ -360,3 +366,24 @@ def test_a_shared_prompt_prefix_is_not_recomputed(server, client):
 
 def server_batcher(url):
     return SERVERS[url].batcher
+
+
+def test_tool_call_stream_splits_any_chunking_into_name_then_arguments():
+    """The scanner behind streamed tool calls: escaped quotes and braces inside strings, nested values, a call
+    whose arguments come before its name, and any chunk boundaries give the same calls."""
+    from tightfit.server.structured import ToolCallStream
+
+    text = ('[{"name": "get_weather", "arguments": {"city": "Pa\\"ris {x}\\\\", "days": [1, 2], "o": {"a": 1}}}, '
+            '{"arguments": {"q": "}]"}, "name": "search"}]')
+    want = json.loads(text)
+    for step in (1, 2, 5, len(text)):
+        stream, calls = ToolCallStream(), {}
+        for i in range(0, len(text), step):
+            for d in stream.feed(text[i:i + step]):
+                c = calls.setdefault(d["index"], {"name": None, "arguments": ""})
+                if "id" in d:
+                    assert c["name"] is None and d["id"].startswith("call_")
+                    c["name"] = d["function"]["name"]
+                c["arguments"] += d["function"]["arguments"]
+        got = [(c["name"], json.loads(c["arguments"])) for c in calls.values()]
+        assert got == [(w["name"], w["arguments"]) for w in want]

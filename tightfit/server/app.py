@@ -161,11 +161,12 @@ class Server:
         self.batcher.submit(seq)
         it = (seq, q)
         tools = req.tools if self.tools_in_play(req) else None
+        forced = bool(tools) and req.tool_choice not in (None, "auto")  # the grammar makes the answer a call
         if req.stream:
             async def events():
                 try:
                     async for chunk in self.stream_chunks(request, it, arrived, meta, kind, len(ids), stream_usage,
-                                                          logprobs, tools):
+                                                          logprobs, tools, forced):
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
@@ -221,13 +222,29 @@ class Server:
             obj = "text_completion"
         return {**meta, "object": obj, "choices": [choice], "usage": self.usage(n_prompt, len(steps))}
 
-    async def stream_chunks(self, request, it, arrived, meta, kind, n_prompt, include_usage, logprobs, tools=None):
+    async def stream_chunks(self, request, it, arrived, meta, kind, n_prompt, include_usage, logprobs, tools=None,
+                            forced=False):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         n = 0
         if kind == "chat":
             yield {**meta, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]}
-        if tools:  # whether the answer is a call is known at its end: one delta then
+        usage = {"usage": None} if include_usage else {}
+        if forced:  # a required or named call: its name and argument text stream as they are generated
+            calls = structured.ToolCallStream()
+            async for s in self.steps(request, it, arrived):
+                n += 1
+                deltas = calls.feed(s.text)
+                finish = None if s.finish_reason is None else ("tool_calls" if s.finish_reason == "stop" else
+                                                               s.finish_reason)
+                if deltas or finish:
+                    yield {**meta, "object": obj, "choices": [{"index": 0, "delta": {"tool_calls": deltas} if deltas
+                                                              else {}, "logprobs": None, "finish_reason": finish}],
+                           **usage}
+            if include_usage:
+                yield {**meta, "object": obj, "choices": [], "usage": self.usage(n_prompt, n)}
+            return
+        if tools:  # tool_choice auto: whether the answer is a call is known at its end, one delta then
             steps = [s async for s in self.steps(request, it, arrived)]
             message, called = self.answer("".join(s.text for s in steps), tools)
             if called:

@@ -200,3 +200,95 @@ def parse_tool_calls(text: str, tools) -> list[dict] | None:
 def openai_tool_calls(calls: list[dict]) -> list[dict]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+
+
+class ToolCallStream:
+    """OpenAI `delta.tool_calls` entries from a constrained tool-call answer as it is generated: the answer is a
+    JSON array of {"name": ..., "arguments": {...}} objects (tool_schema), so a call's id and name go out once its
+    name string closes and its arguments text goes out as it arrives (raw JSON text; concatenated it parses).
+    A character scanner tracks depth and strings; nothing is re-parsed."""
+
+    def __init__(self):
+        self.depth, self.in_str, self.esc = 0, False, False
+        self.index = -1  # the current call
+        self.key = self.value = None  # the current key of the call object, and its value text so far
+        self.expect_key = False
+        self.name = None
+        self.args = ""  # arguments text not yet sent (before the name is known)
+        self.args_depth = None  # depth at which the arguments object opened
+
+    def feed(self, text: str) -> list[dict]:
+        out: list[dict] = []
+        for ch in text:
+            self._char(ch, out)
+        return out
+
+    def _emit_args(self, s: str, out: list) -> None:
+        if self.name is None:
+            self.args += s
+        elif s:
+            out.append({"index": self.index, "function": {"arguments": s}})
+
+    def _char(self, ch: str, out: list) -> None:
+        if self.args_depth is not None:  # inside the arguments value: pass it through
+            self._emit_args(ch, out)
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif ch == "\\":
+                    self.esc = True
+                elif ch == '"':
+                    self.in_str = False
+                return
+            if ch == '"':
+                self.in_str, self.esc = True, False
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == self.args_depth - 1:
+                    self.args_depth, self.key = None, None
+            return
+        if self.in_str:  # a key or the name's value
+            if self.esc:
+                self.esc = False
+                self.value += ch
+            elif ch == "\\":
+                self.esc = True
+                self.value += ch
+            elif ch == '"':
+                self.in_str = False
+                self._string_done(out)
+            else:
+                self.value += ch
+            return
+        if ch == '"':
+            self.in_str, self.value = True, ""
+        elif ch == "{":
+            self.depth += 1
+            if self.depth == 2:  # a call object
+                self.index += 1
+                self.name, self.args, self.key, self.expect_key = None, "", None, True
+            elif self.key == "arguments":
+                self.args_depth = self.depth
+                self._emit_args(ch, out)
+        elif ch == "[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+        elif ch == "," and self.depth == 2:
+            self.expect_key, self.key = True, None
+
+    def _string_done(self, out: list) -> None:
+        if self.depth != 2:
+            return
+        if self.expect_key:
+            self.key, self.expect_key = json.loads(f'"{self.value}"'), False
+            return
+        if self.key == "name":
+            self.name = json.loads(f'"{self.value}"')
+            out.append({"index": self.index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                        "function": {"name": self.name, "arguments": ""}})
+            if self.args:
+                out.append({"index": self.index, "function": {"arguments": self.args}})
+                self.args = ""

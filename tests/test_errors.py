@@ -279,3 +279,32 @@ def test_a_killed_convert_or_export_leaves_nothing_that_looks_complete(tiny_mode
     assert r.returncode == 0, r.stderr[-1500:]
     assert sorted(x.name for x in work.iterdir()) == [out.name]
     tightfit.load(out)
+
+
+def test_a_killed_fit_resumes_and_leaves_only_its_output(tiny_models, tmp_path):
+    """SIGKILL during fit, once its quantized artifact is staged: no output folder, the stages kept; a rerun
+    reuses what was staged, publishes the output and removes the stages and any partial."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "fit"
+    cmd = [sys.executable, "-m", "tightfit.cli", "fit", str(tiny_models["llama"]), "--hardware", "ddr5-desktop",
+           "--max-memory", "2.6MB", "--context", "256", "-o", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = tmp_path / ".fit.stages" / "artifact" / "manifest.json"
+    deadline = time.time() + 300
+    while not staged.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_mid_run = not out.exists()
+    if killed_mid_run:
+        assert staged.exists()
+    r = subprocess.run(cmd + ([] if killed_mid_run else ["--force"]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    if killed_mid_run:
+        assert "reusing" in r.stderr + r.stdout, r.stderr[-1500:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["fit"]
+    assert (out / "report.md").is_file() and (out / "artifact" / "manifest.json").is_file()

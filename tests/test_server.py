@@ -387,3 +387,30 @@ def test_tool_call_stream_splits_any_chunking_into_name_then_arguments():
                 c["arguments"] += d["function"]["arguments"]
         got = [(c["name"], json.loads(c["arguments"])) for c in calls.values()]
         assert got == [(w["name"], w["arguments"]) for w in want]
+
+
+def test_a_model_file_changed_under_the_server_does_not_change_its_answers(tiny_models, tmp_path):
+    """The runtime copies what it runs (GGUF codes by plain reads, a --max-memory budget's streamed weights into an
+    unlinked scratch file): truncating or rewriting the model file while serving changes no answer."""
+    from tightfit.cli import main
+
+    gguf = tmp_path / "m.gguf"
+    assert main(["convert", str(tiny_models["llama"]), "--to", "gguf-f16", "-o", str(gguf)]) == 0
+    full = load_runtime(gguf).model.weight_bytes()
+    for budget in (None, int(0.6 * (full["layers"] + full["head"] + full["embedding"]))):
+        lm = load_runtime(gguf, max_memory=budget)
+        assert budget is None or lm.model.streamer.streamed  # some layers are read from the scratch file per token
+        app = create_app(lm.model, lm.tokenizer, "tiny", api_key=KEY, ctx=256, max_tokens_limit=32)
+        with serving(app) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+            def ask():
+                return c.completions.create(model="tiny", prompt="The state of", max_tokens=12, temperature=0)
+
+            before = ask().choices[0].text
+            blob = gguf.read_bytes()
+            gguf.write_bytes(blob[: len(blob) // 3])  # cut short under the running server
+            assert ask().choices[0].text == before
+            gguf.write_bytes(bytes(len(blob)))  # then zeros
+            assert ask().choices[0].text == before
+            gguf.write_bytes(blob)

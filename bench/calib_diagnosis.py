@@ -22,20 +22,17 @@ import torch
 from tightfit.data import CALIBRATION, read_part
 from tightfit.formats.weight import WeightFormat
 from tightfit.models import load_lazy
-from tightfit.models.layered import drop_layer, load_layer, rotary, run_layer
+from tightfit.models.layered import drop_layer, embed, load_layer, rotary, run_layer
 from tightfit.quant.api import calibration_ids
-from tightfit.quant.awq import LEAD, awq_clip, awq_layer
-from tightfit.quant.calibrate import INPUT_GROUPS, HessianHook
+from tightfit.quant.awq import awq_clip, awq_layer
+from tightfit.quant.calibrate import HessianHook, input_groups
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.core import rtn
-from tightfit.quant.equivalence import PAIRS, expand_gqa
+from tightfit.quant.equivalence import expand_gqa, pairs
 from tightfit.quant.gptq import gptq
 
-LEAD_OF = {n: lead for lead, group in INPUT_GROUPS.items() for n in group}
-
-
-def hessians(layer, xs, pe) -> dict[str, torch.Tensor]:
-    hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in INPUT_GROUPS}
+def hessians(layer, xs, pe, groups) -> dict[str, torch.Tensor]:
+    hooks = {n: HessianHook(layer.get_submodule(n).in_features) for n in groups}
     handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
     out = run_layer(layer, xs, pe)
     for h in handles:
@@ -85,7 +82,9 @@ def main():
     cfg = QuantConfig(method="awq-gptq", fmt=fmt)
     ids = calibration_ids(lazy.tokenizer, read_part(CALIBRATION), args.fit + args.hold, args.ctx, seed=1)
     dtype = torch.bfloat16
-    xs = lazy.get("model.embed_tokens.weight")[ids].to(dtype)
+    xs = embed(lazy, ids, dtype)
+    groups = input_groups(lazy.config)
+    lead_of = {n: lead for lead, group in groups.items() for n in group}
     pe = rotary(lazy, args.ctx, dtype)
     want = {int(x) for x in args.layers.split(",")}
     rows = []
@@ -96,8 +95,8 @@ def main():
             drop_layer(lazy, i)
             continue
         t0 = time.time()
-        H_fit, y_fit = hessians(layer, xs[: args.fit], pe)
-        H_hold, y_hold = hessians(layer, xs[args.fit :], pe)
+        H_fit, y_fit = hessians(layer, xs[: args.fit], pe, groups)
+        H_hold, y_hold = hessians(layer, xs[args.fit :], pe, groups)
         xs_hold = xs[args.fit :]
         prefix = f"model.layers.{i}."
         base = {k: v.float().clone() for k, v in lazy.materialize(prefix).items()}
@@ -108,7 +107,7 @@ def main():
             if vname not in chosen and vname != "rtn":
                 continue
             state = copy.deepcopy(base)
-            for n, lead in LEAD_OF.items():
+            for n, lead in lead_of.items():
                 w = base[prefix + n + ".weight"]
                 qw = fn(w, H_fit[lead])
                 dq = qw.dequantize()
@@ -124,16 +123,16 @@ def main():
             Hf = {k: v.clone() for k, v in H_fit.items()}
             found, _ = awq_layer(state, prefix, Hf, cfg, lazy.config, lambda n: fmt)
             Hh = {k: v.clone() for k, v in H_hold.items()}
-            for pair in PAIRS:
+            for pair in pairs(lazy.config):
                 if pair.name in found:
                     s = found[pair.name]
                     cols = expand_gqa(s, lazy.config) if pair.gqa else s
-                    Hh[LEAD[pair.name]] = Hh[LEAD[pair.name]] / (cols[:, None] * cols[None, :])
+                    Hh[pair.targets[0]] = Hh[pair.targets[0]] / (cols[:, None] * cols[None, :])
             # a pair's source linear (v_proj, up_proj) had its rows divided by s: its error counts in the
             # original output coordinates, d * s per row (in the scaled ones it looked 2.6x RTN's, an artifact)
-            row_scale = {pair.source: found[pair.name] for pair in PAIRS
+            row_scale = {pair.source: found[pair.name] for pair in pairs(lazy.config)
                          if pair.name in found and pair.source.endswith("_proj")}
-            for n, lead in LEAD_OF.items():
+            for n, lead in lead_of.items():
                 w = state[prefix + n + ".weight"]
                 qw = awq_clip(w, fmt, Hf[lead]) if rounding == "clip" else \
                     gptq(w, Hf[lead], fmt, clip_search=rounding == "gptq")

@@ -23,14 +23,19 @@ from tightfit.eval.windows import tokenize
 from tightfit.formats.weight import WeightFormat
 from tightfit.models import load_lazy
 from tightfit.models.layered import drop_layer, final_norm, head_weight, load_layer, rotary, run_layer
+from tightfit.models.layered import embed as embed_rows
 from tightfit.quant.api import calibration_ids
 from tightfit.quant.awq import awq_clip, awq_layer
-from tightfit.quant.calibrate import INPUT_GROUPS, HessianHook
+from tightfit.quant.calibrate import HessianHook, input_groups
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.core import rtn
 from tightfit.quant.gptq import gptq
 
-LEAD_OF = {n: lead for lead, group in INPUT_GROUPS.items() for n in group}
+
+
+def lead_of(config) -> dict[str, str]:
+    """Each linear of a layer -> the lead of its input group (where its Hessian is measured)."""
+    return {n: lead for lead, group in input_groups(config).items() for n in group}
 
 
 def quantized_state(base, prefix, H, fmt, variant, cfg, config):
@@ -38,7 +43,7 @@ def quantized_state(base, prefix, H, fmt, variant, cfg, config):
     Hs = {k: v.clone() for k, v in H.items()}
     if variant.startswith("awq"):
         awq_layer(state, prefix, Hs, cfg, config, lambda n: fmt)
-    for n, lead in LEAD_OF.items():
+    for n, lead in lead_of(config).items():
         w = state[prefix + n + ".weight"]
         if variant == "rtn":
             q = rtn(w, fmt)
@@ -71,11 +76,11 @@ def main():
     ev = ev[: n * args.ctx].reshape(n, args.ctx)
     embed = lazy.get("model.embed_tokens.weight")
     pe = rotary(lazy, args.ctx, dtype)
-    pe16 = tuple(t.to(torch.bfloat16) for t in pe)
+    pe16 = rotary(lazy, args.ctx, torch.bfloat16)
     L = lazy.config.num_hidden_layers
     # the base: every layer in full precision; keep each wanted layer's inputs (eval and calibration windows)
     want = sorted(int(x) for x in args.layers.split(","))
-    xe, xc = embed[ev].to(dtype), embed[calib].to(torch.bfloat16)
+    xe, xc = embed_rows(lazy, ev, dtype, embed), embed_rows(lazy, calib, torch.bfloat16, embed)
     inputs = {}
     for i in range(L):
         if i in want:
@@ -93,7 +98,7 @@ def main():
         prefix = f"model.layers.{i}."
         base = {k: v.float().clone() for k, v in lazy.materialize(prefix).items()}
         layer = load_layer(lazy, i, {k: v.to(torch.bfloat16) for k, v in base.items()}, torch.bfloat16)
-        hooks = {m: HessianHook(layer.get_submodule(m).in_features) for m in INPUT_GROUPS}
+        hooks = {m: HessianHook(layer.get_submodule(m).in_features) for m in input_groups(lazy.config)}
         handles = [layer.get_submodule(m).register_forward_pre_hook(h) for m, h in hooks.items()]
         run_layer(layer, inputs[i][1], pe16)
         for h in handles:

@@ -71,7 +71,7 @@ def layer_prefix(i: int) -> str:
 
 def offgrid_layer(state: dict[str, torch.Tensor], i: int, config, g: torch.Generator, sigma: float) -> None:
     """Layer i's pairs rescaled by exp(N(0, sigma^2)) factors drawn from g, in place (layers in order, each
-    pair in PAIRS order: the same draws whether the model is held whole or streamed a layer at a time)."""
+    pair in the family's order: the same draws whether the model is held whole or streamed a layer at a time)."""
     for pair in pairs(config):
         s = torch.exp(torch.randn(pair_width(pair, config), generator=g) * sigma)
         apply_scale(state, layer_prefix(i), pair, s, config)

@@ -79,7 +79,8 @@ def _expert_entries(config, qweights: dict, kept: dict, entries: list, report: d
                                            lambda t=t: t.numpy()))
                 report[gname] = {"ggml_type": "F32", "exact": True, "experts": len(names)}
                 continue
-            parts = [_gguf_raw(qweights.pop(n), n, config, strict) for n in names]
+            qws = [qweights.pop(n) for n in names]
+            parts = [_gguf_raw(qw, n, config, strict) for qw, n in zip(qws, names)]
             types = {g for g, _, _ in parts}
             if len(types) > 1:
                 raise FormatError(f"{gname}: its experts were quantized to different GGML types {sorted(types)}; "
@@ -87,14 +88,9 @@ def _expert_entries(config, qweights: dict, kept: dict, entries: list, report: d
             ggml = types.pop()
             raw = np.stack([r for _, r, _ in parts])
             report.update({n: rep for n, (_, _, rep) in zip(names, parts)})
-            counts[ggml] = counts.get(ggml, 0) + sum(int(np.prod(_rows_cols(r, ggml))) for _, r, _ in parts)
+            counts[ggml] = counts.get(ggml, 0) + sum(qw.shape[0] * qw.shape[1] for qw in qws)
             entries.append(TensorEntry(gname, tuple(raw.shape), np.dtype(np.uint8), raw.nbytes,
                                        lambda raw=raw: raw, gguf.GGMLQuantizationType[ggml]))
-
-
-def _rows_cols(raw: np.ndarray, ggml: str) -> tuple[int, int]:
-    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml]]
-    return raw.shape[0], raw.shape[1] // nbytes * block
 
 
 def requant_type(qw: QuantizedWeight) -> str:

@@ -149,28 +149,33 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
 
 class RoutedInputs:
     """The inputs an MoE layer routes to each of its experts (a forward pre-hook on transformers' experts module,
-    whose arguments are the block's input rows and each row's top-k expert indices), kept apart for the fit
-    windows (part 0) and the held-out ones (part 1), plus every row entering the block (the fallback)."""
+    whose arguments are the block's input rows and each row's top-k expert indices), kept apart in two parts:
+    the fit windows (part 0) and the held-out ones (part 1), set by the caller, or with `alternate` one window
+    per call alternating between them (as the sensitivities' SplitHessian). With `keep_all`, also every row
+    entering the block (the fallback of an expert that sees too few)."""
 
-    def __init__(self, n_experts: int):
+    def __init__(self, n_experts: int, alternate: bool = False, keep_all: bool = True):
         self.rows = [[[] for _ in range(n_experts)], [[] for _ in range(n_experts)]]
         self.all = [[], []]
-        self.part = 0
+        self.part, self.alternate, self.keep_all, self.calls = 0, alternate, keep_all, 0
 
     def __call__(self, module, args):
         x, idx = args[0].float(), args[1]
-        self.all[self.part].append(x)
+        part = self.calls % 2 if self.alternate else self.part
+        self.calls += 1
+        if self.keep_all:
+            self.all[part].append(x)
         for e in range(len(self.rows[0])):
             sel = (idx == e).any(-1)
             if sel.any():
-                self.rows[self.part][e].append(x[sel])
+                self.rows[part][e].append(x[sel])
 
     def inputs(self, e: int | None, part: int) -> torch.Tensor | None:
         xs = self.all[part] if e is None else self.rows[part][e]
         return torch.cat(xs) if xs else None
 
 
-def _gram(x: torch.Tensor | None) -> torch.Tensor | None:
+def gram(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None or not len(x) else (x.T @ x) / x.shape[0]
 
 
@@ -200,7 +205,7 @@ def quantize_experts(state, prefix: str, fam, config, cfg: QuantConfig, routed: 
         gate, up, down = (views[n].float() for n in names)
         acts = [None if x is None else act(F.linear(x, gate)) * F.linear(x, up) for x in (fit, hold)]
         for name, x, a in ((names[0], fit, None), (names[1], fit, None), (names[2], None, acts)):
-            H, H_hold = (_gram(fit), _gram(hold)) if a is None else (_gram(a[0]), _gram(a[1]))
+            H, H_hold = (gram(fit), gram(hold)) if a is None else (gram(a[0]), gram(a[1]))
             fmt = cfg.format_for(name)
             if fmt is None:
                 kept[name] = views[name].clone()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import FormatError
 from ..models.layered import check_layered, drop_layer, final_norm, head_weight, layer_call, load_layer, rotary, \
     run_layer
-from .calibrate import quantize_one, tied_hessian
+from .calibrate import RoutedInputs, gram, quantize_one, tied_hessian
 from .config import GPTQ_METHODS, QuantConfig
 from .core import rtn, rtn_error, weight_error
 from .gptq import gptq_errors
@@ -29,43 +29,25 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")  # kept in full precision: not items
 
 
-class RoutedInputs:
-    """The rows an MoE layer routes to each expert, one window per call, calls alternating between two halves
-    (as SplitHessian's)."""
-
-    def __init__(self, n_experts: int):
-        self.rows = [[[] for _ in range(n_experts)], [[] for _ in range(n_experts)]]
-        self.calls = 0
-
-    def switch(self, module, args):
-        x, idx = args[0].detach().float(), args[1]
-        half = self.rows[self.calls % 2]
-        for e in range(len(half)):
-            sel = (idx == e).any(-1)
-            if sel.any():
-                half[e].append(x[sel])
-        self.calls += 1
-
-
-def expert_hessians(layer, prefix: str, fam, config, routed: RoutedInputs) -> dict:
+def expert_hessians(layer, prefix: str, fam, config, routed: RoutedInputs, w: dict) -> dict:
     """{expert tensor name: (E[x x^T] of the fit half, of the test half)}: gate and up on the rows routed to the
-    expert, down on act(gate) * up of those rows. An expert with no rows in a half gets the identity there."""
+    expert, down on act(gate) * up of those rows (w: the layer's expert tensors by name). An expert with no rows
+    in a half gets the identity there."""
     import torch.nn.functional as Fn
 
     from transformers.activations import ACT2FN
 
     act, moe = ACT2FN[config.hidden_act], fam.moe
-    w = moe.unstack(dict(layer.named_parameters(prefix=prefix[:-1])), prefix, config)
     out = {}
     for e in range(moe.n_experts(config)):
         g, u, d = (moe.expert_name(prefix, e, p) for p in ("gate_proj", "up_proj", "down_proj"))
         pair_in, pair_down = [], []
-        for half in routed.rows:
-            x = torch.cat(half[e]) if half[e] else None
+        for half in (0, 1):
+            x = routed.inputs(e, half)
             with torch.no_grad():
                 a = None if x is None else act(Fn.linear(x, w[g])) * Fn.linear(x, w[u])
-            pair_in.append(torch.eye(config.hidden_size) if x is None else (x.T @ x) / x.shape[0])
-            pair_down.append(torch.eye(moe.ffn(config)) if a is None else (a.T @ a) / a.shape[0])
+            pair_in.append(torch.eye(config.hidden_size) if x is None else gram(x))
+            pair_down.append(torch.eye(moe.ffn(config)) if a is None else gram(a))
         out[g] = out[u] = tuple(pair_in)
         out[d] = tuple(pair_down)
     return out
@@ -141,7 +123,7 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
 
     release_freed_memory_eagerly()
     config = lazy.config
-    check_layered(config, "the mixed-precision sensitivities")
+    fam = check_layered(config, "the mixed-precision sensitivities")
     n_win, T = ids.shape
     L, tied = config.num_hidden_layers, config.tie_word_embeddings
     g_rows, g_labels = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed)
@@ -154,8 +136,7 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
     from ..models.families import embed_scale_value
     from ..models.layered import embed as embed_rows
 
-    fam = check_layered(config, "the mixed-precision sensitivities")
-    e_scale = embed_scale_value(check_layered(config, "the mixed-precision sensitivities"), config)
+    e_scale = embed_scale_value(fam, config)
     embed = lazy.get(EMBED)
     x = embed_rows(lazy, ids, torch.float32, embed)
     if not tied:
@@ -171,17 +152,18 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
         handles = [layer.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
         routed = None
         if fam.is_moe_layer(config, i) and (priced or keep_hessians):
-            routed = RoutedInputs(fam.moe.n_experts(config))
-            handles.append(layer.mlp.experts.register_forward_pre_hook(lambda m, a: routed.switch(m, a)))
+            routed = RoutedInputs(fam.moe.n_experts(config), alternate=True, keep_all=False)
+            handles.append(layer.mlp.experts.register_forward_pre_hook(routed))
         inputs[i].copy_(x)
         run_layer(layer, inputs[i], pe, batch=1, out=x)  # one window per call: the Hessian halves alternate
         for h in handles:
             h.remove()
         if routed is not None:
-            for name, (H_fit, H_test) in expert_hessians(layer, prefix, fam, config, routed).items():
+            w = {n: t.detach() for n, t in fam.moe.unstack(dict(layer.named_parameters(prefix=prefix[:-1])), prefix,
+                                                            config).items()}
+            for name, (H_fit, H_test) in expert_hessians(layer, prefix, fam, config, routed, w).items():
                 if priced:
-                    w = fam.moe.unstack(dict(layer.named_parameters(prefix=prefix[:-1])), prefix, config)[name]
-                    ratios[name] = tensor_ratios(w.detach(), H_fit, H_test, cfg, formats, name, rows, g_rows)
+                    ratios[name] = tensor_ratios(w[name], H_fit, H_test, cfg, formats, name, rows, g_rows)
                 if keep_hessians:
                     hessians[name] = (H_fit + H_test) / 2
             del routed

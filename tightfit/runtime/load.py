@@ -54,11 +54,13 @@ def _rows(w: Weight, idx: torch.Tensor) -> Weight:
     return QuantizedWeight(w.fmt, codes, w.scales[idx], None if w.mins is None else w.mins[idx], w.g_idx)
 
 
-def _gguf_tensor_bytes(path: Path, t) -> np.ndarray:
-    """A tensor's raw bytes by a plain read (not the memory map, whose touched pages would stay resident)."""
+def _gguf_tensor_bytes(path: Path, t, part: int = 0, parts: int = 1) -> np.ndarray:
+    """A tensor's raw bytes (or its part-th of `parts` equal slices: one expert of a stacked 3-D tensor) by a plain
+    read, not the memory map, whose touched pages would stay resident."""
+    n = int(t.n_bytes) // parts
     with open(path, "rb") as f:
-        f.seek(int(t.data_offset))
-        return np.frombuffer(f.read(int(t.n_bytes)), dtype=np.uint8)
+        f.seek(int(t.data_offset) + part * n)
+        return np.frombuffer(f.read(n), dtype=np.uint8)
 
 
 def _gguf_source(path: Path):
@@ -81,11 +83,7 @@ def _gguf_source(path: Path):
         if t.tensor_type not in GGUF_CODES:
             return lazy.experts[name]()
         E, rows, cols = (int(x) for x in reversed(t.shape.tolist()))
-        per = int(t.n_bytes) // E
-        with open(path, "rb") as f:  # one expert's bytes by a plain read
-            f.seek(int(t.data_offset) + int(e) * per)
-            raw = np.frombuffer(f.read(per), dtype=np.uint8)
-        return gguf_quantized(t, raw, (rows, cols))
+        return gguf_quantized(t, _gguf_tensor_bytes(path, t, int(e), E), (rows, cols))
 
     def get(name: str) -> Weight:
         if moe is not None and name in lazy.experts:

@@ -368,10 +368,12 @@ class Engine:
         attend = self._rows_attention(positions, caches)
         h = self._embed(torch.tensor(tokens)[:, None])
         pos = torch.tensor(positions)
+        # each RoPE table's rows at the rows' positions, gathered once per step: [B, 1, 1, rot_dim]
+        rows = {k: (c[pos][:, None], sn[pos][:, None]) for k, (c, sn) in self.tables.items()}
         for i, L in enumerate(self.layers):
             if self.streamer is not None:
                 self.streamer.fetch(i)
-            cos, sin = (t[pos][:, None] for t in self.rope[i])  # [B, 1, 1, rot_dim]
+            cos, sin = rows[a.layer_types[i]]
             x = self.rms_norm(h, L.attn_norm)
             qkv = L.qkv(x).view(B, 1, H + 2 * KV, hd)
             qk = self._qk(L, qkv, cos, sin)

@@ -158,23 +158,20 @@ class Family:
     # ---- GGUF ----
     def to_gguf(self, name: str, w: torch.Tensor, config) -> torch.Tensor:
         """The transform a Hugging Face tensor goes through on its way into a GGUF file."""
-        from ..arch import permute_qk
-
-        if self.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            return permute_qk(w, heads)
-        if self.norm_offset and name.endswith("norm.weight"):
-            return w + self.norm_offset  # GGUF stores the full gain
-        return w
+        return self._gguf_transform(name, w, config, inverse=False)
 
     def from_gguf(self, name: str, w: torch.Tensor, config) -> torch.Tensor:
-        from ..arch import unpermute_qk
+        return self._gguf_transform(name, w, config, inverse=True)
+
+    def _gguf_transform(self, name: str, w: torch.Tensor, config, inverse: bool) -> torch.Tensor:
+        """llama.cpp's q/k row order (llama architecture) and full norm gains (Gemma), or their inverses."""
+        from ..arch import permute_qk, unpermute_qk
 
         if self.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            return unpermute_qk(w, heads)
+            return (unpermute_qk if inverse else permute_qk)(w, heads)
         if self.norm_offset and name.endswith("norm.weight"):
-            return w - self.norm_offset
+            return w - self.norm_offset if inverse else w + self.norm_offset  # GGUF stores the full gain
         return w
 
     def gguf_metadata(self, w, config) -> None:

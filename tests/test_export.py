@@ -79,6 +79,7 @@ def test_compressed_tensors_export_loads_in_transformers(tiny_models, tmp_path, 
     assert report["exact"] != g_idx  # act-order groups are re-quantized, with their added error reported
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["architectures"] == ["LlamaForCausalLM"]  # vLLM picks its model class by it
     ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     ids = torch.randint(5, 300, (1, 40), generator=torch.Generator().manual_seed(0))
     want = _logits(tightfit.load(tmp_path / "a").model, ids)  # the artifact's own weights, fp32

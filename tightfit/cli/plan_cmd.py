@@ -1,5 +1,5 @@
 """tightfit plan MODEL|CONFIG --hardware NAME|this [--devices N] [--context N] [--batch N] [--min-tok-s X]
-[--max-memory SIZE] [--json] [-o plan.json]"""
+[--max-memory SIZE] [--engine vllm|llama.cpp|tightfit] [--json] [-o plan.json]"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import Counter
 
 def add_arguments(p):
     p.add_argument("model", metavar="MODEL|CONFIG", help="a model (GGUF, folder, known name), a config.json, or a "
-                   "shipped config: llama-3.1-8b/70b/405b, qwen2.5-7b/72b, qwen3-235b-a22b, deepseek-v3, "
+                   "shipped config: llama-3.1-8b/70b/405b, qwen2.5-7b/72b, qwen3-8b/32b, qwen3-235b-a22b, deepseek-v3, "
                    "mixtral-8x7b, smollm2-135m")
     p.add_argument("--hardware", required=True, help="a device from `tightfit hardware`, or 'this'")
     p.add_argument("--devices", type=int, default=1, help="devices (tensor parallel), default 1")
@@ -18,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--min-tok-s", type=float, help="decode tokens/s the plan must reach")
     p.add_argument("--max-memory", metavar="SIZE", help="memory the plan may use (default: the devices')")
+    p.add_argument("--engine", choices=("vllm", "llama.cpp", "tightfit"),
+                   help="what runs the plan (default: vllm on GPUs/NPUs, tightfit on CPUs and Apple SoCs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan (for `tightfit quantize --plan`)")
 
@@ -36,7 +38,7 @@ def run(args) -> int:
     device = get_device(args.hardware)
     w = Workload(args.context, args.batch, args.devices)
     plan = solve(spec, device, w, min_tok_s=args.min_tok_s,
-                 max_memory=parse_size(args.max_memory) if args.max_memory else None)
+                 max_memory=parse_size(args.max_memory) if args.max_memory else None, engine=args.engine)
     plan.model = args.model
     plan.recipe = recipe(spec, device, plan)
     if args.output:
@@ -56,7 +58,8 @@ def run(args) -> int:
     print(f"  layers: {', '.join(f'{n} on {p}' for p, n in where.items())}; KV cache {plan.kv_format}"
           + ("; embedding rows read from disk" if plan.embedding_rows != "device" else ""))
     print(f"memory   weights {m['weights'] / 1e9:.2f} GB + KV {m['kv_cache'] / 1e9:.2f} GB + activations "
-          f"{m['activations'] / 1e9:.2f} GB = {m['total'] / 1e9:.2f} GB of {m['capacity'] / 1e9:.1f} GB"
+          f"{m['activations'] / 1e9:.2f} GB + {plan.engine} runtime {m['runtime'] / 1e9:.2f} GB = "
+          f"{m['total'] / 1e9:.2f} GB of {m['capacity'] / 1e9:.1f} GB"
           + (f"; {m['offloaded_weights'] / 1e9:.2f} GB off the device" if m["offloaded_weights"] else ""))
     print(f"predicted decode {pr['decode_tok_s']:.1f} tok/s, prefill {pr['prefill_tok_s']:.0f} tok/s, "
           f"KLD {pr['kld']:.4f} ({plan.sensitivity} sensitivities)")

@@ -186,6 +186,10 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         cfg = config.to_dict()
+        if not cfg.get("architectures"):  # a config rebuilt from a GGUF has none; vLLM picks its model class by it
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            cfg["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
         cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg["quantization_config"] = qconfig.model_dump(mode="json", exclude_none=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

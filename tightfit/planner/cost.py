@@ -111,7 +111,7 @@ def runtime_overhead_bytes(spec: ModelSpec, device: Device) -> float:
 def activation_bytes(spec: ModelSpec, w: Workload) -> float:
     """Prefill working set of one chunk: hidden states, q/k/v, the MLP's widest activation, one layer's attention
     scores, and the logits of the last position per sequence (fp32)."""
-    widest = max(i.shape[0] * (1 if not i.experts else i.active) for i in spec.items if i.layer is not None)
+    widest = spec.widest
     t = min(ACT_CHUNK, w.context) * w.batch
     return 4 * (t * (4 * spec.dim + 2 * widest) + w.batch * spec.n_heads * min(ACT_CHUNK, w.context) * w.context / max(1, w.devices)
                 + w.batch * spec.vocab)

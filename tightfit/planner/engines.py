@@ -132,7 +132,7 @@ def vllm_non_torch_bytes(device: Device, tp: int) -> float:
 
 
 def vllm_activation_bytes(spec, batched_tokens: int = 8192, max_seqs: int = VLLM_MAX_SEQS) -> float:
-    widest = max(i.shape[0] * (1 if not i.experts else i.active) for i in spec.items if i.layer is not None)
+    widest = spec.widest
     # the fused gate/up output (2 x ffn) and its activated product (ffn), the hidden states; fp32 logits twice
     return batched_tokens * (3 * widest + 4 * spec.dim) * 2 + max_seqs * spec.vocab * 4 * 2
 
@@ -200,7 +200,7 @@ LLAMA_UBATCH = 512
 
 
 def llama_compute_bytes(spec, context: int) -> float:
-    widest = max(i.shape[0] for i in spec.items if i.layer is not None)
+    widest = spec.widest
     return LLAMA_UBATCH * (spec.vocab + 2 * widest + 4 * spec.dim) * 4 + LLAMA_UBATCH * min(context, 4096) * 4 * 4
 
 

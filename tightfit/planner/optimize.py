@@ -44,6 +44,7 @@ from .spec import ModelSpec
 RESERVE = 0.05  # of device memory kept free for the engine's own allocations
 FUSED = (("q", "k", "v"), ("gate", "up"), ("expert_gate", "expert_up"))
 GB_UNIT = 1e-9  # memory rows of the MILP are in GB
+HOST_PER_DEVICE = 2
 SECONDS_KLD = 10.0  # with no speed target but offloading forced: 0.1 s per token is worth 1 nat of KLD
 
 
@@ -163,7 +164,8 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         act = held["activations"] + held["runtime"]
         if eng.name != "vllm":  # vLLM's headroom is in its reserve; others keep the planner's margin
             cap *= 1 - RESERVE
-    host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else 4 * device.memory)
+    # host RAM beside GPUs, where the device states none: twice the devices' memory (a modelling assumption)
+    host_cap = device.host_memory or (0 if device.kind in ("cpu", "soc") else HOST_PER_DEVICE * device.memory * w.devices)
     most = sum(max((item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape)), default=0)
                for it in items)
     cached = served_from_page_cache(device, most, max_memory)
@@ -377,7 +379,7 @@ def _infeasible(spec, device, w, min_tok_s, max_memory, cap, act, losses, format
         n = w.devices
         every = sum(min(item_bytes(it, f, device, spec.tied) for f in formats if fits(f, it.shape))
                     for it in spec.items)
-        host = device.host_memory or 4 * device.memory
+        host = device.host_memory or HOST_PER_DEVICE * device.memory * n
         return PlanError(
             f"{spec.name} cannot start in vLLM on {device.name} x{n} at context {w.context}, batch {w.batch}: "
             f"even at its most frugal (--gpu-memory-utilization {VLLM_MAX_UTILIZATION:.2f}"

@@ -65,6 +65,13 @@ class ModelSpec:
     def active_params(self) -> float:
         return sum(i.params * (i.active / i.count if i.experts else 1.0) for i in self.items) + self.norm_params
 
+    @property
+    def widest(self) -> float:
+        """The widest activation a layer writes per token: a projection's output (routed experts: those a token
+        goes to), not the row-parallel outputs (o, down), which are the hidden size."""
+        return max(i.shape[0] * (1 if not i.experts else i.active) for i in self.items
+                   if i.layer is not None and i.role not in ("o", "down", "expert_down", "router"))
+
     def layer_items(self, layer: int) -> list[Item]:
         return [i for i in self.items if i.layer == layer]
 

@@ -1,4 +1,5 @@
-"""Load test of `tightfit serve` (and, with --peer, llama.cpp's llama-server on the same GGUF file): for each
+"""Load test of `tightfit serve` (and, with --peer, llama.cpp's llama-server on the same GGUF file, and vLLM's CPU
+build on the same weights in bf16, since it runs no GGUF on CPUs): for each
 number of concurrent clients, R requests per client on loopback, half of them streaming.
 
 Prompts are 50-500 tokens of the evaluation text (token IDs sent as the prompt, so lengths are exact), 64-128
@@ -6,13 +7,14 @@ new tokens each (ignore_eos). Per client count and server: errors, latency p50/p
 inter-token latency p50/p99 (streams), aggregate generated tokens/s. Servers alternate per client count, so
 both see the same machine state. Writes bench/results/load_test.json.
 
-    python bench/load_test.py --clients 1,4,16,32 --requests 4 --parallel 4 [--peer llama-server]
+    python bench/load_test.py --clients 1,4,16,32 --requests 4 --parallel 4 [--peer llama-server,vllm]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import statistics
@@ -85,17 +87,34 @@ def wait_healthy(base: str, proc) -> None:
     raise SystemExit("the server did not become healthy")
 
 
+def hf_folder(gguf: str) -> str:
+    """The GGUF's weights as a bf16 Hugging Face folder (vLLM's CPU build runs no GGUF), made once in the cache."""
+    cache = Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "load-test-hf"
+    if not (cache / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "tightfit.cli", "convert", gguf, "--dtype", "bfloat16", "-o", str(cache),
+                        "--force"], check=True, capture_output=True)
+    return str(cache)
+
+
 def start_server(kind: str, gguf: str, parallel: int, ctx: int):
     port = free_port()
+    env = None
     if kind == "tightfit":
         cmd = [sys.executable, "-m", "tightfit.cli", "serve", gguf, "--name", "m", "--port", str(port),
                "--ctx", str(ctx), "--max-tokens-limit", "256", "--max-queue", "512", "--parallel", str(parallel)]
+    elif kind == "vllm":  # vLLM's CPU build in its own venv (bench/make_vllm_venv.sh), on the same weights in bf16
+        py = subprocess.run(["bash", str(HERE / "make_vllm_venv.sh")], check=True, capture_output=True,
+                            text=True).stdout.strip().splitlines()[-1]
+        cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_folder(gguf), "--served-model-name", "m",
+               "--port", str(port), "--max-num-seqs", str(parallel), "--max-model-len", str(ctx),
+               "--dtype", "bfloat16"]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     else:  # llama.cpp's server, built from the llama-cpp-python sdist (bench/build_llama_tools.sh)
         bin_dir = subprocess.run(["bash", str(HERE / "build_llama_tools.sh")], check=True, capture_output=True,
                                  text=True).stdout.strip().splitlines()[-1]
         cmd = [f"{bin_dir}/llama-server", "-m", gguf, "--port", str(port), "--parallel", str(parallel),
                "-c", str(ctx * parallel), "-t", "2", "--cont-batching", "--alias", "m", "--log-disable"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, proc)
     return proc, base
@@ -140,15 +159,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--parallel", type=int, default=4, help="slots of both servers")
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot")
-    ap.add_argument("--peer", choices=["none", "llama-server"], default="none")
+    ap.add_argument("--peer", default="none", help="comma-separated peers: llama-server, vllm")
     ap.add_argument("--tightfit-parallel", default=None, help="also run tightfit with these other --parallel values")
     ap.add_argument("--out", default=str(HERE / "results" / "load_test.json"))
     args = ap.parse_args()
     gguf = str(resolve_source("smollm2-135m")[0])
     ids = lazy_gguf(Path(gguf)).tokenizer(read_part(EVALUATION))["input_ids"]
     servers = [("tightfit", args.parallel)] + [("tightfit", int(p)) for p in (args.tightfit_parallel or "").split(",") if p]
-    if args.peer != "none":
-        servers.append((args.peer, args.parallel))
+    servers += [(p, args.parallel) for p in args.peer.split(",") if p != "none"]
     rows = []
     for i, clients in enumerate(int(c) for c in args.clients.split(",")):
         order = servers if i % 2 == 0 else servers[::-1]

@@ -152,3 +152,10 @@ def test_the_8b_plan_is_no_longer_called_ruined():
     plan = solve(load_spec("llama-3.1-8b"), get_device("rtx-4090"), Workload(2048), formats=FAST)
     assert plan.predicted["kld"] < 0.08
     assert math.isfinite(plan.predicted["decode_tok_s"])
+
+
+def test_a_memory_budget_becomes_the_utilization_vllm_will_get():
+    spec, dev = load_spec("llama-3.1-8b"), get_device("rtx-4090")
+    plan = solve(spec, dev, Workload(2048), max_memory=6.1e9, formats=FAST)
+    assert "--gpu-memory-utilization 0.25" in " ".join(recipe(spec, dev, plan))
+    _check_vllm_start(spec, dev, plan)  # planned within the whole percent vLLM takes, not the 6.1 GB asked

@@ -156,6 +156,9 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     places = places or placements(device, eng.name)
     items = spec.items
     cap = max_memory if max_memory is not None else device.memory * w.devices
+    if eng.name == "vllm" and max_memory is not None:
+        # vLLM takes the budget as a whole-percent --gpu-memory-utilization: plan within the one it will get
+        cap = math.floor(100 * max_memory / (device.memory * w.devices)) / 100 * device.memory * w.devices
     held = reserve_bytes(spec, device, eng, w.devices, w.context, max_memory)
     if held is None:  # tightfit's runtime: its activations and own memory, and a margin
         cap *= 1 - RESERVE

@@ -55,6 +55,30 @@ def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
         assert float((lin(x) - ref).norm() / ref.norm()) < 0.015
 
 
+@pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")
+def test_many_rows_of_a_4_bit_product_run_as_a_bf16_gemm_where_the_cpu_has_amx(monkeypatch):
+    from tightfit.runtime.linear import AMX_MIN_ROWS, amx
+
+    if not amx():
+        pytest.skip("no AMX tiles here: prefill keeps the int8 kernel")
+    qw = rtn(torch.randn(160, 256) * 0.05, WeightFormat.parse("asym4-g32"))
+    lin = from_quantized(qw)
+    x = torch.randn(AMX_MIN_ROWS * 2, 256)
+    ref = x @ qw.dequantize().T
+    y = lin(x)  # the codes dequantized to bf16 in C, one GEMM on the AMX tiles
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = float((y - ref).norm() / ref.norm())
+    assert err < 0.008  # bf16 weights and activations: below the int8-activation kernel's ~0.5%
+    monkeypatch.setenv("TIGHTFIT_PREFILL", "vnni")
+    amx.cache_clear()
+    try:
+        vnni = lin(x)
+    finally:
+        monkeypatch.delenv("TIGHTFIT_PREFILL")
+        amx.cache_clear()
+    assert float((vnni - ref).norm() / ref.norm()) < 0.015 and float((vnni - y).norm() / ref.norm()) < 0.02
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_runs_on_torchs_int4_op_with_its_added_error(fmt):
     f = WeightFormat.parse(fmt)

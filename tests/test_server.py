@@ -214,8 +214,12 @@ def test_tool_call_round_trip_and_named_choice(client):
     call = c.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_time" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), CLOCK["function"]["parameters"])
+    # "required" with parallel_tool_calls false: exactly one call (a random model otherwise lists calls until
+    # max_tokens)
     req = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
-                                         tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=200, temperature=0)
+                                         tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=200, temperature=0,
+                                         parallel_tool_calls=False)
+    assert req.choices[0].finish_reason == "tool_calls" and len(req.choices[0].message.tool_calls) == 1
     for call in req.choices[0].message.tool_calls:
         spec = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
         jsonschema.validate(json.loads(call.function.arguments), spec["function"]["parameters"])

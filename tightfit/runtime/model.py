@@ -344,8 +344,10 @@ class Engine:
                 if w not in masks:
                     masks[w] = _mask(T, pos, w)
                 mask = masks[w]
-                # fp32 attention, as llama.cpp computes it over its 16-bit cache (bf16 softmax inputs cost accuracy)
-                att = F.scaled_dot_product_attention(q.float(), kt.transpose(-1, -2).float(), v.float(),
+                # fp32 attention, as llama.cpp computes it over its 16-bit cache (bf16 softmax inputs cost accuracy);
+                # keys made contiguous: the cache holds them transposed, and strided keys cost 3x in SDPA here
+                keys = kt.transpose(-1, -2).to(torch.float32, memory_format=torch.contiguous_format)
+                att = F.scaled_dot_product_attention(q.float(), keys, v.float(),
                                                      attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H,
                                                      scale=self.scale)
                 att = att.transpose(1, 2).reshape(B, T, H * hd)

@@ -83,7 +83,7 @@ class Server:
             return None
         try:
             structured.check_tools(req.tools)
-            tool = structured.tool_schema(req.tools, req.tool_choice)
+            tool = structured.tool_schema(req.tools, req.tool_choice, req.parallel_tool_calls)
             fmt = structured.response_schema(req.response_format)
             if tool and fmt:
                 raise structured.GrammarError("response_format and a required or named tool_choice both constrain "

@@ -102,8 +102,9 @@ def check_tools(tools) -> None:
                                f"tools[{i}].function.parameters")
 
 
-def tool_schema(tools, choice) -> tuple[dict, str] | None:
-    """The schema a constrained tool call follows, or None where the model answers freely."""
+def tool_schema(tools, choice, parallel: bool = True) -> tuple[dict, str] | None:
+    """The schema a constrained tool call follows, or None where the model answers freely. A named choice, or
+    `parallel_tool_calls: false`, allows exactly one call."""
     if not tools or choice in (None, "auto", "none"):
         return None
     fns = [t.function for t in tools]
@@ -116,7 +117,7 @@ def tool_schema(tools, choice) -> tuple[dict, str] | None:
              "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
     items = call[0] if len(call) == 1 else {"anyOf": call}
     schema = {"type": "array", "items": items, "minItems": 1}
-    if not isinstance(choice, str):
+    if not isinstance(choice, str) or not parallel:
         schema["maxItems"] = 1
     return schema, "tools"
 

@@ -89,6 +89,8 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
     lib.linear.restype = None
+    lib.dequant4_bf16.argtypes = [p, p, p, i, i, p, i]
+    lib.dequant4_bf16.restype = None
     lib.decode_layer.argtypes = [p, p, p, p, i, p, p, p, p, i, i, i]
     lib.decode_layer.restype = None
     lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, i, p, i]

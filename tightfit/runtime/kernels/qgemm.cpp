@@ -186,6 +186,31 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
     }
 }
 
+// 4-bit weights back to bf16 (round to nearest even), for prefill's large-M products, which run faster as a bf16
+// GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m.
+void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, uint16_t* out,
+                   int threads) {
+    const int nb = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t* w = W + (size_t)n * (K / 2);
+        uint16_t* o = out + (size_t)n * K;
+        for (int b = 0; b < nb; b++) {
+            const float d = _cvtsh_ss(D[(size_t)n * nb + b]), m = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+            const uint8_t* p = w + b * 16;
+            uint16_t* q = o + b * 32;
+            for (int j = 0; j < 16; j++) {
+                float lo = (float)(p[j] & 15) * d + m, hi = (float)(p[j] >> 4) * d + m;
+                uint32_t a, c;
+                memcpy(&a, &lo, 4);
+                memcpy(&c, &hi, 4);
+                q[j] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+                q[16 + j] = (uint16_t)((c + 0x7FFFu + ((c >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+}
+
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
             float* Y, int threads) {

@@ -79,7 +79,13 @@ class RuntimeLinear:
             w = torch.empty(n, k, dtype=torch.bfloat16)
             library().dequant4_bf16(self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, k, w.data_ptr(),
                                     torch.get_num_threads())
-            y = F.linear(x2.to(torch.bfloat16), w).float().view(*shape[:-1], n)
+            # rows padded to a multiple of 64: oneDNN keeps a primitive per distinct shape, and a server seeing
+            # every prompt length grew by ~50 MB per 64 requests until its cache filled (bench/stress.py)
+            xb = x2.to(torch.bfloat16)
+            pad = -m % AMX_MIN_ROWS
+            if pad:
+                xb = F.pad(xb, (0, 0, 0, pad))
+            y = F.linear(xb, w)[:m].float().view(*shape[:-1], n)
             return y if self.bias is None else y + self.bias
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()

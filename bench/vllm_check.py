@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # bench/load_test.py's helpers
 OUT = HERE / "results" / "vllm_check.json"
 MODEL = "smollm2-135m"
 PROMPTS = ["The state of the union is", "def fibonacci(n):", "List three uses of copper:",
@@ -99,17 +99,16 @@ def build(case: str, tmp: Path) -> tuple[Path, dict]:
 def tightfit_side(art: Path, prompts: list[list[int]], windows, first: int) -> dict:
     import torch
 
+    from tightfit.eval.perplexity import window_logprobs
     from tightfit.runtime import generate, load_runtime
 
     lm = load_runtime(art)
     greedy = [[s.token for s in generate(lm.model, lm.tokenizer, p, 32, ignore_eos=True)] for p in prompts]
     nll = []
     with torch.no_grad():
-        for w in windows:
-            logits = lm.model(torch.tensor([w])).logits[0].float()
-            lp = torch.log_softmax(logits, -1)
-            for i in range(first + 1, len(w)):
-                nll.append(-float(lp[i - 1, w[i]]))
+        for w in windows:  # the positions `tightfit eval` scores: first+1 .. ctx-1, each predicted from the last
+            t = torch.tensor(w)
+            nll += (-window_logprobs(lm.model, t, first).gather(1, t[first + 1:, None])[:, 0]).tolist()
     return {"greedy": greedy, "nll": nll}
 
 
@@ -136,11 +135,10 @@ def vllm_side(py: str, ct: str, prompts, windows, first: int, env: dict, ours: d
 
 
 def serve_check(py: str, ct: str) -> dict:
+    from load_test import free_port
     from openai import OpenAI
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen([py, "-m", "vllm.entrypoints.openai.api_server", "--model", ct, "--port", str(port),
                              "--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager"],

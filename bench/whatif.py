@@ -155,9 +155,10 @@ def quality_terms(types: dict, row) -> tuple[float, list[tuple[float, float]], f
 
 
 def predict_quality(consts, params, terms, engine) -> float:
-    plateau, knee, alpha, floor = consts
-    scale = plateau * (1 + (knee / params) ** alpha)
-    return (floor if engine == "llama.cpp" else 0.0) + scale * sum(s * r for s, r in terms)
+    from tightfit.planner.prior import size_scale
+
+    *curve, floor = consts
+    return (floor if engine == "llama.cpp" else 0.0) + size_scale(params, *curve) * sum(s * r for s, r in terms)
 
 
 def fit_quality(rows) -> tuple[float, ...]:

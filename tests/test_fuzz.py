@@ -113,6 +113,14 @@ SCALAR = st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allo
 JSON = SCALAR | st.lists(SCALAR, max_size=3) | st.dictionaries(st.text(max_size=6), SCALAR, max_size=3)
 
 
+def fresh_copy(src: Path, dst: Path) -> Path:
+    """`src` copied to `dst` anew (hypothesis reruns a test in one tmp_path: the last example's damage goes)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
 def mutate_json(obj, data, depth=0):
     """obj with one value somewhere replaced by arbitrary JSON (or a key dropped)."""
     if isinstance(obj, dict) and obj and depth < 4 and data.draw(st.booleans()):
@@ -132,10 +140,7 @@ def test_damaged_manifests_give_a_result_or_a_typed_error(artifact, tmp_path, da
     import tightfit
     from tightfit.runtime import load_runtime
 
-    bad = tmp_path / "art"
-    if bad.exists():
-        shutil.rmtree(bad)
-    shutil.copytree(artifact, bad)
+    bad = fresh_copy(artifact, tmp_path / "art")
     manifest = json.loads((artifact / "manifest.json").read_text())
     text = json.dumps(mutate_json(manifest, data)) if data.draw(st.integers(0, 9)) else data.draw(st.text(max_size=40))
     (bad / "manifest.json").write_text(text)
@@ -267,10 +272,7 @@ def read_hf_fully(folder: Path) -> None:
 @given(data=st.data())
 def test_damaged_hugging_face_folders_give_a_result_or_a_typed_error(tiny_models, tmp_path, data):
     """A safetensors file cut short or with header bytes changed, or a config.json with a field changed."""
-    folder = tmp_path / "m"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(tiny_models["qwen2"], folder)
+    folder = fresh_copy(tiny_models["qwen2"], tmp_path / "m")
     weights = folder / "model.safetensors"
     what = data.draw(st.sampled_from(["truncate", "header-bytes", "header-length", "config"]))
     blob = bytearray(weights.read_bytes())

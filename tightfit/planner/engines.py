@@ -151,12 +151,7 @@ class VllmFit:
     graph: float
     utilization: float  # the --gpu-memory-utilization needed
     eager: bool  # --enforce-eager (no graph pool) needed
-    fits: bool
     batched_tokens: int = 8192
-
-    @property
-    def budget_need(self) -> float:
-        return self.weights + self.kv + self.activation + self.non_torch
 
     def flags(self) -> list[str]:
         out = [f"--max-num-batched-tokens {self.batched_tokens}"]
@@ -176,20 +171,9 @@ def vllm_fit(spec, device: Device, tp: int, weights: float, kv: float) -> VllmFi
     act, nt = vllm_activation_bytes(spec, batched_tokens), vllm_non_torch_bytes(device, tp)
     need = w + k + act + nt
     util = max(VLLM_UTILIZATION, math.ceil(100 * need / device.memory) / 100)
-    eager = False
-    if util > VLLM_MAX_UTILIZATION or (1 - util) * device.memory < VLLM_GRAPH_BYTES:
-        # the graph pool does not fit beside the budget: run eagerly and give the budget up to the maximum
-        eager = (1 - util) * device.memory < VLLM_GRAPH_BYTES
-    fits = util <= VLLM_MAX_UTILIZATION + 1e-9
-    return VllmFit(w, k, act, nt, 0.0 if eager else VLLM_GRAPH_BYTES, min(util, VLLM_MAX_UTILIZATION) if fits else util,
-                   eager, fits, batched_tokens)
-
-
-def vllm_usable_bytes(spec, device: Device, tp: int) -> float:
-    """Bytes of weights + KV cache per device that vLLM's most frugal start (utilization at its maximum, eager)
-    leaves: what the planner may fill."""
-    return VLLM_MAX_UTILIZATION * device.memory - vllm_activation_bytes(spec, vllm_batched_tokens(device)) - \
-        vllm_non_torch_bytes(device, tp)
+    # the graph pool does not fit beside the budget: run eagerly
+    eager = (1 - util) * device.memory < VLLM_GRAPH_BYTES
+    return VllmFit(w, k, act, nt, 0.0 if eager else VLLM_GRAPH_BYTES, util, eager, batched_tokens)
 
 
 # llama.cpp: per device a backend context (~0.3 GiB for CUDA; a figure commonly seen in nvidia-smi beside a

@@ -145,8 +145,7 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
         device = replace(device, efficiency={**device.efficiency, "split": "layer"})
     formats = formats or eng.formats or FORMATS[device.kind]
     if kv_choices is None:
-        allowed = KV_CHOICES_BY_KIND.get(device.kind, KV_CHOICES) if eng.name == "tightfit" else eng.kv_formats
-        kv_choices = allowed
+        kv_choices = KV_CHOICES_BY_KIND.get(device.kind, KV_CHOICES) if eng.name == "tightfit" else eng.kv_formats
     if places is None and min_tok_s is None and objective == "quality":
         try:
             return solve(spec, device, w, max_memory=max_memory, losses=losses, formats=formats,
@@ -156,9 +155,11 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
     places = places or placements(device, eng.name)
     items = spec.items
     cap = max_memory if max_memory is not None else device.memory * w.devices
+    budget_util = None
     if eng.name == "vllm" and max_memory is not None:
         # vLLM takes the budget as a whole-percent --gpu-memory-utilization: plan within the one it will get
-        cap = math.floor(100 * max_memory / (device.memory * w.devices)) / 100 * device.memory * w.devices
+        budget_util = math.floor(100 * max_memory / (device.memory * w.devices)) / 100
+        cap = budget_util * device.memory * w.devices
     held = reserve_bytes(spec, device, eng, w.devices, w.context, max_memory)
     if held is None:  # tightfit's runtime: its activations and own memory, and a margin
         cap *= 1 - RESERVE
@@ -352,8 +353,8 @@ def solve(spec: ModelSpec, device: Device, w: Workload, *, min_tok_s: float | No
                    "streamed_from": ("page cache" if cached else "disk") if offloaded else None}
     if eng.name == "vllm":
         start = vllm_fit(spec, device, w.devices, weights + arena_bytes, kvb)
-        if max_memory is not None:  # the budget the user gave is the utilization
-            start = replace(start, utilization=math.floor(100 * max_memory / (device.memory * w.devices)) / 100)
+        if budget_util is not None:  # the budget the user gave is the utilization
+            start = replace(start, utilization=budget_util)
         constraints["engine_flags"] = start.flags()
         constraints["per_device"] = {"weights": start.weights, "kv_cache": start.kv, "activations": start.activation,
                                      "non_torch": start.non_torch, "graph_pool": start.graph,

@@ -56,18 +56,10 @@ def format_rel_mse(fmt: str) -> float:
     return rtn(reference_matrix(), WeightFormat.parse(fmt)).error["weight_rel_mse"]
 
 
-def size_scale(params: float) -> float:
-    """Nats of KLD per unit of parameter-weighted relative MSE for a model of `params` parameters."""
-    return PLATEAU * (1.0 + (KNEE / max(params, 1.0)) ** ALPHA)
-
-
-def weighted_rel_mse(shares_and_mse) -> float:
-    return float(sum(s * r for s, r in shares_and_mse))
-
-
-def predict_kld(params: float, shares_and_mse, engine: str | None = None) -> float:
-    """KLD of a model of `params` parameters whose tensors (share of parameters, relative MSE) are given."""
-    return ENGINE_FLOOR.get(engine or "", 0.0) + size_scale(params) * weighted_rel_mse(shares_and_mse)
+def size_scale(params: float, plateau: float = PLATEAU, knee: float = KNEE, alpha: float = ALPHA) -> float:
+    """Nats of KLD per unit of parameter-weighted relative MSE for a model of `params` parameters (other constants:
+    bench/whatif.py's fit)."""
+    return plateau * (1.0 + (knee / max(params, 1.0)) ** alpha)
 
 
 def prior_loss(spec, item, fmt: str) -> float:

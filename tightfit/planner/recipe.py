@@ -25,11 +25,11 @@ def tp_problems(spec: ModelSpec, n: int, group_size: int = 128) -> list[str]:
 
 def recipe(spec: ModelSpec, device: Device, plan) -> list[str]:
     """The commands that realize `plan`, with the flags that make it start (memory, context, KV format)."""
-    from .engines import KV_FLAGS
+    from .engines import DEFAULT, KV_FLAGS
 
     n = plan.devices
     off = [p for p in plan.placement.values() if p != "device"]
-    engine = plan.engine or ("vllm" if device.kind in ("gpu", "npu") else "tightfit")
+    engine = plan.engine or DEFAULT[device.kind]
     kv = KV_FLAGS.get(engine, {}).get(plan.kv_format, "")
     lines = []
     if engine == "vllm":

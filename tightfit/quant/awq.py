@@ -16,6 +16,7 @@ from .core import (
     diagonal_blocks,
     grouped,
     minmax_params,
+    output_error,
     pack_result,
     quantize_codes,
     searched_params,
@@ -29,10 +30,6 @@ def fake_quant(w: torch.Tensor, fmt, clip=1.0) -> torch.Tensor:
     wg = grouped(w, fmt)
     scale, mn = minmax_params(wg, fmt, clip)
     return dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn).reshape(w.shape)
-
-
-def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
-    return float(((d @ H) * d).sum())
 
 
 def sample_rows(w: torch.Tensor, in_features: int, g: torch.Generator, flops: float = 1e10):
@@ -65,13 +62,14 @@ class SourceTerm:
         self.fmt = fmt
         idx, self.k = sample_rows(w, H.shape[0], g)
         self.rows = slice(None) if idx is None else idx
-        self.w, self.weight, self.H = w.float()[self.rows], weight[self.rows], H
+        self.w, self.weight, self.H = w.float()[self.rows], weight[self.rows], H.bfloat16()
 
     def error(self, s: torch.Tensor, H: torch.Tensor | None = None) -> float:
+        """H (bf16; default the fitted windows'): the Hessian to price the source's error with."""
         sc = s[self.rows][:, None]
         ws = self.w / sc
         d = (ws - fake_quant(ws, self.fmt)) * sc  # the source's output error in the original coordinates
-        per_channel = ((d @ (self.H if H is None else H)) * d).sum(1)
+        per_channel = ((d.bfloat16() @ (self.H if H is None else H)) * d).sum(1)  # bf16 as core.output_error
         return self.k * float((self.weight * per_channel).sum())
 
 
@@ -83,6 +81,9 @@ def search_scale(ws: list[torch.Tensor], fmts, H: torch.Tensor, act: torch.Tenso
     With H_hold (inputs the search did not fit) the found scale must also beat s=1 there, else s=1 is returned.
     source: the pair's source linear, whose error the scale also changes. -> (s, fell back to s=1)."""
     g = torch.Generator().manual_seed(seed)
+    H = H.bfloat16()  # the error products' operand (core.output_error), converted once
+    H_hold = None if H_hold is None else H_hold.bfloat16()
+    source_hold = None if source_hold is None else source_hold.bfloat16()
     sampled = []
     for w in ws:
         idx, k = sample_rows(w, H.shape[0], g)
@@ -93,13 +94,19 @@ def search_scale(ws: list[torch.Tensor], fmts, H: torch.Tensor, act: torch.Tenso
         err = sum(k * output_error(w - fake_quant(w * cols, f) / cols, H) for (w, k), f in zip(sampled, fmts))
         return err + (source.error(s, H_src) if source is not None else 0.0)
 
-    best, best_s = float("inf"), None
-    for alpha in ALPHAS:
+    def scale(alpha):
         s = act.clamp_min(1e-5).pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        err = error(s, H)
-        if err < best:
-            best, best_s = err, s
+        return s / (s.max() * s.min()).sqrt()
+
+    # AWQ's grid of 21 alphas, searched coarse to fine: every other point, then the two beside the best of
+    # those (13 evaluations, the same answer wherever the error is unimodal over the grid)
+    tried = {k: error(scale(ALPHAS[k]), H) for k in range(0, len(ALPHAS), 2)}
+    k0 = min(tried, key=lambda k: (tried[k], k))
+    for k in (k0 - 1, k0 + 1):
+        if 0 <= k < len(ALPHAS):
+            tried[k] = error(scale(ALPHAS[k]), H)
+    k_best = min(tried, key=lambda k: (tried[k], k))
+    best_s = scale(ALPHAS[k_best])
     ones = torch.ones_like(act)
     if H_hold is not None and not torch.equal(best_s, ones) and \
             error(best_s, H_hold, source_hold) > error(ones, H_hold, source_hold):
@@ -163,7 +170,7 @@ def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for,
     return found, fell_back
 
 
-def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None) -> QuantizedWeight:
+def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None, report: bool = True) -> QuantizedWeight:
     """Round to nearest with each (row, group) clipped to the range ratio that least hurts the output."""
     w = w.float()
     fmt.check_shape(tuple(w.shape))
@@ -172,4 +179,4 @@ def awq_clip(w: torch.Tensor, fmt, H: torch.Tensor | None) -> QuantizedWeight:
         scale, mn = minmax_params(wg, fmt)
     else:
         scale, mn = searched_params(wg, fmt, diagonal_blocks(H.float(), wg.shape[2]))
-    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H)
+    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H, report)

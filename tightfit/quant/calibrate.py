@@ -16,7 +16,7 @@ from ..models.layered import check_layered, drop_layer, embed, load_layer, rotar
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
-from .core import QuantizedWeight, rtn
+from .core import QuantizedWeight, output_error, rtn
 from .equivalence import check_rescalable
 from .gptq import gptq
 from .hqq import hqq
@@ -40,16 +40,18 @@ class QuantizedModel:
     extra: dict
 
 
-def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str) -> QuantizedWeight:
+def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str,
+                 report: bool = True) -> QuantizedWeight:
+    """report: the result measures its own error (through H); False where the caller measures it."""
     fmt.check_shape(tuple(w.shape), name)
     if cfg.method in GPTQ_METHODS and H is not None:
         return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
-                    clip_search=cfg.clip_search)
+                    clip_search=cfg.clip_search, report=report)
     if cfg.method == "awq":
-        return awq_clip(w, fmt, H)
+        return awq_clip(w, fmt, H, report=report)
     if cfg.method == "hqq":
-        return hqq(w, fmt, H)
-    return rtn(w, fmt, H)
+        return hqq(w, fmt, H, report=report)
+    return rtn(w, fmt, H, report=report)
 
 
 def tied_hessian(H_head: torch.Tensor) -> torch.Tensor:
@@ -69,16 +71,14 @@ class HessianHook:
         self.part = 0
 
     def __call__(self, module, args):
+        # fp32 products: bf16 GEMMs (3x faster here) round each call's sum to bf16, and on a 1.5B Qwen2's
+        # layer 1 (massive activations) that made its Hessians indefinite: Cholesky needed 10-100x the damping
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         self.H[self.part].addmm_(x.T, x)
         self.tokens[self.part] += x.shape[0]
 
     def result(self, part: int = 0) -> torch.Tensor | None:
         return self.H[part] / self.tokens[part] if self.tokens[part] else None
-
-
-def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
-    return float(((d @ H) * d).double().sum())
 
 
 # weights per quantizer call: a tensor with more (a 151936 x 1536 embedding, a 7B down_proj) is quantized in row
@@ -93,13 +93,14 @@ class _Parts:
         self.parts: list[QuantizedWeight] = []
         self.sums = torch.zeros(5, dtype=torch.float64)  # |d|^2, |w|^2, d H d, w H w, d H_hold d
 
-    def add(self, w: torch.Tensor, qw: QuantizedWeight, H, H_hold) -> None:
+    def add(self, w: torch.Tensor, qw: QuantizedWeight, H, H_hold, w_err: float = 0.0) -> None:
+        """w_err: output_error(w, H), the same for every candidate of this block."""
         d = w - qw.dequantize()
-        self.sums[0] += float((d * d).double().sum())
-        self.sums[1] += float((w * w).double().sum())
+        self.sums[0] += float((d * d).sum(dtype=torch.float64))
+        self.sums[1] += float((w * w).sum(dtype=torch.float64))
         if H is not None:
             self.sums[2] += output_error(d, H)
-            self.sums[3] += output_error(w, H)
+            self.sums[3] += w_err
         if H_hold is not None:
             self.sums[4] += output_error(d, H_hold)
         self.parts.append(qw.compact())
@@ -130,11 +131,14 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
     check = H_hold is not None and cfg.method != "rtn"
     method, plain = _Parts(), _Parts()
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    Hb = None if H is None else H.bfloat16()  # the error products' operand, converted once
+    Hb_hold = None if H_hold is None else H_hold.bfloat16()
     for i in range(0, w.shape[0], rows):
         wc = w[i : i + rows].float()
-        method.add(wc, quantize_one(wc, fmt, cfg, H, name), H, H_hold)
+        w_err = 0.0 if H is None else output_error(wc, Hb)
+        method.add(wc, quantize_one(wc, fmt, cfg, H, name, report=False), Hb, Hb_hold, w_err)
         if check:
-            plain.add(wc, rtn(wc, fmt), H, H_hold)
+            plain.add(wc, rtn(wc, fmt, report=False), Hb, Hb_hold, w_err)
     qw = method.result(w.shape[1], H is not None)
     if not check:
         return qw, False

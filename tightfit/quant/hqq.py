@@ -18,7 +18,7 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 def hqq(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None, *, p: float = 0.7, beta: float = 10.0,
-        kappa: float = 1.01, iters: int = 20):
+        kappa: float = 1.01, iters: int = 20, report: bool = True):
     w = w.float()
     fmt.check_shape(tuple(w.shape))
     wg = grouped(w, fmt)
@@ -46,4 +46,4 @@ def hqq(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None, *, p:
     s, m = best
     scale = s.to(fmt.scale_torch_dtype)
     mn = None if m is None else m.to(fmt.scale_torch_dtype)
-    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H)
+    return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H, report)

@@ -1,8 +1,11 @@
-"""tightfit's own CPU kernel: low-bit weights x int8 activations with AVX-512 VNNI (qgemm.cpp).
+"""tightfit's own CPU kernels, compiled on first use with the machine's C++ compiler (about a second) into
+~/.cache/tightfit/kernels and loaded with ctypes.
 
-Compiled on first use with the machine's C++ compiler (about a second) into ~/.cache/tightfit/kernels and
-loaded with ctypes; where there is no compiler or the CPU lacks AVX-512 VNNI, `library()` returns None and the
-runtime uses torch's int4 kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
+- `library()` (qgemm.cpp): low-bit weights x int8 activations with AVX-512 VNNI, the runtime's decode step.
+  Where there is no compiler or the CPU lacks AVX-512 VNNI it returns None and the runtime uses torch's int4
+  kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
+- `quant_library()` (quant.cpp): GPTQ's column loop and the clip search of group parameters, portable C++.
+  Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and both run in torch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qgemm.cpp")
+QUANT_SOURCE = Path(__file__).with_name("quant.cpp")
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
 
 
@@ -37,21 +41,62 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "kernels"
 
 
-def _compile(cxx: str, flags: list[str], link: list[str], so: Path) -> bool:
+def _compile(cxx: str, flags: list[str], link: list[str], so: Path, source: Path = SOURCE) -> bool:
     """Build the library into `so` (in a temporary folder, then renamed: two processes compiling at once each
     publish a whole file, and a half-written library is never loaded)."""
     so.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-        out, obj = Path(tmp) / so.name, Path(tmp) / "qgemm.o"
-        r = subprocess.run([cxx, *flags, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True,
+        out, obj = Path(tmp) / so.name, Path(tmp) / f"{source.stem}.o"
+        r = subprocess.run([cxx, *flags, "-c", str(source), "-o", str(obj)], capture_output=True, text=True,
                            check=False)
         if r.returncode == 0:
             r = subprocess.run([cxx, str(obj), "-o", str(out), *link], capture_output=True, text=True, check=False)
         if r.returncode != 0:
-            log.warning("tightfit kernel did not compile (%s); using torch's int4 kernel", r.stderr[-500:])
+            log.warning("tightfit kernel %s did not compile (%s); using torch instead", source.name, r.stderr[-500:])
             return False
         os.replace(out, so)
     return True
+
+
+def _cxx() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _load(cxx: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
+    """Compile `source` once per (source, compiler, flags, CPU) into the cache and load it."""
+    link = ["-shared", "-fopenmp", "-lm"]
+    key = hashlib.sha256(source.read_bytes() + " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode())
+    so = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    for _ in range(2):
+        if not so.exists() and not _compile(cxx, flags, link, so, source):
+            return None
+        try:
+            return ctypes.CDLL(str(so))
+        except OSError as e:  # a damaged cached library (a truncated copy, another machine's): build it again
+            log.warning("tightfit kernel cache %s could not be loaded (%s); rebuilding it", so, e)
+            so.unlink(missing_ok=True)
+    return None
+
+
+@lru_cache(maxsize=1)
+def quant_library() -> ctypes.CDLL | None:
+    """quant.cpp compiled, or None (no compiler, or TIGHTFIT_KERNEL=torch): GPTQ then loops in torch."""
+    if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
+        return None
+    cxx = _cxx()
+    if cxx is None:
+        log.info("tightfit quantization kernel off: no C++ compiler found; GPTQ's column loop runs in torch")
+        return None
+    # no -ffast-math, no FMA contraction: every operation rounds as torch's do (bit-equal results)
+    lib = _load(cxx, QUANT_SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++17"])
+    if lib is None:
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.gptq_block.argtypes = [p, p, p, p, p, p, i, i, i, i, p, p, i]
+    lib.gptq_block.restype = None
+    lib.search_clips.argtypes = [p, i, i, i, p, p, i, p, ctypes.c_float, ctypes.c_float, p, i]
+    lib.search_clips.restype = None
+    return lib
 
 
 @lru_cache(maxsize=1)
@@ -63,27 +108,13 @@ def library() -> ctypes.CDLL | None:
     if missing:
         log.info("tightfit kernel off: the CPU lacks %s; using torch's int4 kernel", ", ".join(missing))
         return None
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = _cxx()
     if cxx is None:
         log.info("tightfit kernel off: no C++ compiler found; using torch's int4 kernel")
         return None
-    src = SOURCE.read_bytes()
     # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
     # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"]
-    link = ["-shared", "-fopenmp", "-lm"]
-    key = hashlib.sha256(src + " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
-    so = cache_dir() / f"qgemm-{key}.so"
-    lib = None
-    for _ in range(2):
-        if not so.exists() and not _compile(cxx, flags, link, so):
-            return None
-        try:
-            lib = ctypes.CDLL(str(so))
-            break
-        except OSError as e:  # a damaged cached library (a truncated copy, another machine's): build it again
-            log.warning("tightfit kernel cache %s could not be loaded (%s); rebuilding it", so, e)
-            so.unlink(missing_ok=True)
+    lib = _load(cxx, SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"])
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int

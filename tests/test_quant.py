@@ -312,3 +312,17 @@ def test_compiled_quant_kernels_equal_the_torch_loops(monkeypatch, fmt):
     assert torch.equal(searched[0], ref[0]) and (fmt.symmetric or torch.equal(searched[1], ref[1]))
     # and the search found something: clipped ranges beat min/max on the output error of some groups
     assert not torch.equal(ref[0], core.minmax_params(wg, fmt)[0])
+
+
+def test_hessian_of_bf16_inputs_equals_the_fp32_sum(monkeypatch):
+    """The AMX kernel (bf16 products, fp32 sums) where there is one, else the fp32 GEMM: the same Hessian."""
+    from tightfit.quant.calibrate import HessianHook
+
+    x = torch.randn(3, 70, 96, generator=torch.Generator().manual_seed(0)).bfloat16()  # 210 tokens: padded to 224
+    hook = HessianHook(96)
+    for chunk in x:
+        hook(None, (chunk[None],))
+    ref = sum(c.float().T @ c.float() for c in x) / 210
+    H = hook.result()
+    assert torch.allclose(H, ref, rtol=1e-5, atol=1e-5) and torch.equal(H, H.T)
+    assert hook.result(1) is None

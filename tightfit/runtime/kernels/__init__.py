@@ -6,6 +6,8 @@
   kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
 - `quant_library()` (quant.cpp): GPTQ's column loop and the clip search of group parameters, portable C++.
   Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and both run in torch.
+- `gram_library()` (gram.cpp): H += X^T X for bf16 activations on AMX tiles with fp32 sums (the calibration's
+  Hessians), where the CPU has AMX and Linux grants it; else None and the Hessians are fp32 GEMMs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qgemm.cpp")
 QUANT_SOURCE = Path(__file__).with_name("quant.cpp")
+GRAM_SOURCE = Path(__file__).with_name("gram.cpp")
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
 
 
@@ -97,6 +100,52 @@ def quant_library() -> ctypes.CDLL | None:
     lib.search_clips.argtypes = [p, i, i, i, p, p, i, p, ctypes.c_float, ctypes.c_float, p, i]
     lib.search_clips.restype = None
     return lib
+
+
+@lru_cache(maxsize=1)
+def gram_library() -> ctypes.CDLL | None:
+    """gram.cpp compiled and checked against an fp32 GEMM, or None (no AMX, no compiler, TIGHTFIT_KERNEL=torch,
+    or the kernel disagreed: then logged)."""
+    if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
+        return None
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return None
+    cxx = _cxx()
+    if cxx is None:
+        return None
+    lib = _load(cxx, GRAM_SOURCE, ["-O2", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-fopenmp", "-fPIC", "-std=c++17"])
+    if lib is None:
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.gram_init.argtypes, lib.gram_init.restype = [], i
+    lib.gram_bf16.argtypes, lib.gram_bf16.restype = [p, p, i, i, p, i], None
+    if lib.gram_init() != 0:
+        log.info("AMX Hessian kernel off: Linux did not grant this process AMX tiles")
+        return None
+    import torch
+
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    H = torch.zeros(64, 64)
+    gram_into(lib, H, x)
+    ref = x.float().T @ x.float()
+    if not torch.allclose(H.triu(), ref.triu(), rtol=1e-5, atol=1e-4):
+        log.warning("AMX Hessian kernel disagrees with an fp32 GEMM here (max diff %.3g); not used",
+                    float((H.triu() - ref.triu()).abs().max()))
+        return None
+    return lib
+
+
+def gram_into(lib: ctypes.CDLL, H, x) -> None:
+    """H [n, n] fp32 += x^T x (upper triangle and diagonal blocks only) for x [T, n] bf16, n a multiple of 32."""
+    import torch
+
+    T, n = x.shape
+    if T % 32:
+        x = torch.cat([x, x.new_zeros(32 - T % 32, n)])  # zero tokens add nothing
+        T = x.shape[0]
+    XT = x.T.contiguous()
+    XP = x.reshape(T // 2, 2, n).transpose(1, 2).contiguous()
+    lib.gram_bf16(XT.data_ptr(), XP.data_ptr(), n, T, H.data_ptr(), torch.get_num_threads())
 
 
 @lru_cache(maxsize=1)

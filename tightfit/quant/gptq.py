@@ -139,6 +139,16 @@ def _sweep_static(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, S: torch
     return Q
 
 
+def _per_column(params, fmt: WeightFormat, in_f: int):
+    """Group parameters (scale, min or None) [rows, groups] -> each column's, [rows, in_f] in fp32, and each
+    row's code range lo, hi [rows]: what _sweep_static takes."""
+    s, m = params
+    cols = torch.arange(in_f) // fmt.group_len(in_f)
+    rows = s.shape[0]
+    return (s.float()[:, cols], None if m is None else m.float()[:, cols],
+            torch.full((rows,), float(fmt.qmin)), torch.full((rows,), float(fmt.qmax)))
+
+
 def _static_params(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, clip_search: bool):
     """Each group's scale/min from the original columns: searched by output error, or min/max."""
     wg = grouped(W, fmt)
@@ -161,17 +171,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
     static = _static_params(W, H, fmt, clip_search) if static_groups or fmt.group_size == 0 else None
     W = W[:, perm]
-    H_perm = H[perm][:, perm] if static is None else None  # undamped, in the order dynamic groups form
-
     if static is not None:
-        cols = (torch.arange(in_f) // gl)[perm]
-        S = static[0].float()[:, cols]
-        M = None if static[1] is None else static[1].float()[:, cols]
-        lo, hi = torch.full((out_f,), float(fmt.qmin)), torch.full((out_f,), float(fmt.qmax))
-        Q = _sweep_static(W.contiguous(), Hinv, block_size, S, M, lo, hi)
+        S, M, lo, hi = _per_column(static, fmt, in_f)
+        Q = _sweep_static(W.contiguous(), Hinv, block_size, S[:, perm], None if M is None else M[:, perm], lo, hi)
         codes = Q[:, torch.argsort(perm)]
         return pack_result(fmt, codes, static[0], static[1], w.float(), H_in, report)
 
+    H_perm = H[perm][:, perm]  # undamped, in the order dynamic groups form
     Q = torch.zeros_like(W)
     n_groups = fmt.groups(in_f)
     scales = torch.zeros(out_f, n_groups, dtype=fmt.scale_torch_dtype)
@@ -180,17 +186,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
     current: list = [None, None]  # the dynamic group's scale, min
 
     def column(j: int, wcol: torch.Tensor, upcoming) -> torch.Tensor:
-        if static is not None:
-            g = int(perm[j]) // gl
-            s, m = static[0][:, g], (None if static[1] is None else static[1][:, g])
-        else:
-            g = j // gl
-            if j % gl == 0:  # a new group starts: its parameters come from the (already updated) columns
-                Hg = H_perm[j:j + gl, j:j + gl][None]
-                s, m = searched_params(upcoming(gl)[:, None, :], fmt, Hg) if clip_search \
-                    else minmax_params(upcoming(gl)[:, None, :], fmt)
-                current[:] = s[:, 0], (None if m is None else m[:, 0])
-            s, m = current
+        g = j // gl
+        if j % gl == 0:  # a new group starts: its parameters come from the (already updated) columns
+            Hg = H_perm[j:j + gl, j:j + gl][None]
+            s, m = searched_params(upcoming(gl)[:, None, :], fmt, Hg) if clip_search \
+                else minmax_params(upcoming(gl)[:, None, :], fmt)
+            current[:] = s[:, 0], (None if m is None else m[:, 0])
+        s, m = current
         scales[:, g] = s
         if mins is not None:
             mins[:, g] = m
@@ -203,9 +205,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
     _sweep(W, Hinv, block_size, column)
     inv = torch.argsort(perm)
     codes = Q[:, inv]
-    g_idx = None
-    if static is None and act_order:
-        g_idx = col_group[inv].to(torch.int32)
+    g_idx = col_group[inv].to(torch.int32) if act_order else None
     return pack_result(fmt, codes, scales, mins, w.float(), H_in, report, g_idx=g_idx)
 
 
@@ -225,12 +225,11 @@ def gptq_errors(w: torch.Tensor, H: torch.Tensor, fmts: Sequence[WeightFormat], 
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
     S, M, lo, hi = [], [], [], []
     for fmt in fmts:
-        s, m = _static_params(W, H, fmt, clip_search)
-        cols = torch.arange(in_f) // fmt.group_len(in_f)
-        S.append(s.float()[:, cols])
-        M.append(torch.zeros(out_f, in_f) if m is None else m.float()[:, cols])
-        lo.append(torch.full((out_f,), float(fmt.qmin)))
-        hi.append(torch.full((out_f,), float(fmt.qmax)))
+        s, m, l, h = _per_column(_static_params(W, H, fmt, clip_search), fmt, in_f)
+        S.append(s)
+        M.append(torch.zeros(out_f, in_f) if m is None else m)
+        lo.append(l)
+        hi.append(h)
     S, M = torch.cat(S)[:, perm], torch.cat(M)[:, perm]
     lo, hi = torch.cat(lo), torch.cat(hi)
     Ws = W.repeat(len(fmts), 1)[:, perm].contiguous()

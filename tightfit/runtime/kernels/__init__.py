@@ -81,44 +81,48 @@ def _load(cxx: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def quant_library() -> ctypes.CDLL | None:
-    """quant.cpp compiled, or None (no compiler, or TIGHTFIT_KERNEL=torch): GPTQ then loops in torch."""
+def _library(source: Path, flags: list[str], signatures: dict, what: str) -> ctypes.CDLL | None:
+    """`source` compiled and loaded with each function's (argtypes, restype), or None (TIGHTFIT_KERNEL=torch,
+    no compiler, a failed build; `what` names the fallback in the log)."""
     if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
         return None
     cxx = _cxx()
     if cxx is None:
-        log.info("tightfit quantization kernel off: no C++ compiler found; GPTQ's column loop runs in torch")
+        log.info("tightfit kernel %s off: no C++ compiler found; %s", source.name, what)
         return None
-    # no -ffast-math, no FMA contraction: every operation rounds as torch's do (bit-equal results)
-    lib = _load(cxx, QUANT_SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++17"])
+    lib = _load(cxx, source, flags)
     if lib is None:
         return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.gptq_block.argtypes = [p, p, p, p, p, p, i, i, i, i, p, p, i]
-    lib.gptq_block.restype = None
-    lib.search_clips.argtypes = [p, i, i, i, p, p, i, p, ctypes.c_float, ctypes.c_float, p, i]
-    lib.search_clips.restype = None
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
+
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+@lru_cache(maxsize=1)
+def quant_library() -> ctypes.CDLL | None:
+    """quant.cpp compiled, or None (no compiler, or TIGHTFIT_KERNEL=torch): GPTQ then loops in torch."""
+    # no -ffast-math, no FMA contraction: every operation rounds as torch's do (bit-equal results)
+    return _library(QUANT_SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++17"],
+                    {"gptq_block": ([_p] * 6 + [_i] * 4 + [_p, _p, _i], None),
+                     "search_clips": ([_p, _i, _i, _i, _p, _p, _i, _p, _f, _f, _p, _i], None)},
+                    "GPTQ's column loop and the clip search run in torch")
 
 
 @lru_cache(maxsize=1)
 def gram_library() -> ctypes.CDLL | None:
     """gram.cpp compiled and checked against an fp32 GEMM, or None (no AMX, no compiler, TIGHTFIT_KERNEL=torch,
     or the kernel disagreed: then logged)."""
-    if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
-        return None
     if not {"amx_tile", "amx_bf16"} <= cpu_flags():
         return None
-    cxx = _cxx()
-    if cxx is None:
-        return None
-    lib = _load(cxx, GRAM_SOURCE, ["-O2", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-fopenmp", "-fPIC", "-std=c++17"])
+    lib = _library(GRAM_SOURCE, ["-O2", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-fopenmp", "-fPIC", "-std=c++17"],
+                   {"gram_init": ([], _i), "gram_bf16": ([_p, _p, _i, _i, _p, _i], None)},
+                   "the Hessians are fp32 GEMMs")
     if lib is None:
         return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.gram_init.argtypes, lib.gram_init.restype = [], i
-    lib.gram_bf16.argtypes, lib.gram_bf16.restype = [p, p, i, i, p, i], None
     if lib.gram_init() != 0:
         log.info("AMX Hessian kernel off: Linux did not grant this process AMX tiles")
         return None
@@ -151,31 +155,18 @@ def gram_into(lib: ctypes.CDLL, H, x) -> None:
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with the reason logged) where it cannot run here."""
-    if os.environ.get("TIGHTFIT_KERNEL", "").lower() == "torch":
-        return None
     missing = [f for f in NEEDED_FLAGS if f not in cpu_flags()]
     if missing:
         log.info("tightfit kernel off: the CPU lacks %s; using torch's int4 kernel", ", ".join(missing))
         return None
-    cxx = _cxx()
-    if cxx is None:
-        log.info("tightfit kernel off: no C++ compiler found; using torch's int4 kernel")
-        return None
     # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
     # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
-    lib = _load(cxx, SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"])
-    if lib is None:
-        return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.linear.argtypes = [p, i, i, p, p, p, i, i, p, i]
-    lib.linear.restype = None
-    lib.dequant4_bf16.argtypes = [p, p, p, i, i, p, i]
-    lib.dequant4_bf16.restype = None
-    lib.decode_layer.argtypes = [p, p, p, p, i, p, p, p, p, i, i, i]
-    lib.decode_layer.restype = None
-    lib.attend_rows.argtypes = [i, i, i, i, ctypes.c_float, p, p, p, p, i, i, i, p, i]
-    lib.attend_rows.restype = None
-    return lib
+    return _library(SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
+                    {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i], None),
+                     "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _i], None),
+                     "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
+                     "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},
+                    "using torch's int4 kernel")
 
 
 class QLin(ctypes.Structure):

@@ -292,3 +292,128 @@ def test_damaged_hugging_face_folders_give_a_result_or_a_typed_error(tiny_models
         cfg[key] = data.draw(st.one_of(SCALAR, st.integers(-5, 10**6)))
         (folder / "config.json").write_text(json.dumps(cfg))
     outcome(read_hf_fully, folder)
+
+
+# chat templates: code from the model file, rendered bounded (tightfit.chat_template)
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}
+HOSTILE_TEMPLATES = {
+    "repeat": "{{ 'x' * 1000000000 }}",
+    "pad filter": "{{ 'x'|center(1000000000) }}",
+    "pad method": "{{ 'ab'.ljust(10**9) }}",
+    "format width": "{{ '{:>1000000000}'.format(1) }}",
+    "percent width": "{{ '%*s' % (1000000000, 'x') }}",
+    "silent loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "loud loops": "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
+    "doubling ~": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling block": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s %}{{ ns.s }}{{ ns.s }}"
+                      "{% endset %}{% endfor %}",
+    "many big strings": "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+                        "{% set ns.l = ns.l + ['x' * 1000000] %}{% endfor %}",
+    "replace blow-up": "{{ ('x' * 1000000).replace('', 'yyyyyy') }}",
+    "indent blow-up": "{{ ('\n' * 900000)|indent(1000) }}",
+    "power": "{{ 7 ** 100000000 }}",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_a_chat_template_that_runs_long_or_builds_huge_strings_is_stopped(name):
+    """Each would take minutes or gigabytes in transformers' sandbox; bounded, each stops at once, typed, before
+    it allocates (an unbounded run of any of them would fail this test by running out of time or memory)."""
+    from tightfit.chat_template import ChatTemplateError, render_source
+
+    with pytest.raises(ChatTemplateError, match="the model's chat template was stopped: .*fix or replace"):
+        render_source(HOSTILE_TEMPLATES[name], CHAT)
+
+
+def test_a_bound_in_dead_code_costs_nothing_and_refusals_are_typed():
+    from tightfit.chat_template import ChatTemplateError, render_source
+
+    assert render_source("{% if false %}{{ 'x'|center(1000000000) }}{% endif %}ok", CHAT) == "ok"
+    with pytest.raises(ChatTemplateError, match="refused these messages: system first"):
+        render_source("{{ raise_exception('system first') }}", CHAT)
+    with pytest.raises(ChatTemplateError, match="refused these messages: maximum recursion"):
+        render_source("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", CHAT)
+    with pytest.raises(ChatTemplateError, match="refused these messages"):
+        render_source("{{ messages[0].content.__class__.__mro__[1].__subclasses__() }}", CHAT)
+
+
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+{{ messages[0]['content'] if messages[0]['role'] == 'system' else 'You are helpful.' }}
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}</tools><|im_end|>
+{% elif messages[0]['role'] == 'system' %}<|im_start|>system
+{{ messages[0]['content'] }}<|im_end|>
+{% endif %}
+{%- for message in messages %}{% if message.role != 'system' %}<|im_start|>{{ message.role }}
+{{ message.content }}{% if message.tool_calls %}{% for c in message.tool_calls %}
+<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endif %}<|im_end|>
+{% endif %}{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}{{ eos_token if false }}"""
+
+
+@pytest.mark.parametrize("template", ["llama", "tools"])
+def test_bounded_chat_template_renders_what_transformers_renders(tiny_models, template):
+    from transformers import AutoTokenizer
+
+    from tightfit.chat_template import render
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    if template == "tools":
+        tok.chat_template = TOOLS_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    calls = [{"id": "1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    chats = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "weather?"},
+              {"role": "assistant", "content": "", "tool_calls": calls}, {"role": "user", "content": "thanks"}]]
+    for messages in chats:
+        for kw in ({}, {"tools": tools}):
+            for prompt in (True, False):
+                want = tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False, **kw)
+                assert render(tok, messages, add_generation_prompt=prompt, **kw) == want
+
+
+FRAGMENTS = ["{{ messages[0].content }}", "{% for m in messages %}", "{% endfor %}", "{% if add_generation_prompt %}",
+             "{% endif %}", "{{ m.role|upper }}", "{% set ns = namespace(a='') %}", "{% set ns.a = ns.a ~ 'ab' %}",
+             "{{ ns.a }}", "{{ raise_exception('no') }}", "{% for i in range(N) %}", "{{ 'x' * N }}",
+             "{{ 'x'|center(N) }}", "{{ (messages|tojson)|length }}", "{{ '%sN' % N }}", "{{ N ** N }}",
+             "{{ 'a\nb'|indent(N) }}", "{{ messages|map(attribute='role')|join(',' * N) }}", "{{ loop.index }}",
+             "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "{{", "%}", "{% set x %}", "{% endset %}{{ x * N }}",
+             "text", "{{ messages[N] }}", "{{ {}.__class__ }}", "{{ range(N)|list|length }}", "{% break %}"]
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_chat_templates_give_a_text_or_a_typed_error(data):
+    from tightfit.chat_template import render_source
+
+    n = data.draw(st.sampled_from([0, 1, 3, 70, 1000, 100_000, 10**7, 10**9, 10**18]))
+    parts = data.draw(st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=12))
+    source = "".join(parts).replace("N", str(n))
+    messages = data.draw(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                         "content": st.text(max_size=40)}), max_size=4))
+    outcome(render_source, source, {"messages": messages, "add_generation_prompt": True})
+
+
+def test_found_by_fuzzing_a_break_outside_a_loop_is_a_refusal_not_a_syntax_error():
+    """jinja compiles `{% break %}` outside a loop into Python that does not compile (a SyntaxError escaped)."""
+    from tightfit.chat_template import ChatTemplateError, render_source
+
+    with pytest.raises(ChatTemplateError, match="refused these messages: 'break' outside loop"):
+        render_source("{% break %}", CHAT)
+
+
+def test_a_server_whose_chat_template_runs_long_answers_400_and_keeps_serving(tiny_models):
+    from fastapi.testclient import TestClient
+
+    from tightfit.runtime import load_runtime
+    from tightfit.server.app import create_app
+
+    lm = load_runtime(tiny_models["llama"])
+    lm.tokenizer.chat_template = ("{% if messages[0].content == 'loop' %}" + HOSTILE_TEMPLATES["silent loops"]
+                                  + "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with TestClient(create_app(lm.model, lm.tokenizer, "tiny", ctx=256, max_tokens_limit=8)) as c:
+        r = c.post("/v1/chat/completions", json=GOOD_CHAT | {"messages": [{"role": "user", "content": "loop"}]})
+        assert r.status_code == 400 and "steps without finishing" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "messages"
+        assert c.post("/v1/chat/completions", json=GOOD_CHAT).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from .. import chat_template
 from ..errors import TightfitError
 from .run_cmd import add_sampling, open_model, sampling_params
 
@@ -38,7 +39,7 @@ def run(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
-        text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        text = chat_template.render(tok, history)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         room = lm.model.args.max_ctx - len(ids)
         if room < 1:

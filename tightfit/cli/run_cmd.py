@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .. import chat_template
 from .common import quiet_libraries
 
 
@@ -47,8 +48,7 @@ def open_model(args):
 
 def prompt_ids(tokenizer, text: str, raw: bool) -> list[int]:
     if not raw and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = chat_template.render(tokenizer, [{"role": "user", "content": text}])
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
 

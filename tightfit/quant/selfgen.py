@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .. import chat_template
+
 # instructions across the domains a general or code model serves; the model writes the text that follows
 PROMPTS = (
     "Write a Python function that merges two sorted lists, with a docstring and a short test.",
@@ -67,8 +69,7 @@ def _source_key(path: Path) -> str:
 def conversation(tokenizer, prompt: str) -> list[int]:
     """Token ids that open one conversation: the instruction in the chat template, or as plain text."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = chat_template.render(tokenizer, [{"role": "user", "content": prompt}])
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(prompt + "\n\n", add_special_tokens=False)["input_ids"]

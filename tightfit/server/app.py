@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import chat_template
 from ..errors import TightfitError
 from ..runtime.batch import Batcher, Sequence
 from ..runtime.generate import Decoder, _eos_ids
@@ -101,10 +102,10 @@ class Server:
         if not getattr(self.tok, "chat_template", None):
             raise APIError(400, f"'{self.model_id}' has no chat template; use /v1/completions with a plain prompt.")
         messages, kwargs = structured.render_chat(self.tok, req.messages, req.tools if self.tools_in_play(req) else None)
-        try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-        except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
-            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+        try:  # bounded: the template is code from the model file
+            text = chat_template.render(self.tok, messages, **kwargs)
+        except chat_template.ChatTemplateError as e:  # it refused the conversation (roles out of order) or ran long
+            raise APIError(400, str(e), param="messages") from None
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def completion_ids(self, req: CompletionRequest) -> list[int]:

@@ -308,3 +308,60 @@ def test_a_killed_fit_resumes_and_leaves_only_its_output(tiny_models, tmp_path):
         assert "reusing" in r.stderr + r.stdout, r.stderr[-1500:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["fit"]
     assert (out / "report.md").is_file() and (out / "artifact" / "manifest.json").is_file()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: every output of the tiny model is larger, so each write fills it (skipped where this
+    process may not mount, e.g. without root)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("verb", ["quantize", "convert-hf", "convert-gguf", "export-gguf", "plan"])
+def test_a_full_disk_is_a_typed_error_and_leaves_nothing(tiny_models, tmp_path, full_disk, verb):
+    """A real full disk (ENOSPC from a small tmpfs) in the middle of each writer: exit 2, a message that says what
+    happened and what to do, and the disk as empty as before (no partial file or folder)."""
+    import subprocess
+    import sys
+
+    src = tiny_models["llama"]
+    if verb == "export-gguf":
+        from tightfit.formats import WeightFormat
+        from tightfit.quant.api import quantize
+        from tightfit.quant.config import QuantConfig
+
+        src = tmp_path / "art"
+        quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=WeightFormat(4, 32, True), calib_generated=0.0),
+                 src)
+    out = full_disk / {"quantize": "art", "convert-hf": "m", "plan": "plan.json"}.get(verb, "m.gguf")
+    args = {"quantize": ["quantize", str(src), "--method", "rtn", "-o", str(out)],
+            "convert-hf": ["convert", str(src), "-o", str(out)],
+            "convert-gguf": ["convert", str(src), "--to", "gguf-f16", "-o", str(out)],
+            "export-gguf": ["export", str(src), "--format", "gguf", "-o", str(out)],
+            "plan": ["plan", str(src), "--hardware", "h100-sxm", "-o", str(out)]}[verb]
+    if verb == "plan":  # a plan is small: fill the disk first, as another job would
+        _fill(full_disk / "ballast")
+    r = subprocess.run([sys.executable, "-m", "tightfit.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"could not write {out}: No space left on device" in r.stderr, r.stderr[-2000:]
+    assert "Nothing was left behind" in r.stderr
+    assert sorted(x.name for x in full_disk.iterdir()) == (["ballast"] if verb == "plan" else [])
+
+
+def _fill(path) -> None:
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # ENOSPC: full
+            pass

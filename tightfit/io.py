@@ -44,7 +44,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool, force: bool = False
         publish(tmp, path)
     except BaseException as e:
         _remove(tmp)
-        code = _write_errno(e)
+        code = _write_errno(e, path.parent)
         if code is None or isinstance(e, OutputWriteError):
             raise
         raise OutputWriteError(f"could not write {path}: {os.strerror(code)} (errno {code}). Nothing was left "
@@ -71,15 +71,23 @@ def _remove_stale_partials(path: Path) -> None:
 WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)
 
 
-def _write_errno(e: BaseException) -> int | None:
-    """The errno of a failed write: an OSError's, or one a library reports in its message (safetensors raises
-    its own error type, 'I/O error: No space left on device (os error 28)')."""
+def _write_errno(e: BaseException, directory: Path) -> int | None:
+    """The errno of a failed write: an OSError's, one a library reports in its message (safetensors raises
+    its own error type, 'I/O error: No space left on device (os error 28)'), or, for a short write that lost
+    its errno (numpy's tofile under gguf's writer: '4096 requested and 256 written'), ENOSPC where the disk
+    has no room left and EIO otherwise."""
     import re
 
     code = e.errno if isinstance(e, OSError) else None
     if code is None:
         m = re.search(r"os error (\d+)", str(e))
         code = int(m.group(1)) if m else None
+    if code is None and isinstance(e, OSError) and re.search(r"\d+ requested and \d+ written", str(e)):
+        try:
+            st = os.statvfs(directory)
+            code = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
+        except OSError:
+            code = errno.EIO
     return code if code in WRITE_ERRNOS else None
 
 

@@ -417,3 +417,41 @@ def test_a_server_whose_chat_template_runs_long_answers_400_and_keeps_serving(ti
         assert r.status_code == 400 and "steps without finishing" in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "messages"
         assert c.post("/v1/chat/completions", json=GOOD_CHAT).status_code == 200
+
+
+@pytest.mark.parametrize("change", ["truncated", "overwritten", "replaced", "deleted"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_model_file_that_changes_under_a_running_server_is_harmless(artifact, small_gguf, tmp_path, change,
+                                                                     streamed):
+    """The runtime copies every weight into its own memory (or, under a weight budget, into its own unlinked
+    scratch file) while loading: whatever happens to the model's files afterwards, answers stay the same."""
+    from fastapi.testclient import TestClient
+
+    from tightfit.runtime import load_runtime
+    from tightfit.server.app import create_app
+
+    for source in (fresh_copy(artifact, tmp_path / "art") / "weights.safetensors", tmp_path / "m.gguf"):
+        if source.suffix == ".gguf":
+            source.write_bytes(small_gguf)
+        budget = (80_000 if source.suffix == ".gguf" else 40_000) if streamed else None  # every unit streamed
+        lm = load_runtime(source.parent if source.suffix != ".gguf" else source, max_memory=budget)
+        assert not streamed or lm.model.streamer.resident_bytes == 0
+        with TestClient(create_app(lm.model, lm.tokenizer, "tiny", ctx=256, max_tokens_limit=8)) as c:
+            def answer():
+                r = c.post("/v1/completions", json=GOOD_COMPLETION | {"max_tokens": 6, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            before = answer()
+            if change == "truncated":
+                os.truncate(source, 100)
+            elif change == "overwritten":
+                with open(source, "r+b") as f:
+                    f.seek(64)
+                    f.write(b"\xff" * (source.stat().st_size - 64))
+            elif change == "replaced":
+                source.with_suffix(".new").write_bytes(b"not a model")
+                os.replace(source.with_suffix(".new"), source)
+            else:
+                source.unlink()
+            assert answer() == before

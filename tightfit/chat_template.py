@@ -104,18 +104,26 @@ class _Bounds:
         if op == "%" and isinstance(left, str):
             self.check_args("the operator '%'", (right,) if not isinstance(right, tuple) else right, {}, left)
 
-    def tracer(self, frame, event, arg):
-        """sys.settrace: counts the lines the compiled template runs (its frames are named '<template>')."""
-        if frame.f_code.co_filename != "<template>":
-            return None
+    def tracer(self, previous=None):
+        """A sys.settrace function that counts the lines the compiled template runs (its frames are named
+        '<template>'), chained to the tracer that was there (coverage, a debugger) so that one keeps working."""
+        def trace(frame, event, arg):
+            inner = previous(frame, event, arg) if previous is not None else None
+            mine = frame.f_code.co_filename == "<template>"
+            if not mine and inner is None:
+                return None
 
-        def local(frame, event, arg):
-            if event == "line":
-                self.steps += 1
-                if self.steps > self.max_steps:
-                    raise _Limit(f"it ran {self.max_steps:,} steps without finishing")
+            def local(frame, event, arg):
+                nonlocal inner
+                if mine and event == "line":
+                    self.steps += 1
+                    if self.steps > self.max_steps:
+                        raise _Limit(f"it ran {self.max_steps:,} steps without finishing")
+                if inner is not None:
+                    inner = inner(frame, event, arg)
+                return local
             return local
-        return local
+        return trace
 
 
 def _transformers_environment():
@@ -147,11 +155,11 @@ def _transformers_environment():
 _current = threading.local()  # the bounds of the render running in this thread
 
 
-@functools.lru_cache(maxsize=16)
-def _bounded_template(source: str):
-    """`source` compiled in transformers' chat-template environment with its operators, filters and calls
-    bounded by the running render's bounds (constant folding at compile time included: a bounded filter that
-    refuses is left for run time, where it refuses again)."""
+@functools.lru_cache(maxsize=1)
+def _bounded_environment():
+    """transformers' chat-template environment with its operators, filters and calls bounded by the running
+    render's bounds (constant folding at compile time included: a bounded filter that refuses is left for run
+    time, where it refuses again)."""
     env = _transformers_environment()
     env.filters = {name: _bounded_callable(f, f"the filter {name!r}") for name, f in env.filters.items()}
     env.intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -173,14 +181,21 @@ def _bounded_template(source: str):
         _current.bounds.refuse_over(sum(map(len, pieces)), "a captured block")
         return _current.bounds.check_result("a captured block", "".join(pieces))
 
-    def str_join(pieces):  # the ~ operator
-        pieces = [str(p) for p in pieces]
-        _current.bounds.refuse_over(sum(map(len, pieces)), "the operator '~'")
-        return _current.bounds.check_result("the operator '~'", "".join(pieces))
-
     env.call_binop, env.call, env.concat = call_binop, call, concat
-    template = env.from_string(source)
-    template.root_render_func.__globals__["str_join"] = str_join  # the compiled template's own namespace
+    return env
+
+
+def _str_join(pieces):  # the ~ operator
+    pieces = [str(p) for p in pieces]
+    _current.bounds.refuse_over(sum(map(len, pieces)), "the operator '~'")
+    return _current.bounds.check_result("the operator '~'", "".join(pieces))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str):
+    """The model's template compiled in the bounded environment (the compiled module's ~ bounded too)."""
+    template = _bounded_environment().from_string(source)
+    template.root_render_func.__globals__["str_join"] = _str_join  # the compiled template's own namespace
     return template
 
 
@@ -196,12 +211,12 @@ def render_source(source: str, context: dict, *, max_steps: int = MAX_STEPS) -> 
     """`source` rendered with `context` under the bounds, or ChatTemplateError."""
     limit = MIN_OUTPUT + OUTPUT_PER_INPUT * _input_chars(context)
     bounds = _current.bounds = _Bounds(limit, max_steps)
+    _bounded_environment()  # built outside the guard below: an error in tightfit's own code is not the template's
     previous = sys.gettrace()
-    sys.settrace(bounds.tracer)
+    sys.settrace(bounds.tracer(previous))
     try:
-        template = _bounded_template(source)
         out, n = [], 0
-        for piece in template.generate(**context):
+        for piece in _compiled(source).generate(**context):
             n += len(piece)
             if n > limit:
                 raise _Limit(f"its output passed {limit:,} characters")
@@ -211,11 +226,22 @@ def render_source(source: str, context: dict, *, max_steps: int = MAX_STEPS) -> 
         raise ChatTemplateError(f"the model's chat template was stopped: {e}. A chat template should only lay out "
                                 "the conversation; fix or replace the template (tokenizer_config.json's "
                                 "chat_template, or the GGUF's tokenizer.chat_template).") from None
-    except Exception as e:  # the template is code: whatever it raises is its refusal (raise_exception, a
-        # SyntaxError jinja's compiler makes of `{% break %}` outside a loop, a TypeError, a RecursionError)
+    except Exception as e:  # the template is code: whatever its compile or run raises is its refusal
+        # (raise_exception, a SyntaxError jinja's compiler makes of `{% break %}` outside a loop, a TypeError)
+        if _raised_here(e):
+            raise
         raise ChatTemplateError(f"the model's chat template refused these messages: {e}") from None
     finally:
         sys.settrace(previous)
+
+
+def _raised_here(e: Exception) -> bool:
+    """A NameError in this module's own code is tightfit's bug, not the template's refusal (jinja resolves a
+    template's unknown names to Undefined; it never raises NameError)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return isinstance(e, NameError) and tb is not None and tb.tb_frame.f_code.co_filename == __file__
 
 
 def render(tokenizer, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,

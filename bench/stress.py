@@ -4,7 +4,9 @@ arrive), deeply nested JSON and requests at the limits. Checks: every well-forme
 malformed one gets a 4xx with an OpenAI-style body, the server stays healthy, and its memory returns to its
 baseline (VmRSS after warm-up vs after the storm). Writes bench/results/stress.json.
 
-    python bench/stress.py [--clients 64] [--requests 2] [--parallel 4] [--rounds 3]
+    python bench/stress.py [--model smollm2-135m] [--clients 64] [--requests 2] [--parallel 4] [--rounds 3]
+
+tests/test_server.py runs it at CI size (a tiny model, 16 clients, one round).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main() -> int:
     from tightfit.models.lazy import lazy_gguf
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", help="what to serve (a name, GGUF, HF folder or artifact)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=4)
@@ -96,10 +99,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="storms in a row (RSS after each is reported)")
     ap.add_argument("--out", default=str(HERE / "results" / "stress.json"))
     args = ap.parse_args()
-    gguf = str(resolve_source("smollm2-135m")[0])
-    ids = lazy_gguf(Path(gguf)).tokenizer(read_part(EVALUATION)[:20000])["input_ids"]
+    path, kind = resolve_source(args.model)
+    if kind == "gguf":
+        tokenizer = lazy_gguf(Path(path)).tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(read_part(EVALUATION)[:20000])["input_ids"]
+    source = str(path)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tightfit.cli", "serve", gguf, "--name", "m", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "tightfit.cli", "serve", source, "--name", "m", "--port", str(port),
                              "--ctx", "1024", "--max-tokens-limit", "256", "--max-queue", "512", "--parallel",
                              str(args.parallel)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     base = f"http://127.0.0.1:{port}"

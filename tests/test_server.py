@@ -418,3 +418,24 @@ def test_a_model_file_changed_under_the_server_does_not_change_its_answers(tiny_
             gguf.write_bytes(bytes(len(blob)))  # then zeros
             assert ask().choices[0].text == before
             gguf.write_bytes(blob)
+
+
+def test_the_stress_bench_at_ci_size(tiny_models, tmp_path):
+    """bench/stress.py on the tiny model: 16 clients mixing well-formed requests and streams with disconnects,
+    slow readers, a 100 MB chunked body, 100k-deep JSON and over-limit requests; every outcome as it should be,
+    the server healthy after, and its memory not grown by anything like a body's size."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "stress.json"
+    r = subprocess.run([sys.executable, str(root / "bench" / "stress.py"), "--model", str(tiny_models["llama"]),
+                        "--clients", "16", "--requests", "1", "--rounds", "1", "--parallel", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    res = json.loads(out.read_text())
+    assert r.returncode == 0, (res["outcomes"], r.stderr[-2000:])
+    kinds = {k.split(" -> ")[0] for k in res["outcomes"]}
+    assert kinds == {"plain", "stream", "disconnect", "slow_reader", "nested", "limits", "oversized"}
+    assert res["healthy_after"] and res["request_after_ok"]
+    assert res["rss_growth_mb"] < 50, res

@@ -296,33 +296,28 @@ def test_damaged_hugging_face_folders_give_a_result_or_a_typed_error(tiny_models
 
 # chat templates: code from the model file, rendered bounded (tightfit.chat_template)
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}
-HOSTILE_TEMPLATES = {
-    "repeat": "{{ 'x' * 1000000000 }}",
-    "pad filter": "{{ 'x'|center(1000000000) }}",
-    "pad method": "{{ 'ab'.ljust(10**9) }}",
-    "format width": "{{ '{:>1000000000}'.format(1) }}",
-    "percent width": "{{ '%*s' % (1000000000, 'x') }}",
-    "silent loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-    "loud loops": "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
-    "doubling ~": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-    "doubling block": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s %}{{ ns.s }}{{ ns.s }}"
-                      "{% endset %}{% endfor %}",
-    "many big strings": "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
-                        "{% set ns.l = ns.l + ['x' * 1000000] %}{% endfor %}",
-    "replace blow-up": "{{ ('x' * 1000000).replace('', 'yyyyyy') }}",
-    "indent blow-up": "{{ ('\n' * 900000)|indent(1000) }}",
-    "power": "{{ 7 ** 100000000 }}",
-}
+REGRESSIONS = Path(__file__).with_name("fuzz_regressions")  # inputs that fuzzing or review found, and what each gives
+EXPECTED = json.loads((REGRESSIONS / "expected.json").read_text())
 
 
-@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
-def test_a_chat_template_that_runs_long_or_builds_huge_strings_is_stopped(name):
-    """Each would take minutes or gigabytes in transformers' sandbox; bounded, each stops at once, typed, before
-    it allocates (an unbounded run of any of them would fail this test by running out of time or memory)."""
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_regression_inputs(name):
+    """Each committed input gives its recorded outcome: chat-*.jinja are templates that would run for minutes or
+    build gigabytes unbounded (stopped at once, before they allocate: an unbounded run would fail by time or
+    memory) or that broke the renderer; config-*.json are config.json files the planner once mis-read."""
     from tightfit.chat_template import ChatTemplateError, render_source
+    from tightfit.planner.spec import spec_from_config
 
-    with pytest.raises(ChatTemplateError, match="the model's chat template was stopped: .*fix or replace"):
-        render_source(HOSTILE_TEMPLATES[name], CHAT)
+    path, want = REGRESSIONS / name, EXPECTED[name]
+    if name.startswith("chat-"):
+        with pytest.raises(ChatTemplateError, match=want):
+            render_source(path.read_text(), CHAT)
+        return
+    if want is None:
+        assert spec_from_config(json.loads(path.read_text()), name).n_layers >= 1
+        return
+    with pytest.raises(TightfitError, match=want):
+        spec_from_config(json.loads(path.read_text()), name)
 
 
 def test_a_bound_in_dead_code_costs_nothing_and_refusals_are_typed():
@@ -406,14 +401,6 @@ def test_random_chat_templates_give_a_text_or_a_typed_error(data):
     outcome(render_source, source, {"messages": messages, "add_generation_prompt": True, "tools": None})
 
 
-def test_found_by_fuzzing_a_break_outside_a_loop_is_a_refusal_not_a_syntax_error():
-    """jinja compiles `{% break %}` outside a loop into Python that does not compile (a SyntaxError escaped)."""
-    from tightfit.chat_template import ChatTemplateError, render_source
-
-    with pytest.raises(ChatTemplateError, match="refused these messages: 'break' outside loop"):
-        render_source("{% break %}", CHAT)
-
-
 def test_a_server_whose_chat_template_runs_long_answers_400_and_keeps_serving(tiny_models):
     from fastapi.testclient import TestClient
 
@@ -421,7 +408,8 @@ def test_a_server_whose_chat_template_runs_long_answers_400_and_keeps_serving(ti
     from tightfit.server.app import create_app
 
     lm = load_runtime(tiny_models["llama"])
-    lm.tokenizer.chat_template = ("{% if messages[0].content == 'loop' %}" + HOSTILE_TEMPLATES["silent loops"]
+    lm.tokenizer.chat_template = ("{% if messages[0].content == 'loop' %}"
+                                  + (REGRESSIONS / "chat-silent-loops.jinja").read_text()
                                   + "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
     with TestClient(create_app(lm.model, lm.tokenizer, "tiny", ctx=256, max_tokens_limit=8)) as c:
         r = c.post("/v1/chat/completions", json=GOOD_CHAT | {"messages": [{"role": "user", "content": "loop"}]})

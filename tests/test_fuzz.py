@@ -222,6 +222,15 @@ def test_found_by_fuzzing_a_vocabulary_that_its_merges_do_not_match(small_gguf, 
         read_gguf_fully(path)
 
 
+def test_found_by_fuzzing_damaged_json_in_a_gguf_tightfit_config(small_gguf, tmp_path):
+    """One byte of the tightfit.config metadata (a JSON string) zeroed: json's JSONDecodeError escaped."""
+    at = small_gguf.index(b'{"model_type"')
+    path = tmp_path / "m.gguf"
+    path.write_bytes(small_gguf[:at] + b"\0" + small_gguf[at + 1:])
+    with pytest.raises(TightfitError, match="tightfit.config metadata is not valid JSON.*convert or export it again"):
+        read_gguf_fully(path)
+
+
 def test_found_by_fuzzing_a_manifest_that_is_not_an_object_or_lacks_a_tensor(artifact, tmp_path):
     import tightfit
     from tightfit.runtime import load_runtime

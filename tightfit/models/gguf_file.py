@@ -82,7 +82,14 @@ def _restore_config(reader, config, path):
     from transformers import AutoConfig
 
     field = reader.fields.get("tightfit.config")
-    keep = json.loads(field.contents()) if field is not None else {}
+    try:
+        keep = json.loads(field.contents()) if field is not None else {}
+    except (ValueError, TypeError) as e:  # a damaged byte in the JSON (found by fuzzing: JSONDecodeError escaped)
+        raise GGUFFormatError(f"{path}: its tightfit.config metadata is not valid JSON ({e}); the file is damaged: "
+                              "convert or export it again.") from None
+    if not isinstance(keep, dict):
+        raise GGUFFormatError(f"{path}: its tightfit.config metadata holds {type(keep).__name__}, not a JSON object; "
+                              "the file is damaged: convert or export it again.")
     arch = reader.fields["general.architecture"].contents()
 
     def meta(key):

@@ -4,6 +4,7 @@ typed error by name; anything else fails the target) and the line coverage of ea
 
     python bench/fuzz.py --examples 10000 -o bench/results/fuzz.json     # ~1 h on 2 cores
     python bench/fuzz.py --examples 300 --targets "gguf or chat"         # a quick look
+    python bench/fuzz.py --examples 2000 --targets http -o F --append    # add or redo targets in F
 
 Needs the bench extra's `coverage` (pip install -e .[bench]).
 """
@@ -68,15 +69,18 @@ def main() -> int:
     ap.add_argument("--targets", default="", help="only targets whose name contains one of these words "
                                                   "('gguf or chat')")
     ap.add_argument("-o", "--output", type=Path, help="JSON to write")
+    ap.add_argument("--append", action="store_true", help="update the targets run in an existing --output")
     args = ap.parse_args()
     words = [w.strip() for w in args.targets.split(" or ") if w.strip()]
     chosen = [t for t in TARGETS if not words or any(w in t for w in words)]
-    result = {"examples_per_target": args.examples, "targets": {}}
+    result = {"targets": {}}
+    if args.append and args.output and args.output.exists():
+        result = json.loads(args.output.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         for test in chosen:
             log, data_file = Path(tmp) / f"{test}.jsonl", Path(tmp) / f"{test}.coverage"
             print(f"{test}: {args.examples} examples ...", file=sys.stderr, flush=True)
-            row = run_target(test, args.examples, log, data_file)
+            row = {"examples": args.examples, **run_target(test, args.examples, log, data_file)}
             counts = collections.Counter()
             if log.exists():
                 for line in log.read_text().splitlines():

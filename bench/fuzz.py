@@ -47,7 +47,7 @@ def run_target(test: str, examples: int, log: Path, data_file: Path) -> dict:
                         "--source=tightfit", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         f"tests/test_fuzz.py::{test}"], cwd=ROOT, env=env, capture_output=True, text=True)
     return {"passed": r.returncode == 0, "seconds": round(time.perf_counter() - t0, 1),
-            "failure": None if r.returncode == 0 else r.stdout[-3000:]}
+            "failure": None if r.returncode == 0 else (r.stdout + r.stderr)[-3000:]}
 
 
 def coverage_of(data_file: Path, modules: list[str]) -> dict:

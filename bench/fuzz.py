@@ -44,10 +44,10 @@ def run_target(test: str, examples: int, log: Path, data_file: Path) -> dict:
     env = dict(os.environ, TIGHTFIT_FUZZ_EXAMPLES=str(examples), TIGHTFIT_FUZZ_LOG=str(log))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "coverage", "run", "--branch", f"--data-file={data_file}",
-                        "--source=tightfit", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        "--source=tightfit", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--show-capture=no", "-W", "ignore",
                         f"tests/test_fuzz.py::{test}"], cwd=ROOT, env=env, capture_output=True, text=True)
     return {"passed": r.returncode == 0, "seconds": round(time.perf_counter() - t0, 1),
-            "failure": None if r.returncode == 0 else (r.stdout + r.stderr)[-3000:]}
+            "failure": None if r.returncode == 0 else (r.stdout + r.stderr)[-8000:]}
 
 
 def coverage_of(data_file: Path, modules: list[str]) -> dict:

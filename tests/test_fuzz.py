@@ -222,6 +222,21 @@ def test_found_by_fuzzing_a_vocabulary_that_its_merges_do_not_match(small_gguf, 
         read_gguf_fully(path)
 
 
+def test_found_by_fuzzing_a_seed_past_64_bits_and_a_tiny_temperature(http):
+    """seed 2^64 reached torch's manual_seed, whose ValueError escaped as a 500; temperature 6e-205 overflowed the
+    scaled logits to inf and the sampler's probabilities to NaN (a 500)."""
+    for path, good in (("/v1/chat/completions", GOOD_CHAT), ("/v1/completions", GOOD_COMPLETION)):
+        r = http.post(path, json=good | {"seed": 2**64})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    assert http.post("/v1/completions", json=GOOD_COMPLETION | {"seed": 2**64 - 1}).status_code == 200
+    r = http.post("/v1/chat/completions", json=GOOD_CHAT | {"temperature": 6e-205})  # overflowed to NaN
+    assert r.status_code == 200, r.text
+    with pytest.raises(TightfitError, match="seed must be in"):
+        from tightfit.runtime.sampling import SamplingParams
+
+        SamplingParams(seed=-(2**63) - 1)
+
+
 def test_found_by_fuzzing_damaged_json_in_a_gguf_tightfit_config(small_gguf, tmp_path):
     """One byte of the tightfit.config metadata (a JSON string) zeroed: json's JSONDecodeError escaped."""
     at = small_gguf.index(b'{"model_type"')

@@ -33,7 +33,8 @@ class SamplingParams:
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
                   (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-                  (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]")]
+                  (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
+                  (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must be in [-2^63, 2^64)")]
         for ok, msg in checks:
             if not ok:
                 raise SamplingError(f"{msg}; got {self}")
@@ -63,7 +64,9 @@ def adjust_logits(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits with the tokens top-k / top-p / min-p exclude set to -inf (over the last
     dimension: one row of logits, or a batch of rows)."""
-    x = logits / p.temperature
+    # shifted by the row's maximum and the temperature kept above fp32's underflow: a tiny one (6e-205, found by
+    # fuzzing) was 0 in fp32 and gave NaN probabilities; now the maximum stays 0 and the rest go to -inf (greedy)
+    x = (logits - logits.amax(-1, keepdim=True)) / max(p.temperature, 1e-30)
     if p.top_k and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))

@@ -27,7 +27,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
     ignore_eos: bool = False  # extension, for benchmarks
 
     def stops(self) -> list[str]:

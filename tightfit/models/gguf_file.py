@@ -63,7 +63,14 @@ def hf_config(path: Path, tokenizer: bool = True):
             f"{path}: the model {what} in its metadata could not be read ({type(e).__name__}: {str(e)[:200]}). "
             "The file is damaged or was written by a tool tightfit does not know; download or export it again."
         ) from e
-    return _restore_config(open_gguf(path), config, path), tok
+    try:
+        return _restore_config(open_gguf(path), config, path), tok
+    except GGUFFormatError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as e:  # a damaged field read there: a string that is
+        # not UTF-8 (found by fuzzing: UnicodeDecodeError from gguf-py's contents()), a key or type changed
+        raise GGUFFormatError(f"{path}: its metadata could not be read ({type(e).__name__}: {str(e)[:200]}); the file "
+                              "is damaged: download, convert or export it again.") from e
 
 
 # the model type of a GGUF architecture that holds routed experts, and whether llama.cpp renormalizes their gates

@@ -1,4 +1,5 @@
-"""Fuzz every reader of outside data at volume: the hypothesis targets of tests/test_fuzz.py run with N random
+"""Fuzz every reader of outside data at volume: the hypothesis targets of tests/test_fuzz.py and
+tests/test_chat_template.py run with N random
 examples each (instead of CI's fixed 40), under coverage; writes the outcome counts per target (a result, or each
 typed error by name; anything else fails the target) and the line coverage of each reader's module.
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# hypothesis target (a test in tests/test_fuzz.py) -> the reader modules it exercises
+# hypothesis target (a test in tests/test_fuzz.py, or the file FILES names) -> the reader modules it exercises
 TARGETS = {
     "test_damaged_gguf_files_give_a_result_or_a_typed_error": ["tightfit/models/gguf_file.py",
                                                                "tightfit/models/lazy.py"],
@@ -40,12 +41,16 @@ TARGETS = {
 }
 
 
+FILES = {"test_random_chat_templates_give_a_text_or_a_typed_error": "tests/test_chat_template.py"}  # else test_fuzz
+
+
 def run_target(test: str, examples: int, log: Path, data_file: Path) -> dict:
     env = dict(os.environ, TIGHTFIT_FUZZ_EXAMPLES=str(examples), TIGHTFIT_FUZZ_LOG=str(log))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "coverage", "run", "--branch", f"--data-file={data_file}",
-                        "--source=tightfit", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--show-capture=no", "-W", "ignore",
-                        f"tests/test_fuzz.py::{test}"], cwd=ROOT, env=env, capture_output=True, text=True)
+                        "--source=tightfit", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--show-capture=no",
+                        "-W", "ignore", f"{FILES.get(test, 'tests/test_fuzz.py')}::{test}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
     return {"passed": r.returncode == 0, "seconds": round(time.perf_counter() - t0, 1),
             "failure": None if r.returncode == 0 else (r.stdout + r.stderr)[-8000:]}
 

@@ -176,26 +176,23 @@ def _bounded_environment():
         _current.bounds.check_args(what, args, kwargs, receiver)
         return _current.bounds.check_result(what, sandbox_call(__context, __obj, *args, **kwargs))
 
-    def concat(pieces):  # the text a {% set %}...{% endset %} block or a {% call %} captures
-        pieces = list(pieces)
-        _current.bounds.refuse_over(sum(map(len, pieces)), "a captured block")
-        return _current.bounds.check_result("a captured block", "".join(pieces))
-
-    env.call_binop, env.call, env.concat = call_binop, call, concat
+    env.call_binop, env.call = call_binop, call
+    env.concat = functools.partial(_bounded_join, what="a captured block")  # {% set %}...{% endset %}, {% call %}
     return env
 
 
-def _str_join(pieces):  # the ~ operator
+def _bounded_join(pieces, what: str = "the operator '~'") -> str:
+    """"".join of the pieces' text, refused before it joins past the size limit (jinja's `~` and captured blocks)."""
     pieces = [str(p) for p in pieces]
-    _current.bounds.refuse_over(sum(map(len, pieces)), "the operator '~'")
-    return _current.bounds.check_result("the operator '~'", "".join(pieces))
+    _current.bounds.refuse_over(sum(map(len, pieces)), what)
+    return _current.bounds.check_result(what, "".join(pieces))
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(source: str):
     """The model's template compiled in the bounded environment (the compiled module's ~ bounded too)."""
     template = _bounded_environment().from_string(source)
-    template.root_render_func.__globals__["str_join"] = _str_join  # the compiled template's own namespace
+    template.root_render_func.__globals__["str_join"] = _bounded_join  # the compiled template's own namespace
     return template
 
 

@@ -1,5 +1,5 @@
-"""tightfit quantize MODEL --method {rtn,gptq,awq,hqq,awq-gptq} --bits B --group-size G [--sym] [--target-bpw X]
-[--calib FILE] -o OUT"""
+"""tightfit quantize MODEL --method {rtn,gptq,awq,hqq,awq-gptq} --bits B --group-size G [--sym] [--super-blocks]
+[--embed-format NAME] [--target-bpw X] [--calib FILE] -o OUT"""
 
 from __future__ import annotations
 
@@ -16,8 +16,15 @@ def add_arguments(p):
     p.add_argument("--bits", type=int, default=4, help="bits per weight code: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=32, help="32, 64, 128, or 0 for per-channel (default 32)")
     p.add_argument("--sym", action="store_true", help="symmetric codes (no min/zero per group)")
+    p.add_argument("--super-blocks", action="store_true",
+                   help="quantize the scales (and mins) too, in super-blocks of 256 weights as llama.cpp's K-quants "
+                        "(group 32 only; asym4: Q4_K's 4.5 bpw instead of 5.0); rows not a multiple of 256 keep "
+                        "plain group scales")
     p.add_argument("--embed-bits", type=int, default=8,
                    help="bits for the token embedding / output head, symmetric, group 32 (default 8; 0: as --bits)")
+    p.add_argument("--embed-format", metavar="NAME",
+                   help="the token embedding / output head's format by name, e.g. sym6-k32 (Q6_K), asym4-k32 or "
+                        "sym8-g32 (overrides --embed-bits)")
     p.add_argument("--target-bpw", type=float, metavar="X",
                    help="mixed precision: choose each tensor's format to reach X bits per weight overall")
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the shipped calibration part)")
@@ -43,8 +50,10 @@ def run(args) -> int:
     from .common import quiet_libraries
 
     quiet_libraries(True)
-    fmt = WeightFormat(args.bits, args.group_size, args.sym)
+    fmt = WeightFormat(args.bits, args.group_size, args.sym, superblock=args.super_blocks)
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
+    if args.embed_format:
+        embed = WeightFormat.parse(args.embed_format)
     cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
                       static_groups=not args.dynamic_groups, clip_search=not args.no_clip_search,
                       calib_samples=args.calib_samples, calib_ctx=args.calib_ctx,

@@ -4,6 +4,7 @@ Written with the `compressed-tensors` library: its QuantizationConfig describes 
 pack_to_int32 packs the codes. compressed-tensors stores w = (q - zero_point) * scale with integer codes and
 integer zero points:
 - symmetric formats copy exactly (q as stored, scale as stored, zero point 0), per group or per channel;
+  symmetric super-block formats keep their codes, each group's effective scale rounded to the scales' dtype;
 - asymmetric formats (a float min) cannot be held (zero points are integers, and asymmetric pack-quantized
   checkpoints do not load in transformers 5.x with compressed-tensors 0.20): they are re-quantized to the
   symmetric format of the same bits, and the added error is reported (an error with strict=True);
@@ -147,7 +148,17 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
         module = ckpt(name).removesuffix(".weight")
         fmt = qw.fmt
         entry = {"exact": True}
-        if not fmt.symmetric or qw.g_idx is not None:
+        if fmt.superblock and fmt.symmetric and qw.g_idx is None:
+            # compressed-tensors holds one float scale per group: the codes as they are, each effective scale
+            # (fp16 d x int8 code) rounded to the scales' dtype
+            flat = QuantizedWeight(fmt.flat(), qw.codes, qw.scales.to(dtype), None)
+            err = weight_error(qw.dequantize(), flat.dequantize())
+            msg = (f"{name}: {fmt.name}'s super-block scales become one {str(dtype).removeprefix('torch.')} scale "
+                   f"per group, adding relative error {err['weight_rel_mse']:.2e}")
+            if strict and err["weight_rel_mse"] > 0:
+                raise FormatError(msg + ". Quantize without --super-blocks for an exact export, or drop --strict.")
+            qw, fmt, entry = flat, flat.fmt, {"exact": err["weight_rel_mse"] == 0, "added_error": err}
+        elif not fmt.symmetric or qw.g_idx is not None:
             why = (f"{fmt.name} stores a float minimum, which compressed-tensors cannot hold (its zero points are "
                    f"integers, and asymmetric pack-quantized checkpoints do not load in transformers "
                    f"{_transformers_version()})" if not fmt.symmetric else

@@ -5,6 +5,12 @@ Q4_1: fp16 d, fp16 m, 16 nibble bytes as Q4_0;                                  
 Q5_0: fp16 d, 4 bytes qh (bit j = bit 4 of q[j]), 16 nibble bytes of the low 4 bits, q + 16; w = (q - 16) d.
 Q5_1: fp16 d, fp16 m, qh, nibbles;                                                         w = q d + m.
 Q8_0: fp16 d, 32 int8;                                                                      w = q d.
+Super-blocks of 256 (the K-quants; ggml-common.h, dequantize_row_q*_K in ggml-quants.c):
+Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scale and min codes for 8 groups of 32, 128 bytes of nibbles (each
+      32 bytes hold groups 2i (low nibbles) and 2i+1 (high));                              w = d sc q - dmin m.
+Q5_K: as Q4_K plus 32 bytes qh before the nibbles (bit 2i / 2i+1 of qh[l]: bit 4 of element l of group 2i / 2i+1).
+Q6_K: 128 bytes of low nibbles, 64 bytes of the high 2 bits, 16 int8 scales (one per 16 weights), fp16 d;
+      w = d sc (q - 32).
 """
 
 from __future__ import annotations
@@ -28,6 +34,41 @@ def _f16(x) -> np.ndarray:
     return x.reshape(-1, 1).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """6-bit codes [blocks, 8] of scales and mins -> Q4_K/Q5_K's 12 bytes (get_scale_min_k4's inverse): bytes 0-3
+    scale codes 0-3, bytes 4-7 min codes 0-3, each with 2 high bits of codes 4-7 on top; bytes 8-11 their low
+    nibbles (scale | min << 4)."""
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _k_blocks(qw, ggml: str) -> np.ndarray:
+    from .weight import super_codes
+
+    d, sc, dmin, m = (None if t is None else t.numpy() for t in super_codes(qw.scales, qw.mins, qw.fmt))
+    u = (qw.codes.numpy().astype(np.int32) - qw.fmt.qmin).reshape(-1, 256)  # unsigned codes per super-block
+    d = _f16(d)
+    if ggml == "Q6_K":
+        c = u.reshape(-1, 2, 4, 32)  # two halves of 128, each four runs of 32
+        ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
+                             (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+        hi = c >> 4
+        qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+        scales = np.repeat(sc.reshape(-1, 8), 2, axis=1).astype(np.int8).view(np.uint8)
+        return np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), scales, d], axis=1)
+    c = u.reshape(-1, 4, 2, 32)  # four pairs of groups
+    qs = ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(-1, 128).astype(np.uint8)
+    parts = [d, _f16(dmin), _k_scales(sc.reshape(-1, 8).astype(np.uint8), m.reshape(-1, 8).astype(np.uint8))]
+    if ggml == "Q5_K":
+        hi = (c >> 4).astype(np.uint8)  # [blocks, pair, 2, 32]
+        shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
+        parts.append((hi << shifts[None, :, :, None]).sum((1, 2), dtype=np.uint8))
+    return np.concatenate(parts + [qs], axis=1)
+
+
 def to_ggml(qw) -> tuple[str, np.ndarray]:
     """(GGML type name, raw bytes [rows, row_bytes]) holding exactly the codes and scales of QuantizedWeight qw."""
     ggml = qw.fmt.ggml_type
@@ -35,6 +76,8 @@ def to_ggml(qw) -> tuple[str, np.ndarray]:
         raise FormatError(f"format {qw.fmt.name}{' with g_idx' if qw.g_idx is not None else ''} has no exact GGML "
                           "type; re-quantize it to one")
     out_f, in_f = qw.shape
+    if qw.fmt.superblock:
+        return ggml, np.ascontiguousarray(_k_blocks(qw, ggml)).reshape(out_f, -1)
     q = qw.codes.numpy().astype(np.int32).reshape(-1, 32)
     d = _f16(qw.scales.float().numpy())
     if ggml == "Q8_0":

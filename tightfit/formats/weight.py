@@ -9,6 +9,12 @@ Conventions (q are the integer codes stored):
 - asymmetric ("min"): q in [0, 2^b - 1], w = q * scale + min (llama.cpp's Q4_1/Q5_1: fp16 scale and min).
   torch's CPU int4 op reads w = (q - 8) * scale + zero with bf16 scale/zero: the same numbers with
   zero = min + 8 * scale (see to_torch_int4 in the runtime).
+- super-blocks ("k", as llama.cpp's K-quants): groups of 32 whose scales (and mins) are themselves quantized, in
+  super-blocks of 256 weights. Asymmetric: 6-bit scale and 6-bit min codes per group under one fp16 scale d and
+  one fp16 dmin per super-block, scale = d * sc, min = -dmin * m (sc 1..63, m 0..63; mins are never positive);
+  asym4-k32 is llama.cpp's Q4_K byte for byte (4.5 bpw), asym5-k32 its Q5_K. Symmetric: an int8 scale code per
+  group under one fp16 d (sym6-k32 copies into Q6_K, whose 16-weight sub-blocks repeat each code).
+  In memory a QuantizedWeight holds the effective scales (d * sc, exact in fp32); the artifact stores the codes.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from ..errors import FormatError
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, 0)  # 0: one group per output row (per-channel)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SUPER_BLOCK = 256  # weights per super-block of the "k" formats (llama.cpp's QK_K)
+SUPER_CODE_MAX = {False: 63, True: 127}  # largest scale code: 6 bits unsigned (asymmetric), int8 (symmetric)
 
 # formats whose codes and scales copy exactly into a GGML block type
 GGML_EXACT = {(4, 32, True): "Q4_0", (4, 32, False): "Q4_1", (5, 32, True): "Q5_0", (5, 32, False): "Q5_1",
               (8, 32, True): "Q8_0"}
+GGML_EXACT_SUPER = {(4, False): "Q4_K", (5, False): "Q5_K", (6, True): "Q6_K"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class WeightFormat:
     group_size: int = 32  # 0 = per output channel
     symmetric: bool = False
     scale_dtype: str = "float16"
+    superblock: bool = False  # scales (and mins) quantized in super-blocks of 256 weights ("k" formats)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -44,10 +54,12 @@ class WeightFormat:
                               "per-channel")
         if self.scale_dtype not in SCALE_DTYPES:
             raise FormatError(f"unsupported scale dtype {self.scale_dtype!r}: choose one of {list(SCALE_DTYPES)}")
+        if self.superblock and (self.group_size != 32 or self.scale_dtype != "float16"):
+            raise FormatError("super-block formats have groups of 32 under fp16 super-scales: e.g. 'asym4-k32'")
 
     @property
     def name(self) -> str:
-        g = "pc" if self.group_size == 0 else f"g{self.group_size}"
+        g = "pc" if self.group_size == 0 else f"{'k' if self.superblock else 'g'}{self.group_size}"
         s = "" if self.scale_dtype == "float16" else f"-{self.scale_dtype}"
         return f"{'sym' if self.symmetric else 'asym'}{self.bits}-{g}{s}"
 
@@ -57,10 +69,13 @@ class WeightFormat:
             kind, g, *rest = name.split("-")
             sym = kind.startswith("sym")
             bits = int(kind[3:] if sym else kind[4:])
+            if g != "pc" and g[:1] not in ("g", "k"):
+                raise ValueError(g)
             group = 0 if g == "pc" else int(g[1:])
-            return cls(bits, group, sym, rest[0] if rest else "float16")
+            return cls(bits, group, sym, rest[0] if rest else "float16", g.startswith("k"))
         except (ValueError, IndexError) as e:
-            raise FormatError(f"cannot read format name {name!r}: expected e.g. 'asym4-g32' or 'sym8-pc'") from e
+            raise FormatError(f"cannot read format name {name!r}: expected e.g. 'asym4-g32', 'asym4-k32' or "
+                              "'sym8-pc'") from e
 
     @property
     def qmin(self) -> int:
@@ -87,15 +102,39 @@ class WeightFormat:
                 f"group size {self.group_size} does not divide {name}'s input dimension {in_f}: choose a group size "
                 f"that divides it ({', '.join(str(g) for g in (32, 64, 128) if in_f % g == 0) or 'per-channel'})"
             )
+        if self.superblock and in_f % SUPER_BLOCK:
+            raise FormatError(
+                f"{self.name} needs rows of a multiple of {SUPER_BLOCK} weights (its super-blocks); {name}'s input "
+                f"dimension is {in_f}: use {self.flat().name} for it (llama.cpp's K-quants fall back likewise)")
         if (in_f * self.bits) % 8:
             raise FormatError(f"{name}: {in_f} codes of {self.bits} bits do not fill whole bytes per row")
+
+    def fits(self, shape: tuple[int, int]) -> bool:
+        try:
+            self.check_shape(shape)
+        except FormatError:
+            return False
+        return True
 
     def nbytes(self, shape: tuple[int, int]) -> int:
         """Every stored byte of a tensor in this format: codes, scales, and mins for asymmetric formats."""
         out_f, in_f = shape
+        if self.superblock:  # per group: 8-bit (sym) or 2 x 6-bit (asym) codes; per 256: fp16 d (and dmin)
+            code_bits = 8 if self.symmetric else 12
+            supers = in_f // SUPER_BLOCK * (1 if self.symmetric else 2) * 2
+            return out_f * (in_f * self.bits // 8 + self.groups(in_f) * code_bits // 8 + supers)
         scale_bytes = torch.finfo(self.scale_torch_dtype).bits // 8
         per_group = scale_bytes * (1 if self.symmetric else 2)
         return out_f * (in_f * self.bits // 8 + self.groups(in_f) * per_group)
+
+    def flat(self) -> WeightFormat:
+        """The same codes with a plain fp16 scale (and min) per group: what a super-block format becomes on a
+        tensor whose rows are not a multiple of 256, and what the runtime's kernels hold."""
+        return WeightFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype) if self.superblock else self
+
+    def for_shape(self, shape: tuple[int, int]) -> WeightFormat:
+        """self, or flat() where the rows do not fill whole super-blocks."""
+        return self.flat() if self.superblock and shape[1] % SUPER_BLOCK else self
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return self.nbytes(shape) * 8 / (shape[0] * shape[1])
@@ -105,6 +144,8 @@ class WeightFormat:
         """The GGML block type this format copies into exactly, if any (fp16 scales, group 32)."""
         if self.scale_dtype != "float16":
             return None
+        if self.superblock:
+            return GGML_EXACT_SUPER.get((self.bits, self.symmetric))
         return GGML_EXACT.get((self.bits, self.group_size, self.symmetric))
 
 
@@ -137,3 +178,67 @@ def unpack(packed: torch.Tensor, fmt: WeightFormat, in_features: int) -> torch.T
     q = (bits << np.arange(fmt.bits, dtype=np.int16)).sum(-1, dtype=np.int16)
     return torch.from_numpy(q) + fmt.qmin
 
+
+
+# ---- super-block scales: effective per-group values in memory, codes under fp16 super-scales on disk ----
+
+_CODES6 = WeightFormat(6, 32, False)  # 6-bit unsigned scale/min codes, packed as a bit stream per row
+
+
+def super_codes(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightFormat):
+    """(d [rows, supers] fp16, scale codes [rows, groups], dmin, min codes) of a super-block format's effective
+    scales (and mins, asymmetric). They are exact by construction (quant.core.snap_superblock gives each
+    super-block's largest scale the largest code, so d = that scale / the code, exactly); anything else is refused."""
+    rows, groups = scales.shape
+    per = SUPER_BLOCK // fmt.group_size
+    top = SUPER_CODE_MAX[fmt.symmetric]
+
+    def split(v: torch.Tensor):
+        v = v.float().reshape(rows, groups // per, per)
+        d = v.abs().amax(-1) / top
+        codes = torch.round(v / d.clamp_min(2.0**-24)[..., None])
+        codes = torch.where(d[..., None] > 0, codes, 0.0)
+        low = -top if fmt.symmetric else 0
+        if not (torch.equal(d.half().float(), d) and torch.equal(d[..., None] * codes, v)
+                and bool(((codes >= low) & (codes <= top)).all())):
+            raise FormatError(f"{fmt.name}: these scales are not fp16 super-scales times integer codes (they were "
+                              "not made by the super-block quantizer); quantize the tensor again")
+        return d.half(), codes.reshape(rows, groups).to(torch.int16)
+
+    d, sc = split(scales)
+    if fmt.symmetric:
+        return d, sc, None, None
+    dmin, m = split(-mins.float())
+    return d, sc, dmin, m
+
+
+def encode_scales(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightFormat) -> dict[str, torch.Tensor]:
+    """What the artifact stores of a super-block format's scales: "scales" (6-bit codes packed, or int8 for
+    symmetric), "mins" (6-bit codes packed), "super" (fp16 d, or [d, dmin] per super-block)."""
+    d, sc, dmin, m = super_codes(scales, mins, fmt)
+    if fmt.symmetric:
+        return {"scales": sc.to(torch.int8).contiguous(), "super": d.contiguous()}
+    return {"scales": pack(sc, _CODES6), "mins": pack(m, _CODES6), "super": torch.stack((d, dmin), -1).contiguous()}
+
+
+def decode_scales(stored: dict[str, torch.Tensor | None], fmt: WeightFormat, shape: tuple[int, int]):
+    """encode_scales' inverse: -> effective scales, mins (fp32 [rows, groups]); FormatError on any shape mismatch."""
+    rows, in_f = shape
+    groups, supers = fmt.groups(in_f), in_f // SUPER_BLOCK
+    per = SUPER_BLOCK // fmt.group_size
+    want = {"scales": ((rows, groups), torch.int8), "super": ((rows, supers), torch.float16)} if fmt.symmetric else \
+        {"scales": ((rows, groups * 6 // 8), torch.uint8), "mins": ((rows, groups * 6 // 8), torch.uint8),
+         "super": ((rows, supers, 2), torch.float16)}
+    for key, (shp, dtype) in want.items():
+        t = stored.get(key)
+        if t is None or tuple(t.shape) != shp or t.dtype != dtype:
+            got = "nothing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            raise FormatError(f"{fmt.name} {list(shape)}: its {key} should be {str(dtype).removeprefix('torch.')} "
+                              f"{list(shp)}, found {got}")
+    sup = stored["super"].float()
+    if fmt.symmetric:
+        sc = stored["scales"].float().reshape(rows, supers, per)
+        return (sup[..., None] * sc).reshape(rows, groups), None
+    sc = unpack(stored["scales"], _CODES6, groups).float().reshape(rows, supers, per)
+    m = unpack(stored["mins"], _CODES6, groups).float().reshape(rows, supers, per)
+    return (sup[..., 0:1] * sc).reshape(rows, groups), (-(sup[..., 1:2] * m)).reshape(rows, groups)

@@ -41,8 +41,7 @@ KV_CHOICES_BY_KIND = {"cpu": ("bf16",), "soc": ("bf16",)}
 def fits(fmt: str, shape: tuple[int, int]) -> bool:
     if fmt == DENSE:
         return True
-    f = WeightFormat.parse(fmt)
-    return not f.group_size or shape[1] % f.group_size == 0
+    return WeightFormat.parse(fmt).fits(tuple(shape))
 
 
 def tensor_bytes(fmt: str, shape: tuple[int, int], device: Device) -> int:

@@ -58,8 +58,9 @@ ENGINES = {
         "llama.cpp", ("gpu", "soc", "cpu"), "layer", stream_dense=0.95, stream_quant=0.95, stream_cap=1.249e12,
         layer_s={"gpu": 93.3e-6, "soc": 180.1e-6, "cpu": 20e-6},
         allreduce_s={"nvlink": 10e-6, "pcie": 40e-6}, hop_s=20e-6, kv_formats=("bf16", "int8", "int4"),
-        # the formats the GGUF export copies exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and 16-bit
-        formats=("sym4-g32", "asym4-g32", "sym5-g32", "asym5-g32", "sym8-g32", "bf16"),
+        # the formats the GGUF export copies exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and 16-bit
+        formats=("sym4-g32", "asym4-g32", "sym5-g32", "asym5-g32", "sym8-g32", "asym4-k32", "asym5-k32", "sym6-k32",
+                 "bf16"),
         # fitted on XiongjieDai/GPU-Benchmarks-on-LLM-Inference (bench/whatif.py; the stream fractions sit at
         # the fit's 0.95 bound: consumer cards stream near their datasheet rate, HBM cards hit the 1.25 TB/s
         # cap); the CPU per-layer figure is not fitted (no published CPU row)

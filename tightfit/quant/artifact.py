@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..errors import ArtifactError, FormatError
 from ..formats.size import bits_per_weight
-from ..formats.weight import WeightFormat
+from ..formats.weight import WeightFormat, decode_scales, encode_scales
 from ..io import atomic_path
 from ..models.hf import save_tokenizer
 from .calibrate import QuantizedModel
@@ -43,11 +43,13 @@ def _tensors_of(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, entries = {}, {}
     for name, qw in qm.weights.items():
         tensors[f"{name}.qweight"] = qw.packed_bytes
-        tensors[f"{name}.scales"] = qw.scales.contiguous()
-        stored = tensors[f"{name}.qweight"].numel() + qw.scales.numel() * qw.scales.element_size()
-        if qw.mins is not None:
-            tensors[f"{name}.mins"] = qw.mins.contiguous()
-            stored += qw.mins.numel() * qw.mins.element_size()
+        stored = tensors[f"{name}.qweight"].numel()
+        scales = encode_scales(qw.scales, qw.mins, qw.fmt) if qw.fmt.superblock else \
+            {"scales": qw.scales, "mins": qw.mins}
+        for key, t in scales.items():
+            if t is not None:
+                tensors[f"{name}.{key}"] = t.contiguous()
+                stored += t.numel() * t.element_size()
         if qw.g_idx is not None:
             tensors[f"{name}.g_idx"] = qw.g_idx.contiguous()
             stored += qw.g_idx.numel() * qw.g_idx.element_size()
@@ -161,10 +163,18 @@ def open_quantized(path: Path):
                 fmt = WeightFormat.parse(e["format"])
             except FormatError as err:
                 raise ArtifactError(f"{path}: tensor {name} has an unknown format {e['format']!r}") from err
-            packed, scales, mins, g_idx = read(f"{name}.qweight", f"{name}.scales", f"{name}.mins", f"{name}.g_idx")
-            if packed.shape != (shape[0], shape[1] * fmt.bits // 8):
+            packed, scales, mins, g_idx, sup = read(f"{name}.qweight", f"{name}.scales", f"{name}.mins",
+                                                     f"{name}.g_idx", f"{name}.super")
+            if len(shape) != 2 or packed.shape != (shape[0], shape[1] * fmt.bits // 8):
                 raise ArtifactError(f"{path}: tensor {name} holds {tuple(packed.shape)} packed bytes but the manifest "
                                     f"says {e['format']} {list(shape)}; the manifest does not match the weights.")
+            if fmt.superblock:
+                try:
+                    fmt.check_shape(shape, name)
+                    scales, mins = decode_scales({"scales": scales, "mins": mins, "super": sup}, fmt, shape)
+                except FormatError as err:
+                    raise ArtifactError(f"{path}: tensor {name}: {err}; the artifact is corrupt. Quantize it "
+                                        "again.") from err
             return QuantizedWeight(fmt, packed, scales, mins, g_idx, e.get("error", {}), in_features=shape[1],
                                    packed=True)
         if name in keys:

@@ -118,6 +118,7 @@ def source_term(state: dict, prefix: str, pair, hessians: dict, config, fmt, see
     w = state[f"{prefix}{pair.source}.weight"]
     if w.ndim != 2 or fmt is None:
         return None
+    fmt = fmt.for_shape(tuple(w.shape))
     H_src = hessians[source_input(pair, config)]
     cols = sum((state[f"{prefix}{t}.weight"].float() ** 2).sum(0) for t in pair.targets)  # per target column
     if pair.gqa:  # kv channel c feeds the same column of every query head sharing it
@@ -146,6 +147,7 @@ def awq_layer(state: dict, prefix: str, hessians: dict, cfg, config, fmt_for,
         if any(f is None for f in fmts):
             continue
         ws = [state[f"{prefix}{t}.weight"] for t in pair.targets]
+        fmts = [f.for_shape(tuple(w.shape)) for f, w in zip(fmts, ws)]
         act = torch.diagonal(H).clamp_min(0).sqrt()  # RMS activation per input column
         expand = (lambda s: expand_gqa(s, config)) if pair.gqa else (lambda s: s)
         if pair.gqa:  # one scale per kv channel: average over the query heads that share it

@@ -145,7 +145,9 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
             name: str) -> tuple[QuantizedWeight, bool]:
     """cfg.method's tensor (packed), unless round-to-nearest's output error on the held-out windows is smaller:
     then RTN's (a calibrated method must never return a tensor worse than plain rounding). Large tensors go
-    through in row blocks. -> (tensor, fell back to RTN)."""
+    through in row blocks. A super-block format on rows that are not a multiple of 256 becomes its plain form
+    (fmt.flat(): llama.cpp's K-quants fall back likewise). -> (tensor, fell back to RTN)."""
+    fmt = fmt.for_shape(tuple(w.shape))
     fmt.check_shape(tuple(w.shape), name)
     check = H_hold is not None and cfg.method != "rtn"
     method, plain = _Parts(), _Parts()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.weight import WeightFormat, pack, unpack
+from ..formats.weight import SUPER_BLOCK, SUPER_CODE_MAX, WeightFormat, pack, unpack
 
 
 @dataclass
@@ -76,8 +76,54 @@ def group_range(wg: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, ...]
     return wg.amin(-1), wg.amax(-1)
 
 
+def _fp16_positive(x: torch.Tensor) -> torch.Tensor:
+    """x (>= 0) rounded to a positive fp16 value, as fp32: the smallest subnormal for 0, fp16's largest at most."""
+    return x.clamp(2.0**-24, 65504.0).half().float()
+
+
+def _force_top(codes: torch.Tensor, values: torch.Tensor, top: float) -> torch.Tensor:
+    """codes with the code of each super-block's largest |value| set to +-top: d = that scale / top, exactly."""
+    idx = values.abs().argmax(-1, keepdim=True)
+    sign = torch.where(values.gather(-1, idx) < 0, -1.0, 1.0)
+    return codes.scatter(-1, idx, sign * top)
+
+
+def snap_superblock(scale: torch.Tensor, mn: torch.Tensor | None, fmt: WeightFormat):
+    """Group parameters [..., groups] made representable in a super-block format: each run of 8 groups (256
+    weights) shares one fp16 d (and dmin); each group keeps an integer code of it. -> effective scale (and min),
+    fp32, each exactly d * code. Asymmetric: the min is snapped first (never above 0, as Q4_K's -dmin * m), then
+    the scale is refitted so that the group's top stays where it was."""
+    top = float(SUPER_CODE_MAX[fmt.symmetric])
+    shape = scale.shape
+    per = SUPER_BLOCK // fmt.group_size
+    s = scale.float().reshape(*shape[:-1], shape[-1] // per, per)
+    if fmt.symmetric:
+        d = _fp16_positive(s.abs().amax(-1, keepdim=True) / top)
+        sc = torch.round(s / d).clamp(-top, top)
+        sc = torch.where(sc == 0, torch.where(s < 0, -1.0, 1.0), sc)
+        return (d * _force_top(sc, s, top)).reshape(shape), None
+    lo = mn.float().reshape(s.shape)
+    hi = lo + s * fmt.qmax
+    neg = (-lo).clamp_min(0)
+    dmin = neg.amax(-1, keepdim=True) / top
+    dmin = torch.where(dmin > 0, _fp16_positive(dmin), 0.0)
+    m = torch.where(dmin > 0, torch.round(neg / dmin.clamp_min(2.0**-24)).clamp(0, top), 0.0)
+    m = torch.where(dmin > 0, _force_top(m, neg, top), 0.0)
+    mn_q = -(dmin * m)
+    fitted = ((hi - mn_q) / fmt.qmax).clamp_min(0)
+    d = _fp16_positive(fitted.amax(-1, keepdim=True) / top)
+    sc = _force_top(torch.round(fitted / d).clamp(1, top), fitted, top)
+    return (d * sc).reshape(shape), mn_q.reshape(shape)
+
+
 def range_params(rng: tuple[torch.Tensor, ...], fmt: WeightFormat, clip: torch.Tensor | float = 1.0):
-    """Scale (and min) from group_range's result shrunk by `clip`, rounded to the format's scale dtype."""
+    """Scale (and min) from group_range's result shrunk by `clip`, rounded to the format's scale dtype (super-
+    block formats: snapped to their codes; the groups are the last dimension)."""
+    if fmt.superblock:
+        if fmt.symmetric:
+            return snap_superblock(rng[0] * clip / fmt.qmin, None, fmt)
+        lo, hi = rng[0] * clip, rng[1] * clip
+        return snap_superblock((hi - lo) / fmt.qmax, lo, fmt)
     if fmt.symmetric:
         # the weight of largest magnitude, with its sign, lands on qmin (e.g. -8 for 4 bits)
         scale = rng[0] * clip / fmt.qmin
@@ -142,7 +188,10 @@ def searched_params(wg: torch.Tensor, fmt: WeightFormat, Hb: torch.Tensor, clips
             best_err = torch.where(better, err, best_err)
             idx = torch.where(better, k, idx)
         idx = idx[None]
-    return S.gather(0, idx)[0], None if M is None else M.gather(0, idx)[0]
+    scale, mn = S.gather(0, idx)[0], None if M is None else M.gather(0, idx)[0]
+    if fmt.superblock:  # each candidate had its own super-scales; the chosen mix shares one per 256 weights
+        scale, mn = snap_superblock(scale, mn, fmt)
+    return scale, mn
 
 
 def quantize_codes(wg: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:

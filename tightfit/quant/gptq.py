@@ -169,7 +169,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
     gl = fmt.group_len(in_f)
     H_in = H
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
-    static = _static_params(W, H, fmt, clip_search) if static_groups or fmt.group_size == 0 else None
+    # super-block formats: static groups always (their super-scales span 8 groups, known before the sweep)
+    static = _static_params(W, H, fmt, clip_search) if static_groups or fmt.group_size == 0 or fmt.superblock \
+        else None
     W = W[:, perm]
     if static is not None:
         S, M, lo, hi = _per_column(static, fmt, in_f)

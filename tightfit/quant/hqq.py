@@ -44,6 +44,11 @@ def hqq(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None, *, p:
             s = torch.where(s == 0, torch.ones_like(s), s)
         beta *= kappa
     s, m = best
-    scale = s.to(fmt.scale_torch_dtype)
-    mn = None if m is None else m.to(fmt.scale_torch_dtype)
+    if fmt.superblock:
+        from .core import snap_superblock
+
+        scale, mn = snap_superblock(s, m, fmt)
+    else:
+        scale = s.to(fmt.scale_torch_dtype)
+        mn = None if m is None else m.to(fmt.scale_torch_dtype)
     return pack_result(fmt, quantize_codes(wg, fmt, scale, mn), scale, mn, w, H, report)

@@ -59,7 +59,7 @@ def tensor_ratios(w: torch.Tensor, H: torch.Tensor, H_eval: torch.Tensor, cfg: Q
     fits H and is scored on H_eval (inputs it did not see)."""
     w = w.float()
     w = w[torch.randperm(w.shape[0], generator=g)[:rows]]
-    fits = [f for f in formats if f.group_size == 0 or w.shape[1] % f.group_size == 0]
+    fits = [f for f in formats if f.fits(tuple(w.shape))]
     if cfg.method in GPTQ_METHODS:
         errs = gptq_errors(w, H, fits, act_order=cfg.act_order, damp=cfg.damp, clip_search=cfg.clip_search,
                            H_eval=H_eval)

@@ -1,0 +1,215 @@
+"""Super-block ("k") formats: scales and mins quantized under one fp16 pair per 256 weights, as llama.cpp's K-quants.
+
+Checked against gguf-py's own dequantizers (an independent reading of ggml's block layouts), on disk through the
+artifact, in the runtime, and in the GGUF export; quality floors against the plain group formats."""
+
+from __future__ import annotations
+
+import re
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tightfit.errors import ArtifactError, FormatError
+from tightfit.formats.ggml import to_ggml
+from tightfit.formats.weight import WeightFormat, decode_scales, encode_scales
+from tightfit.quant.core import QuantizedWeight, rtn
+
+from .conftest import make_tokenizer
+
+SUPER = ["asym2-k32", "asym3-k32", "asym4-k32", "asym5-k32", "asym6-k32", "sym4-k32", "sym6-k32", "sym8-k32"]
+
+
+def student_t(rows=64, cols=512, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, cols, generator=g)
+    chi = torch.randn(5, rows, cols, generator=g).pow(2).sum(0)
+    w = 0.02 * z / (chi / 5).sqrt()
+    w[3, :32] = w[3, :32].abs() + 0.01  # a group with only positive weights: its min must still be <= 0
+    w[5, 256:288] = 0  # a dead group beside live ones in one super-block
+    return w
+
+
+def test_names_sizes_and_ggml_types():
+    for name in SUPER:
+        assert WeightFormat.parse(name).name == name
+    shape = (8, 1024)
+    for name, ggml in (("asym4-k32", "Q4_K"), ("asym5-k32", "Q5_K"), ("sym6-k32", "Q6_K")):
+        f = WeightFormat.parse(name)
+        assert f.ggml_type == ggml
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml]]
+        if ggml != "Q6_K":  # Q6_K repeats each 32-group's int8 code over its two 16-weight halves: 8 bytes more
+            assert f.nbytes(shape) == shape[0] * shape[1] // block * size
+    assert WeightFormat.parse("asym4-k32").bits_per_weight(shape) == 4.5
+    assert WeightFormat.parse("asym3-k32").bits_per_weight(shape) == 3.5
+    assert WeightFormat.parse("asym4-k32").flat() == WeightFormat(4, 32, False)
+    with pytest.raises(FormatError, match="super-block formats have groups of 32"):
+        WeightFormat(4, 64, False, superblock=True)
+    with pytest.raises(FormatError, match=re.escape("asym4-k32 needs rows of a multiple of 256 weights (its "
+                                                    "super-blocks); w's input dimension is 576: use asym4-g32")):
+        WeightFormat.parse("asym4-k32").check_shape((8, 576), "w")
+    with pytest.raises(FormatError, match="cannot read format name 'asym4-x32'"):
+        WeightFormat.parse("asym4-x32")
+
+
+@pytest.mark.parametrize("name", SUPER)
+def test_scales_are_exact_codes_and_store_in_the_stated_bytes(name):
+    fmt = WeightFormat.parse(name)
+    w = student_t()
+    qw = rtn(w, fmt)
+    stored = encode_scales(qw.scales, qw.mins, fmt)
+    scales, mins = decode_scales(stored, fmt, qw.shape)
+    assert torch.equal(scales, qw.scales.float())
+    assert mins is None if fmt.symmetric else torch.equal(mins, qw.mins.float())
+    if not fmt.symmetric:
+        assert float(qw.mins.max()) <= 0
+    assert qw.packed_bytes.numel() + sum(t.numel() * t.element_size() for t in stored.values()) == fmt.nbytes(qw.shape)
+    assert torch.isfinite(qw.dequantize()).all()
+
+
+@pytest.mark.parametrize("name", ["asym4-k32", "asym5-k32", "sym6-k32"])
+def test_ggml_blocks_dequantize_in_gguf_py_to_our_weights(name):
+    fmt = WeightFormat.parse(name)
+    qw = rtn(student_t(seed=1), fmt)
+    ggml, raw = to_ggml(qw)
+    assert ggml == fmt.ggml_type and raw.shape == (64, 512 // 256 * gguf.GGML_QUANT_SIZES[
+        gguf.GGMLQuantizationType[ggml]][1])
+    back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ggml]).reshape(qw.shape)
+    assert np.array_equal(back, qw.dequantize().numpy())
+
+
+@pytest.mark.parametrize("bits,sym", [(3, False), (4, False), (5, False), (6, True)])
+def test_super_block_scales_cost_little_quality_for_their_bits(bits, sym):
+    w = student_t(128, 1024, seed=2)
+    flat = rtn(w, WeightFormat(bits, 32, sym)).error["sqnr_db"]
+    k = rtn(w, WeightFormat(bits, 32, sym, superblock=True)).error["sqnr_db"]
+    assert k > flat - 0.3, (k, flat)  # 0.5 bpw (asym) / 0.19 bpw (sym) less for at most 0.3 dB
+
+
+def test_scales_not_made_by_the_super_block_quantizer_are_refused():
+    fmt = WeightFormat.parse("asym4-k32")
+    flat = rtn(student_t(), fmt.flat())
+    with pytest.raises(FormatError, match="not fp16 super-scales times integer codes"):
+        encode_scales(flat.scales, flat.mins, fmt)
+    qw = rtn(student_t(), fmt)
+    stored = encode_scales(qw.scales, qw.mins, fmt)
+    with pytest.raises(FormatError, match=re.escape("asym4-k32 [64, 512]: its super should be float16 [64, 2, 2], "
+                                                    "found float16 [64, 1, 2]")):
+        decode_scales(stored | {"super": stored["super"][:, :1]}, fmt, qw.shape)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A tiny Llama whose rows are 256 and 512 wide: every projection takes a super-block format."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(add_bos=True)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    folder = tmp_path_factory.mktemp("wide") / "llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_gptq_artifact_runtime_and_gguf_export_hold_the_codes(wide_model, tmp_path, short_eval_text):
+    import tightfit
+    from tightfit.data import sha256_text
+    from tightfit.eval import evaluate
+    from tightfit.export.gguf_quant import export_gguf
+    from tightfit.formats.size import gguf_bits_per_weight
+    from tightfit.quant.api import quantize
+    from tightfit.quant.artifact import load_quantized
+    from tightfit.quant.config import QuantConfig
+    from tightfit.runtime import load_runtime
+
+    def kld(lm, base):
+        return evaluate(lm, short_eval_text, text_name="t", text_sha256=sha256_text(short_eval_text), ctx=64,
+                        base=base)
+
+    k4, embed = WeightFormat.parse("asym4-k32"), WeightFormat.parse("sym6-k32")
+    common = dict(method="gptq", calib_samples=4, calib_ctx=64, calib_generated=0)
+    mk = quantize(wide_model, QuantConfig(fmt=k4, embed_fmt=embed, **common), tmp_path / "k")
+    mf = quantize(wide_model, QuantConfig(fmt=k4.flat(), embed_fmt=embed.flat(), **common), tmp_path / "flat")
+    decoder = [n for n in mk["tensors"] if ".layers." in n and n.endswith("proj.weight")]
+    assert {mk["tensors"][n]["format"] for n in decoder} == {"asym4-k32"}
+    assert all(mk["tensors"][n]["bits_per_weight"] == 4.5 for n in decoder)
+    assert mk["tensors"]["model.embed_tokens.weight"]["format"] == "sym6-k32"
+    assert mk["bits_per_weight"] < mf["bits_per_weight"] - 0.4
+    # read back from disk: the effective scales exactly as quantized
+    _, qk, _ = load_quantized(tmp_path / "k")
+    q = qk["model.layers.1.mlp.down_proj.weight"]
+    assert q.fmt == k4 and float(q.mins.max()) <= 0
+    base = tightfit.load(wide_model)
+    r_k, r_flat = kld(tightfit.load(tmp_path / "k"), base), kld(tightfit.load(tmp_path / "flat"), base)
+    assert r_k.kld_mean < 1.3 * r_flat.kld_mean + 1e-4, (r_k.kld_mean, r_flat.kld_mean)
+    # the runtime (tightfit's int8 kernel, scales expanded per group) computes what the artifact holds
+    reference = tightfit.load(tmp_path / "k")
+    ids = torch.randint(5, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(reference.model(ids).logits.float(), -1)
+        got = torch.log_softmax(load_runtime(tmp_path / "k").model(ids).logits.float(), -1)
+    assert float((ref.exp() * (ref - got)).sum(-1).max()) < 5e-3
+    # GGUF: Q4_K and Q6_K blocks, code for code; llama.cpp's layout read back by gguf-py
+    report = export_gguf(tmp_path / "k", tmp_path / "k.gguf", strict=True)
+    assert report["exact"]
+    assert {r["ggml_type"] for n, r in report["tensors"].items() if n in decoder} == {"Q4_K"}
+    assert report["tensors"]["model.embed_tokens.weight"]["ggml_type"] == "Q6_K"
+    # one size function: the same bytes, but Q6_K's 16 scale codes per 256 weights where sym6-k32 keeps 8
+    extra = mk["tensors"]["model.embed_tokens.weight"]["parameters"] // 256 * 8
+    assert gguf_bits_per_weight(tmp_path / "k.gguf") == pytest.approx(
+        (mk["size_bytes"] + extra) * 8 / mk["parameters"])
+    r = kld(tightfit.load(tmp_path / "k.gguf"), reference)
+    assert r.kld_max < 1e-4 and r.top1_agreement == 1.0
+
+
+def test_rows_not_a_multiple_of_256_keep_plain_group_scales(tiny_models, tmp_path):
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+
+    m = quantize(tiny_models["qwen2"], QuantConfig(method="rtn", fmt=WeightFormat.parse("asym4-k32"),
+                                                   embed_fmt=WeightFormat.parse("sym6-k32")), tmp_path / "a")
+    assert {e["format"] for n, e in m["tensors"].items() if n.endswith("proj.weight")} == {"asym4-g32"}
+    assert m["tensors"]["model.embed_tokens.weight"]["format"] == "sym6-g32"
+
+
+def test_a_damaged_super_block_tensor_is_an_artifact_error(wide_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tightfit.quant.api import quantize
+    from tightfit.quant.artifact import load_quantized
+    from tightfit.quant.config import QuantConfig
+
+    quantize(wide_model, QuantConfig(method="rtn", fmt=WeightFormat.parse("asym4-k32")), tmp_path / "a")
+    path = tmp_path / "a" / "weights.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.0.mlp.down_proj.weight"  # [256, 512]: two super-blocks per row
+    tensors[f"{name}.super"] = tensors[f"{name}.super"][:, :1].contiguous()
+    save_file(tensors, path)
+    with pytest.raises(ArtifactError, match=re.escape(f"tensor {name}: asym4-k32 [256, 512]: its super should be "
+                                                      "float16 [256, 2, 2], found float16 [256, 1, 2]; the artifact "
+                                                      "is corrupt. Quantize it again.")):
+        load_quantized(tmp_path / "a")
+
+
+def test_cli_super_blocks_and_embed_format(wide_model, tmp_path, capsys):
+    import json
+
+    from tightfit.cli import main
+
+    assert main(["quantize", str(wide_model), "--method", "rtn", "--super-blocks", "--embed-format", "sym6-k32",
+                 "-o", str(tmp_path / "a"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bits_per_weight"] < 5.0
+    assert main(["quantize", str(wide_model), "--method", "rtn", "--super-blocks", "--group-size", "64",
+                 "-o", str(tmp_path / "b")]) == 2
+    assert "super-block formats have groups of 32" in capsys.readouterr().err

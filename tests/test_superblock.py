@@ -100,8 +100,7 @@ def test_scales_not_made_by_the_super_block_quantizer_are_refused():
         decode_scales(stored | {"super": stored["super"][:, :1]}, fmt, qw.shape)
 
 
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory):
+def build_wide(folder, tied: bool = True):
     """A tiny Llama whose rows are 256 and 512 wide: every projection takes a super-block format."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -109,16 +108,36 @@ def wide_model(tmp_path_factory):
     tok = make_tokenizer(add_bos=True)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.08)
-    folder = tmp_path_factory.mktemp("wide") / "llama"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    return build_wide(tmp_path_factory.mktemp("wide") / "llama")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_head_takes_its_own_format(tmp_path, tied):
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+
+    model = build_wide(tmp_path / "m", tied=tied)
+    k4, q6 = WeightFormat.parse("asym4-k32"), WeightFormat.parse("sym6-k32")
+    m = quantize(model, QuantConfig(method="rtn", fmt=k4, embed_fmt=k4, head_fmt=q6), tmp_path / "a")
+    assert m["config"]["head_fmt"] == "sym6-k32"
+    if tied:  # one table, read whole every token as the head: the head's format
+        assert m["tensors"]["model.embed_tokens.weight"]["format"] == "sym6-k32" and "lm_head.weight" not in m["tensors"]
+    else:
+        assert m["tensors"]["model.embed_tokens.weight"]["format"] == "asym4-k32"
+        assert m["tensors"]["lm_head.weight"]["format"] == "sym6-k32"
 
 
 def test_gptq_artifact_runtime_and_gguf_export_hold_the_codes(wide_model, tmp_path, short_eval_text):
@@ -170,6 +189,14 @@ def test_gptq_artifact_runtime_and_gguf_export_hold_the_codes(wide_model, tmp_pa
         (mk["size_bytes"] + extra) * 8 / mk["parameters"])
     r = kld(tightfit.load(tmp_path / "k.gguf"), reference)
     assert r.kld_max < 1e-4 and r.top1_agreement == 1.0
+    # the runtime on that GGUF: Q4_K codes as stored, Q6_K (which no kernel holds) re-quantized to 8 bits and said so
+    rt = load_runtime(tmp_path / "k.gguf")
+    assert rt.model.info["gguf_requantized"]["model.embed_tokens.weight"]["type"] == "Q6_K"
+    assert rt.model.info["gguf_requantized"]["model.embed_tokens.weight"]["sqnr_db"] > 30
+    assert set(rt.model.info["gguf_requantized"]) == {"model.embed_tokens.weight"}
+    with torch.no_grad():
+        from_gguf = torch.log_softmax(rt.model(ids).logits.float(), -1)
+    assert float((got.exp() * (got - from_gguf)).sum(-1).max()) < 5e-3
 
 
 def test_rows_not_a_multiple_of_256_keep_plain_group_scales(tiny_models, tmp_path):

@@ -1,5 +1,5 @@
 """tightfit quantize MODEL --method {rtn,gptq,awq,hqq,awq-gptq} --bits B --group-size G [--sym] [--super-blocks]
-[--embed-format NAME] [--target-bpw X] [--calib FILE] -o OUT"""
+[--embed-format NAME] [--head-format NAME] [--target-bpw X] [--calib FILE] -o OUT"""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def add_arguments(p):
     p.add_argument("--embed-format", metavar="NAME",
                    help="the token embedding / output head's format by name, e.g. sym6-k32 (Q6_K), asym4-k32 or "
                         "sym8-g32 (overrides --embed-bits)")
+    p.add_argument("--head-format", metavar="NAME",
+                   help="the output head's own format, e.g. sym6-k32 with --embed-format asym4-k32 (llama.cpp's "
+                        "Q4_K_M keeps an untied embedding at Q4_K, the head at Q6_K); a tied table takes it too")
     p.add_argument("--target-bpw", type=float, metavar="X",
                    help="mixed precision: choose each tensor's format to reach X bits per weight overall")
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the shipped calibration part)")
@@ -54,7 +57,8 @@ def run(args) -> int:
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
     if args.embed_format:
         embed = WeightFormat.parse(args.embed_format)
-    cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, act_order=not args.no_act_order,
+    head = WeightFormat.parse(args.head_format) if args.head_format else None
+    cfg = QuantConfig(method=args.method, fmt=fmt, embed_fmt=embed, head_fmt=head, act_order=not args.no_act_order,
                       static_groups=not args.dynamic_groups, clip_search=not args.no_clip_search,
                       calib_samples=args.calib_samples, calib_ctx=args.calib_ctx,
                       calib_generated=args.calib_generated)

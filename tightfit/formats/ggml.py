@@ -91,3 +91,25 @@ def to_ggml(qw) -> tuple[str, np.ndarray]:
         parts = [d, m] + ([_qh(q)] if ggml == "Q5_1" else []) + [_nibbles(q & 0xF)]
         blocks = np.concatenate(parts, axis=1)
     return ggml, np.ascontiguousarray(blocks).reshape(out_f, -1)
+
+
+def from_k_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
+    """Q4_K / Q5_K blocks (bytes [rows, cols / 256 * block bytes]) -> (codes int16 [rows, cols], effective scales,
+    effective mins: fp32 [rows, cols / 32]), exactly: scale = d * sc and min = -dmin * m, as ggml dequantizes."""
+    size = {"Q4_K": 144, "Q5_K": 176}[ggml]
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    q = b[:, 4:16].astype(np.int32)
+    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    qs = b[:, size - 128:].reshape(-1, 4, 32).astype(np.int16)
+    u = np.stack([qs & 0xF, qs >> 4], axis=2)  # [blocks, pair, 2, 32]
+    if ggml == "Q5_K":
+        qh = b[:, 16:48].astype(np.int16)  # bit g of qh[l]: bit 4 of element l of group g
+        g = np.arange(8, dtype=np.int16).reshape(4, 2)
+        u = u | (((qh[:, None, None, :] >> g[None, :, :, None]) & 1) << 4)
+    groups = cols // 32
+    scales = (d * sc.astype(np.float32)).reshape(rows, groups)
+    mins = -(dmin * m.astype(np.float32)).reshape(rows, groups)
+    return u.reshape(rows, cols), scales, mins

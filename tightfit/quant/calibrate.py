@@ -342,7 +342,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         H_head_hold = (hold.T @ hold) / hold.shape[0] if hold.shape[0] else None
         del h, fit, hold
     head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    fmt = cfg.format_for(head_name)
+    fmt = cfg.head_format(config.tie_word_embeddings)
 
     def head_tensor(w, fmt, H, H_hold):
         if fmt is None:

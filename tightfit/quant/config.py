@@ -24,6 +24,10 @@ class QuantConfig:
     fmt: WeightFormat = WeightFormat(4, 32, False)
     # the token embedding and (tied) output head: llama.cpp keeps them at 8 bits at this model size
     embed_fmt: WeightFormat | None = WeightFormat(8, 32, True)
+    # the output head's own format (None: as embed_fmt); a tied table is the head too and takes it. An untied
+    # embedding is only looked up (a row per token), the head is read whole every token: llama.cpp's Q4_K_M keeps
+    # them at Q4_K and Q6_K
+    head_fmt: WeightFormat | None = None
     tensor_formats: dict[str, WeightFormat] = field(default_factory=dict)  # a mixed plan: name -> format
     act_order: bool = True
     static_groups: bool = True
@@ -72,13 +76,23 @@ class QuantConfig:
         m = _EXPERT.match(name)  # one expert's tensor: its layer's group format, where a plan gives one
         if m and f"{m.group(1)}mlp.experts.{m.group(2)}" in self.tensor_formats:
             return self.tensor_formats[f"{m.group(1)}mlp.experts.{m.group(2)}"]
+        if name == "lm_head.weight" and self.head_fmt is not None:
+            return self.head_fmt
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return self.embed_fmt or self.fmt
         return self.fmt
+
+    def head_format(self, tied: bool) -> WeightFormat | None:
+        """The output head's format. A tied table is the head too: its plan entry, else head_fmt, else embed_fmt."""
+        name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        if tied and name not in self.tensor_formats and self.head_fmt is not None:
+            return self.head_fmt
+        return self.format_for(name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fmt"] = self.fmt.name
         d["embed_fmt"] = self.embed_fmt.name if self.embed_fmt else None
+        d["head_fmt"] = self.head_fmt.name if self.head_fmt else None
         d["tensor_formats"] = {k: v.name if v else "keep" for k, v in self.tensor_formats.items()}
         return d

@@ -1,8 +1,9 @@
-"""Build the runtime Engine from a tightfit artifact, a GGUF file (Q4_0/Q4_1/Q8_0 codes are run as stored) or a
-Hugging Face folder (bf16)."""
+"""Build the runtime Engine from a tightfit artifact, a GGUF file (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K codes are run as stored;
+other quantized types re-quantized to 8 bits, the error reported) or a Hugging Face folder (bf16)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -15,25 +16,38 @@ from tqdm.auto import tqdm
 from ..formats.weight import WeightFormat
 from ..models import resolve_source
 from ..models.arch import hf_to_gguf_names, unpermute_qk
-from ..quant.core import QuantizedWeight
+from ..quant.core import QuantizedWeight, rtn
 from .linear import RuntimeLinear, from_dense, from_quantized
 from .model import Embedding, Engine, Layer, ModelArgs
 
 Weight = QuantizedWeight | torch.Tensor
+log = logging.getLogger(__name__)
 
 # GGUF block types whose codes are a tightfit format: (format, bytes of scale(s) before the codes)
 GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
               gguf.GGMLQuantizationType.Q4_0: WeightFormat(4, 32, True),
-              gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False)}
+              gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False),
+              gguf.GGMLQuantizationType.Q4_K: WeightFormat(4, 32, False, superblock=True),
+              gguf.GGMLQuantizationType.Q5_K: WeightFormat(5, 32, False, superblock=True)}
+
+
+# GGUF types kept as they are (float); every other type the kernels lack is re-quantized to REQUANT at load
+DENSE_GGUF = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+REQUANT = WeightFormat(8, 32, True)
 
 
 def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> QuantizedWeight | None:
-    """The codes of a Q8_0/Q4_0/Q4_1 GGUF tensor as a QuantizedWeight (bit-exact), or None for other types.
-    shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
+    """The codes of a Q8_0/Q4_0/Q4_1/Q4_K/Q5_K GGUF tensor as a QuantizedWeight (bit-exact), or None for other
+    types. shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
     fmt = GGUF_CODES.get(t.tensor_type)
     if fmt is None:
         return None
     n, k = shape or (int(s) for s in reversed(t.shape.tolist()))
+    if fmt.superblock:
+        from ..formats.ggml import from_k_blocks
+
+        codes, scales, mins = from_k_blocks(t.data if data is None else data, t.tensor_type.name, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins))
     raw = torch.from_numpy(np.array(t.data if data is None else data, dtype=np.uint8).reshape(n, k // 32, -1))
     d = raw[..., :2].contiguous().view(torch.float16)[..., 0]
     if fmt.bits == 8:
@@ -85,18 +99,28 @@ def _gguf_source(path: Path):
         E, rows, cols = (int(x) for x in reversed(t.shape.tolist()))
         return gguf_quantized(t, _gguf_tensor_bytes(path, t, int(e), E), (rows, cols))
 
+    requantized: dict[str, dict] = {}
+
     def get(name: str) -> Weight:
         if moe is not None and name in lazy.experts:
             return get_expert(name)
         t = tensors[names[name]]
         if t.tensor_type not in GGUF_CODES:
-            return lazy.loaders[name]()
+            w = lazy.loaders[name]()
+            if t.tensor_type in DENSE_GGUF or w.ndim != 2 or not REQUANT.fits(tuple(w.shape)):
+                return w
+            # a lossy type the kernels do not hold (Q6_K, Q3_K, Q5_0, IQ*): 8-bit codes of the file's own grid
+            # run on the int8 kernel, where the dense bf16 weight read twice the bytes per token
+            qw = rtn(w.float(), REQUANT)
+            requantized[name] = {"type": t.tensor_type.name, "sqnr_db": qw.error["sqnr_db"]}
+            return qw
         qw = gguf_quantized(t, _gguf_tensor_bytes(path, t))
         if fam.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             qw = _rows(qw, unpermute_qk(torch.arange(qw.shape[0])[:, None], heads)[:, 0])
         return qw
 
+    get.requantized = requantized
     return config, lazy.tokenizer, get, set(lazy.loaders) | set(lazy.experts), None
 
 
@@ -131,10 +155,12 @@ def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None, k
     if all(isinstance(p, torch.Tensor) for p in parts):
         return from_dense(torch.cat(parts), bias)
     qs = [p if isinstance(p, QuantizedWeight) else None for p in parts]
-    same = all(q is not None and q.fmt == qs[0].fmt and q.g_idx is None for q in qs)
+    # the runtime holds every group's scale as a number: a super-block format stacks with its plain form
+    same = all(q is not None and q.fmt.flat() == qs[0].fmt.flat() and q.g_idx is None for q in qs)
     if same:
-        stacked = QuantizedWeight(qs[0].fmt, torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]),
-                                  None if qs[0].mins is None else torch.cat([q.mins for q in qs]))
+        fmt = qs[0].fmt if all(q.fmt == qs[0].fmt for q in qs) else qs[0].fmt.flat()
+        stacked = QuantizedWeight(fmt, torch.cat([q.codes for q in qs]), torch.cat([q.scales.float() for q in qs]),
+                                  None if qs[0].mins is None else torch.cat([q.mins.float() for q in qs]))
         return from_quantized(stacked, bias, kernel=kernel)
     # mixed formats: run each part and concatenate (a few more ops per token)
     return Concat([_linear(p, kernel) for p in parts], bias)
@@ -245,13 +271,13 @@ def _moe_block(fam, config, i: int, p: str, get, group):
 
 
 def resident_estimate(kind: str, path: Path) -> int:
-    """Bytes the runtime will hold for a source's weights: Q4_0/Q4_1/Q8_0 GGUF tensors and artifacts as
-    stored, everything else in bf16."""
+    """Bytes the runtime will hold for a source's weights: GGUF tensors whose codes it runs and artifacts as
+    stored, other quantized GGUF types at 8.5 bits per weight, everything else in bf16."""
     if kind == "gguf":
         from ..models.gguf_file import open_gguf
 
         return sum(int(t.n_bytes) if t.tensor_type in GGUF_CODES else int(t.n_elements) * 2
-                   for t in open_gguf(path).tensors)
+                   if t.tensor_type in DENSE_GGUF else int(t.n_elements) * 17 // 16 for t in open_gguf(path).tensors)
     files = sorted(path.glob("*.safetensors"))
     if kind == "artifact":
         return sum(f.stat().st_size for f in files)
@@ -279,4 +305,11 @@ def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bo
                 "much resident and stream the other layers from disk each token.")
     engine = build_engine(config, get, names, kv_format, progress,
                           {"source": os.fspath(source), "kind": kind, "path": path}, max_memory, kernel)
+    requantized = getattr(get, "requantized", None)
+    if requantized:
+        engine.info["gguf_requantized"] = requantized
+        worst = min(requantized.values(), key=lambda e: e["sqnr_db"])
+        log.info("%d GGUF tensors of types %s re-quantized to %s for the runtime's kernels (least SQNR %.1f dB "
+                 "against the file's weights)", len(requantized), sorted({e["type"] for e in requantized.values()}),
+                 REQUANT.name, worst["sqnr_db"])
     return engine, tokenizer, kind, manifest

@@ -246,6 +246,19 @@ def test_found_by_fuzzing_damaged_json_in_a_gguf_tightfit_config(small_gguf, tmp
         read_gguf_fully(path)
 
 
+def test_found_by_fuzzing_a_metadata_string_that_is_not_utf8(small_gguf, tmp_path):
+    """At 3,000 examples under a 4 GB address-space limit the architecture name read back starting with byte 0x80,
+    and gguf-py's contents() raised UnicodeDecodeError ("can't decode byte 0x80 in position 0") from the
+    architecture check; every metadata read now goes through one accessor that makes that a GGUFFormatError."""
+    at = small_gguf.index(b"general.architecture") + len("general.architecture") + 4 + 8  # type, then length
+    assert small_gguf[at:at + 5] == b"llama"
+    path = tmp_path / "m.gguf"
+    path.write_bytes(small_gguf[:at] + b"\x80" + small_gguf[at + 1:])
+    with pytest.raises(TightfitError, match="metadata field 'general.architecture' could not be read "
+                                            r"\(UnicodeDecodeError.*the file is damaged"):
+        read_gguf_fully(path)
+
+
 def test_found_by_fuzzing_a_manifest_that_is_not_an_object_or_lacks_a_tensor(artifact, tmp_path):
     import tightfit
     from tightfit.runtime import load_runtime

@@ -55,7 +55,7 @@ def _copy_tokenizer_fields(w: gguf.GGUFWriter, source: Path) -> None:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        w.add_key_value(key, field_contents(field, source), vtype, sub_type=sub)
 
 
 def _tokenizer_fields_from_hf(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> None:

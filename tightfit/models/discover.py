@@ -20,13 +20,17 @@ class FoundModel:
 
 
 def _gguf_detail(path: Path) -> str:
-    from .gguf_file import open_gguf
+    from ..errors import TightfitError
+    from .gguf_file import field_contents, open_gguf
 
     try:
         r = open_gguf(path)
     except Exception as e:  # a listing must not die on one bad file
         return f"unreadable: {e}"
-    arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else "?"
+    try:
+        arch = field_contents(r.fields.get("general.architecture"), path) or "?"
+    except TightfitError as e:
+        return f"unreadable: {e}"
     types = Counter(t.tensor_type.name for t in r.tensors)
     if not types:
         return f"{arch}, no tensors (vocabulary only)"

@@ -42,6 +42,19 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     return reader
 
 
+def field_contents(field, path: str | os.PathLike):
+    """A metadata field's value, or None for a missing field; a damaged one (gguf-py decodes strings as UTF-8 and
+    arrays by the types the file claims: UnicodeDecodeError, ValueError, IndexError) is a GGUFFormatError."""
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except (ValueError, TypeError, IndexError) as e:  # UnicodeDecodeError is a ValueError
+        raise GGUFFormatError(f"{path}: its metadata field {getattr(field, 'name', '?')!r} could not be read "
+                              f"({type(e).__name__}: {str(e)[:160]}); the file is damaged: download, convert or "
+                              "export it again.") from None
+
+
 def hf_config(path: Path, tokenizer: bool = True):
     """(config, tokenizer or None) of a GGUF file, read by transformers from its metadata. Damaged metadata (a
     vocabulary that does not match its merges, a missing or mistyped key) is a GGUFFormatError, whatever
@@ -56,7 +69,7 @@ def hf_config(path: Path, tokenizer: bool = True):
         if "is not supported yet" in str(e):
             field = open_gguf(path).fields.get("general.architecture")
             raise GGUFFormatError(
-                f"{path} is a GGUF of the {field.contents() if field else None!r} architecture, whose config and "
+                f"{path} is a GGUF of the {field_contents(field, path)!r} architecture, whose config and "
                 f"tokenizer transformers' GGUF reader does not read ({str(e)[:120]}). tightfit writes such files "
                 "for llama.cpp; read the model from its Hugging Face folder.") from e
         raise GGUFFormatError(
@@ -90,18 +103,17 @@ def _restore_config(reader, config, path):
 
     field = reader.fields.get("tightfit.config")
     try:
-        keep = json.loads(field.contents()) if field is not None else {}
+        keep = json.loads(field_contents(field, path)) if field is not None else {}
     except (ValueError, TypeError) as e:  # a damaged byte in the JSON (found by fuzzing: JSONDecodeError escaped)
         raise GGUFFormatError(f"{path}: its tightfit.config metadata is not valid JSON ({e}); the file is damaged: "
                               "convert or export it again.") from None
     if not isinstance(keep, dict):
         raise GGUFFormatError(f"{path}: its tightfit.config metadata holds {type(keep).__name__}, not a JSON object; "
                               "the file is damaged: convert or export it again.")
-    arch = reader.fields["general.architecture"].contents()
+    arch = field_contents(reader.fields["general.architecture"], path)
 
     def meta(key):
-        f = reader.fields.get(f"{arch}.{key}")
-        return None if f is None else f.contents()
+        return field_contents(reader.fields.get(f"{arch}.{key}"), path)
 
     if meta("expert_count"):
         if arch not in MOE_TYPES:
@@ -131,8 +143,7 @@ def _restore_config(reader, config, path):
 
 def architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
     """The GGUF architecture name, checked against the families tightfit handles."""
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else None
+    arch = field_contents(reader.fields.get("general.architecture"), path)
     from .families import families
 
     known = sorted({f.gguf_arch for f in families().values()})

@@ -52,11 +52,12 @@ def save_hf(lm, out, *, dtype: torch.dtype = torch.float32, force: bool = False)
 
 
 def save_hf_streamed(lazy, out, *, dtype: torch.dtype = torch.float32, force: bool = False, layer_hook=None,
-                     progress: bool = False) -> Path:
+                     rest_hook=None, progress: bool = False) -> Path:
     """Write a LazyModel as a sharded Hugging Face folder, one decoder layer at a time (atomically): peak
     memory is one layer in fp32, whatever the model's size. layer_hook(state, i) may change layer i's tensors
-    in place before they are written (the off-grid rescaling). One shard per layer plus one for the rest,
-    with the index `from_pretrained` reads."""
+    in place before they are written (the off-grid rescaling), rest_hook(state) the embedding, final norm and
+    head (a rotation; it may add tensors, e.g. untie the head). One shard per layer plus one for the rest, with
+    the index `from_pretrained` reads."""
     import json
 
     from safetensors.torch import save_file
@@ -78,6 +79,8 @@ def save_hf_streamed(lazy, out, *, dtype: torch.dtype = torch.float32, force: bo
                     layer_hook(state, i)
             else:
                 state = {n: lazy.get(n) for n in rest}
+                if rest_hook is not None:
+                    rest_hook(state)
             file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
             tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
@@ -96,9 +99,9 @@ def save_hf_streamed(lazy, out, *, dtype: torch.dtype = torch.float32, force: bo
 def save_tokenizer(tokenizer, source_format: str, source_path: Path, folder: Path) -> None:
     """Save a tokenizer; from a GGUF source, remember llama.cpp's pre-tokenizer name for a GGUF written back."""
     if source_format == "gguf":
-        from .gguf_file import open_gguf
+        from .gguf_file import field_contents, open_gguf
 
         field = open_gguf(source_path).fields.get("tokenizer.ggml.pre")
         if field is not None:
-            tokenizer.init_kwargs["tightfit_gguf_pre"] = field.contents()
+            tokenizer.init_kwargs["tightfit_gguf_pre"] = field_contents(field, source_path)
     tokenizer.save_pretrained(folder)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -134,14 +135,37 @@ def mutate_json(obj, data, depth=0):
     return data.draw(JSON)
 
 
+@pytest.fixture(scope="module")
+def super_artifact(tmp_path_factory) -> Path:
+    """An artifact in super-block formats (scale codes under fp16 super-scales), of a model with 256-wide rows."""
+    from tightfit.formats import WeightFormat
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+
+    from .test_superblock import build_wide
+
+    root = tmp_path_factory.mktemp("fuzz-super")
+    out = root / "art"
+    quantize(build_wide(root / "model"), QuantConfig(method="rtn", fmt=WeightFormat.parse("asym4-k32"),
+                                                     embed_fmt=WeightFormat.parse("sym6-k32")), out)
+    return out
+
+
+FORMAT_NAMES = ["asym4-g32", "sym4-g32", "asym4-k32", "sym6-k32", "asym2-k32", "sym8-pc", "asym3-g64", "asym5-k32"]
+
+
 @FUZZ
 @given(data=st.data())
-def test_damaged_manifests_give_a_result_or_a_typed_error(artifact, tmp_path, data):
+def test_damaged_manifests_give_a_result_or_a_typed_error(artifact, super_artifact, tmp_path, data):
     import tightfit
     from tightfit.runtime import load_runtime
 
+    artifact = data.draw(st.sampled_from([artifact, super_artifact]))
     bad = fresh_copy(artifact, tmp_path / "art")
     manifest = json.loads((artifact / "manifest.json").read_text())
+    if data.draw(st.integers(0, 3)) == 0:  # a tensor said to be in another format (super-block ones among them)
+        name = data.draw(st.sampled_from(sorted(manifest["tensors"])))
+        manifest["tensors"][name]["format"] = data.draw(st.sampled_from(FORMAT_NAMES))
     text = json.dumps(mutate_json(manifest, data)) if data.draw(st.integers(0, 9)) else data.draw(st.text(max_size=40))
     (bad / "manifest.json").write_text(text)
     outcome(tightfit.load, bad)
@@ -257,6 +281,22 @@ def test_found_by_fuzzing_a_metadata_string_that_is_not_utf8(small_gguf, tmp_pat
     with pytest.raises(TightfitError, match="metadata field 'general.architecture' could not be read "
                                             r"\(UnicodeDecodeError.*the file is damaged"):
         read_gguf_fully(path)
+
+
+def test_found_by_fuzzing_a_super_block_tensor_said_to_be_in_a_plain_format(super_artifact, tmp_path):
+    """A manifest naming asym4-g32 for an asym4-k32 tensor: its packed 6-bit scale codes were read as [rows, 12]
+    scales of 16 groups and dequantizing indexed past them (IndexError, at 300 examples)."""
+    import tightfit
+    from tightfit.errors import ArtifactError
+
+    bad = fresh_copy(super_artifact, tmp_path / "art")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]["format"] = "asym4-g32"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=re.escape(
+            "tensor model.layers.0.mlp.down_proj.weight: asym4-g32 [256, 512]: its scales should be float [256, 16], "
+            "found uint8 [256, 12]; the artifact is corrupt. Quantize it again.")):
+        tightfit.load(bad)
 
 
 def test_found_by_fuzzing_a_manifest_that_is_not_an_object_or_lacks_a_tensor(artifact, tmp_path):

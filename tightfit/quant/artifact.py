@@ -134,6 +134,23 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _check_group_tensors(fmt: WeightFormat, shape, scales, mins, g_idx) -> None:
+    """A plain group format's scales (and mins, g_idx) as its shape needs them: float [rows, groups], g_idx int
+    [columns] naming existing groups (found by fuzzing: packed super-block codes read as scales indexed out of
+    bounds)."""
+    rows, cols = shape
+    want = (rows, fmt.groups(cols))
+    for key, t in (("scales", scales), ("mins", mins)):
+        if key == "mins" and fmt.symmetric:
+            continue
+        if t is None or tuple(t.shape) != want or not t.is_floating_point():
+            got = "nothing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            raise FormatError(f"{fmt.name} {list(shape)}: its {key} should be float {list(want)}, found {got}")
+    if g_idx is not None and (tuple(g_idx.shape) != (cols,) or g_idx.is_floating_point() or (
+            cols and (int(g_idx.min()) < 0 or int(g_idx.max()) >= want[1]))):
+        raise FormatError(f"{fmt.name} {list(shape)}: its g_idx should be {cols} group indices below {want[1]}")
+
+
 def open_quantized(path: Path):
     """(manifest, get): get(name) reads one tensor (a QuantizedWeight or a float tensor) from disk, checked
     against the manifest; nothing else is read, so a runtime with a memory budget can load layer by layer."""
@@ -168,13 +185,15 @@ def open_quantized(path: Path):
             if len(shape) != 2 or packed.shape != (shape[0], shape[1] * fmt.bits // 8):
                 raise ArtifactError(f"{path}: tensor {name} holds {tuple(packed.shape)} packed bytes but the manifest "
                                     f"says {e['format']} {list(shape)}; the manifest does not match the weights.")
-            if fmt.superblock:
-                try:
+            try:
+                if fmt.superblock:
                     fmt.check_shape(shape, name)
                     scales, mins = decode_scales({"scales": scales, "mins": mins, "super": sup}, fmt, shape)
-                except FormatError as err:
-                    raise ArtifactError(f"{path}: tensor {name}: {err}; the artifact is corrupt. Quantize it "
-                                        "again.") from err
+                else:
+                    _check_group_tensors(fmt, shape, scales, mins, g_idx)
+            except FormatError as err:
+                raise ArtifactError(f"{path}: tensor {name}: {err}; the artifact is corrupt. Quantize it "
+                                    "again.") from err
             return QuantizedWeight(fmt, packed, scales, mins, g_idx, e.get("error", {}), in_features=shape[1],
                                    packed=True)
         if name in keys:

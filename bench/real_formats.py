@@ -24,6 +24,7 @@ from pathlib import Path
 CONFIGS = {
     "rtn-g4": (False, ["--method", "rtn"]),  # asym4-g32, embedding/head sym8-g32
     "rtn-k4": (False, ["--method", "rtn", "--super-blocks", "--embed-format", "sym6-k32"]),
+    "rtn-k4-rot": (True, ["--method", "rtn", "--super-blocks", "--embed-format", "sym6-k32"]),
     "rtn-k4-q4e": (False, ["--method", "rtn", "--super-blocks", "--embed-format", "asym4-k32", "--head-format",
                            "sym6-k32"]),
     "rtn-k4-q4e-rot": (True, ["--method", "rtn", "--super-blocks", "--embed-format", "asym4-k32", "--head-format",

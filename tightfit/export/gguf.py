@@ -18,7 +18,7 @@ from ..errors import UnsupportedArchitectureError
 from ..io import atomic_path
 from ..models.arch import hf_to_gguf_names, to_gguf_tensor
 from ..models.families import family_of
-from ..models.gguf_file import open_gguf
+from ..models.gguf_file import field_contents, open_gguf
 
 log = logging.getLogger(__name__)
 

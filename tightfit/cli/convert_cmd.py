@@ -21,7 +21,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the --offgrid factors and --rotate (default 0)")
     p.add_argument("--rotate", action="store_true",
                    help="fold a random rotation of the residual stream into the weights (incoherence processing: "
-                        "the same function, weights without outlier columns, which quantize better); a tied "
+                        "the same function, weights without outlier columns; measure it: on Qwen2.5-1.5B at 4-bit "
+                        "g32 RTN it quantized worse); a tied "
                         "embedding/head is untied (hf only)")
 
 

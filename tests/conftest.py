@@ -52,15 +52,22 @@ def make_config(arch: str, vocab_size: int):
 
 
 def build_tiny(arch: str, folder: Path, seed: int = 0, add_bos: bool | None = None) -> Path:
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(add_bos=(arch == "llama") if add_bos is None else add_bos)
-    model = AutoModelForCausalLM.from_config(make_config(arch, len(tokenizer)))
-    with torch.no_grad():  # larger-than-default weights so the random model's distributions are not flat
+    return save_random(make_config(arch, len(tokenizer)), tokenizer, folder, 0.15)
+
+
+def save_random(config, tokenizer, folder: Path, std: float) -> Path:
+    """A model of `config` with N(0, std) matrices (larger than the default, so its distributions are not flat),
+    saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0, 0.15)
+                p.normal_(0, std)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -17,7 +17,7 @@ from tightfit.formats.ggml import to_ggml
 from tightfit.formats.weight import WeightFormat, decode_scales, encode_scales
 from tightfit.quant.core import QuantizedWeight, rtn
 
-from .conftest import make_tokenizer
+from .conftest import make_tokenizer, save_random
 
 SUPER = ["asym2-k32", "asym3-k32", "asym4-k32", "asym5-k32", "asym6-k32", "sym4-k32", "sym6-k32", "sym8-k32"]
 
@@ -102,21 +102,14 @@ def test_scales_not_made_by_the_super_block_quantizer_are_refused():
 
 def build_wide(folder, tied: bool = True):
     """A tiny Llama whose rows are 256 and 512 wide: every projection takes a super-block format."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     torch.manual_seed(0)
     tok = make_tokenizer(add_bos=True)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_random(config, tok, folder, 0.08)
 
 
 @pytest.fixture(scope="module")

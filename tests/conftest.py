@@ -52,7 +52,6 @@ def make_config(arch: str, vocab_size: int):
 
 
 def build_tiny(arch: str, folder: Path, seed: int = 0, add_bos: bool | None = None) -> Path:
-
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(add_bos=(arch == "llama") if add_bos is None else add_bos)
     return save_random(make_config(arch, len(tokenizer)), tokenizer, folder, 0.15)

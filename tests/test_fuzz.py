@@ -283,6 +283,33 @@ def test_found_by_fuzzing_a_metadata_string_that_is_not_utf8(small_gguf, tmp_pat
         read_gguf_fully(path)
 
 
+@pytest.mark.parametrize("layers", [2**31 - 1, 0])
+def test_found_by_fuzzing_a_layer_count_the_tensors_do_not_hold(small_gguf, tmp_path, layers):
+    """10,000 examples without coverage: one example ran for minutes at 2.3 GB and growing (at 10,000 under
+    coverage the kernel killed it at 21 GB): a block count of about 2^31 had transformers build that many layer
+    modules on the meta device. The count is now held to the file's tensors before anything is built."""
+    key = b"llama.block_count"
+    at = small_gguf.index(key) + len(key)
+    assert struct.unpack("<I", small_gguf[at:at + 4])[0] == 4  # GGUF value type uint32, then the value
+    path = tmp_path / "m.gguf"
+    path.write_bytes(small_gguf[:at + 4] + struct.pack("<I", layers) + small_gguf[at + 8:])
+    with pytest.raises(TightfitError, match=rf"claims {layers} decoder layers but the weights hold \d+ tensors"):
+        read_gguf_fully(path)
+
+
+def test_a_config_json_claiming_billions_of_layers_is_refused_before_building(tiny_models, tmp_path):
+    from tightfit.models.lazy import lazy_hf
+
+    bad = fresh_copy(tiny_models["llama"], tmp_path / "m")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2**31}))
+    with pytest.raises(TightfitError, match=r"claims 2147483648 decoder layers but the weights hold \d+ tensors"):
+        lazy_hf(bad)
+    (bad / "config.json").write_text(json.dumps(config | {"num_local_experts": 2**40}))
+    with pytest.raises(TightfitError, match=r"claims 1099511627776 experts per layer \(num_local_experts\)"):
+        lazy_hf(bad)
+
+
 def test_found_by_fuzzing_a_super_block_tensor_said_to_be_in_a_plain_format(super_artifact, tmp_path):
     """A manifest naming asym4-g32 for an asym4-k32 tensor: its packed 6-bit scale codes were read as [rows, 12]
     scales of 16 groups and dequantizing indexed past them (IndexError, at 300 examples)."""

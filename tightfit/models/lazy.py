@@ -36,10 +36,28 @@ class LazyModel:
         return {n: self.get(n).to(dtype) for n in self.loaders if n.startswith(module_prefix)}
 
 
-def _skeleton(config) -> torch.nn.Module:
-    """The model on the meta device; a config transformers cannot build a model from is a NotAModelError."""
+# more routed experts per layer than any released model has (DeepSeek-V3 256, Qwen3-Next 512), with room
+MAX_EXPERTS = 4096
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _skeleton(config, n_tensors: int, where) -> torch.nn.Module:
+    """The model on the meta device; a config transformers cannot build a model from is a NotAModelError. Meta
+    tensors cost nothing whatever their size, but each layer and expert is a Python module: a damaged config that
+    claims 2^31 layers would build them until memory ran out (found by fuzzing GGUF files), so the layer count
+    is held to the tensors the file really has (each layer has several) before anything is built."""
     from ..errors import TightfitError
 
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or not 0 < layers <= n_tensors:
+        raise NotAModelError(f"{where}: the config claims {layers!r} decoder layers but the weights hold "
+                             f"{n_tensors} tensors (each layer has several); the config or metadata is damaged. "
+                             "Download, convert or export the model again.")
+    for key in EXPERT_KEYS:
+        n = getattr(config, key, None)
+        if n is not None and (not isinstance(n, int) or not 0 <= n <= MAX_EXPERTS):
+            raise NotAModelError(f"{where}: the config claims {n!r} experts per layer ({key}); expected at most "
+                                 f"{MAX_EXPERTS}. The config or metadata is damaged; download or export it again.")
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
@@ -56,7 +74,7 @@ def lazy_gguf(path: Path) -> LazyModel:
     reader = open_gguf(path)
     gguf_arch = architecture(reader, path)
     config, tokenizer = hf_config(path)
-    skeleton = _skeleton(config)
+    skeleton = _skeleton(config, len(reader.tensors), path)
     names = hf_to_gguf_names(skeleton.state_dict().keys(), gguf_arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
     loaders, experts = {}, {}
@@ -132,14 +150,15 @@ def lazy_hf(path: Path) -> LazyModel:
     except Exception as e:  # tokenizers raises whatever its parsing of the files hit
         raise NotAModelError(f"{path}: the tokenizer files could not be read ({type(e).__name__}: {str(e)[:200]}). "
                              "Copy them again from the model's source.") from e
-    skeleton = _skeleton(config)
+    file_shapes = {f: safetensors_shapes(f) for f in files}
+    skeleton = _skeleton(config, sum(len(s) for s in file_shapes.values()), path)
     from .families import family_of
 
     moe = family_of(config, str(path)).moe
     wanted = set(skeleton.state_dict().keys())
     loaders, experts = {}, {}
     for f in files:
-        shapes = safetensors_shapes(f)
+        shapes = file_shapes[f]
         for k, shape in shapes.items():
             name = k if moe is None else moe.from_checkpoint(k)
             if name in wanted:

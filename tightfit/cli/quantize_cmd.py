@@ -1,5 +1,5 @@
 """tightfit quantize MODEL --method {rtn,gptq,awq,hqq,awq-gptq} --bits B --group-size G [--sym] [--super-blocks]
-[--embed-format NAME] [--head-format NAME] [--target-bpw X] [--calib FILE] -o OUT"""
+[--format NAME] [--embed-format NAME] [--head-format NAME] [--target-bpw X] [--calib FILE] -o OUT"""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def add_arguments(p):
                    help="quantize the scales (and mins) too, in super-blocks of 256 weights as llama.cpp's K-quants "
                         "(group 32 only; asym4: Q4_K's 4.5 bpw instead of 5.0); rows not a multiple of 256 keep "
                         "plain group scales")
+    p.add_argument("--format", metavar="NAME", dest="fmt",
+                   help="the decoder weights' format by name, in place of --bits/--group-size/--sym/--super-blocks: "
+                        "e.g. asym4-k32 (Q4_K), nl4-k32 (a non-uniform 4-bit grid, llama.cpp's IQ4_XS: 4.25 bpw) or "
+                        "nl4-g32 (IQ4_NL)")
     p.add_argument("--embed-bits", type=int, default=8,
                    help="bits for the token embedding / output head, symmetric, group 32 (default 8; 0: as --bits)")
     p.add_argument("--embed-format", metavar="NAME",
@@ -53,7 +57,8 @@ def run(args) -> int:
     from .common import quiet_libraries
 
     quiet_libraries(True)
-    fmt = WeightFormat(args.bits, args.group_size, args.sym, superblock=args.super_blocks)
+    fmt = WeightFormat.parse(args.fmt) if args.fmt else \
+        WeightFormat(args.bits, args.group_size, args.sym, superblock=args.super_blocks)
     embed = None if args.embed_bits == 0 else WeightFormat(args.embed_bits, 32, True)
     if args.embed_format:
         embed = WeightFormat.parse(args.embed_format)

@@ -8,6 +8,7 @@ integer zero points:
 - asymmetric formats (a float min) cannot be held (zero points are integers, and asymmetric pack-quantized
   checkpoints do not load in transformers 5.x with compressed-tensors 0.20): they are re-quantized to the
   symmetric format of the same bits, and the added error is reported (an error with strict=True);
+- non-uniform grids (nl4: codes index a table of levels) are not an int format: re-quantized likewise;
 - act-order g_idx (columns grouped in permuted order) has no place since compressed-tensors 0.20 removed
   actorder "group": such tensors are re-quantized in plain order, the added error reported.
 Linear layers are quantized; the embedding, the norms and an untied head are written dense in the scales'
@@ -148,7 +149,7 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
         module = ckpt(name).removesuffix(".weight")
         fmt = qw.fmt
         entry = {"exact": True}
-        if fmt.superblock and fmt.symmetric and qw.g_idx is None:
+        if fmt.superblock and fmt.symmetric and fmt.grid == "uniform" and qw.g_idx is None:
             # compressed-tensors holds one float scale per group: the codes as they are, each effective scale
             # (fp16 d x int8 code) rounded to the scales' dtype
             flat = QuantizedWeight(fmt.flat(), qw.codes, qw.scales.to(dtype), None)
@@ -158,17 +159,19 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
             if strict and err["weight_rel_mse"] > 0:
                 raise FormatError(msg + ". Quantize without --super-blocks for an exact export, or drop --strict.")
             qw, fmt, entry = flat, flat.fmt, {"exact": err["weight_rel_mse"] == 0, "added_error": err}
-        elif not fmt.symmetric or qw.g_idx is not None:
+        elif not fmt.symmetric or qw.g_idx is not None or fmt.grid != "uniform":
             why = (f"{fmt.name} stores a float minimum, which compressed-tensors cannot hold (its zero points are "
                    f"integers, and asymmetric pack-quantized checkpoints do not load in transformers "
                    f"{_transformers_version()})" if not fmt.symmetric else
+                   f"{fmt.name}'s codes index a non-uniform grid, and compressed-tensors' int formats are uniform "
+                   "(vLLM's kernels multiply the integer code by the scale)" if fmt.grid != "uniform" else
                    "act-order groups (g_idx) are not held by compressed-tensors "
                    f"{_ct_version()} (actorder 'group' was removed)")
             qw, err = _symmetric(qw)
             msg = (f"{name}: {why}; re-quantized to {qw.fmt.name}, adding relative error "
                    f"{err['weight_rel_mse']:.2e} (SQNR {err['sqnr_db']:.1f} dB)")
             if strict:
-                raise FormatError(msg + ". Quantize with --sym for an exact export, or drop --strict.")
+                raise FormatError(msg + (". Quantize with --sym (a uniform grid) for an exact export, or drop --strict."))
             log.warning(msg)
             entry = {"exact": False, "added_error": err}
             fmt = qw.fmt

@@ -1,7 +1,8 @@
 """Export a tightfit artifact to GGUF for llama.cpp / ollama, keeping each tensor's own type.
 
 Tensors whose format equals a GGML block type (fp16 scales, group 32: sym4/asym4/sym5/asym5/sym8 ->
-Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; super-blocks: asym4-k32/asym5-k32/sym6-k32 -> Q4_K/Q5_K/Q6_K) are copied code for code. Others are re-quantized from their dequantized values to
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; super-blocks: asym4-k32/asym5-k32/sym6-k32 -> Q4_K/Q5_K/Q6_K; the non-uniform
+nl4-g32/nl4-k32 -> IQ4_NL/IQ4_XS) are copied code for code. Others are re-quantized from their dequantized values to
 the smallest of those types at least as large, and the added error is reported per tensor (an error with
 strict=True). Llama's q/k rows are permuted for llama.cpp's rotary layout; rows never cross a group, so the
 permutation is exact on codes and scales alike.
@@ -30,7 +31,8 @@ REQUANT_TYPES = (("Q4_0", 4.5), ("Q4_1", 5.0), ("Q5_0", 5.5), ("Q5_1", 6.0), ("Q
 FILE_TYPES = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
               "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-              "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K}
+              "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+              "IQ4_NL": gguf.LlamaFileType.MOSTLY_IQ4_NL, "IQ4_XS": gguf.LlamaFileType.MOSTLY_IQ4_XS}
 
 
 def _permuted(qw: QuantizedWeight, name: str, config) -> QuantizedWeight:

@@ -11,6 +11,11 @@ Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scale and min codes for 8 groups of 3
 Q5_K: as Q4_K plus 32 bytes qh before the nibbles (bit 2i / 2i+1 of qh[l]: bit 4 of element l of group 2i / 2i+1).
 Q6_K: 128 bytes of low nibbles, 64 bytes of the high 2 bits, 16 int8 scales (one per 16 weights), fp16 d;
       w = d sc (q - 32).
+Non-uniform 4-bit (codes index the 16 levels of kvalues_iq4nl):
+IQ4_NL: fp16 d, 16 nibble bytes as Q4_0 (no offset: the nibble is the index);            w = d level[q].
+IQ4_XS: per 256: fp16 d, u16 scales_h (2 high bits of group g at bits 2g), 4 bytes scales_l (low 4 bits, group
+        2i in the low nibble of byte i, 2i+1 in the high), 128 nibble bytes, 16 per group as Q4_0;
+        w = d (ls - 32) level[q] with ls the 6-bit code.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ def _k_blocks(qw, ggml: str) -> np.ndarray:
     d, sc, dmin, m = (None if t is None else t.numpy() for t in super_codes(qw.scales, qw.mins, qw.fmt))
     u = (qw.codes.numpy().astype(np.int32) - qw.fmt.qmin).reshape(-1, 256)  # unsigned codes per super-block
     d = _f16(d)
+    if ggml == "IQ4_XS":
+        ls = (sc.reshape(-1, 8).astype(np.int32) + 32).astype(np.uint16)
+        high = ((ls >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)
+        low = (ls & 0xF).astype(np.uint8).reshape(-1, 4, 2)
+        scales_l = low[:, :, 0] | (low[:, :, 1] << 4)
+        qs = _nibbles(u.reshape(-1, 32)).reshape(-1, 128)
+        return np.concatenate([d, high.astype("<u2").view(np.uint8).reshape(-1, 2), scales_l, qs], axis=1)
     if ggml == "Q6_K":
         c = u.reshape(-1, 2, 4, 32)  # two halves of 128, each four runs of 32
         ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
@@ -82,6 +94,8 @@ def to_ggml(qw) -> tuple[str, np.ndarray]:
     d = _f16(qw.scales.float().numpy())
     if ggml == "Q8_0":
         blocks = np.concatenate([d, q.astype(np.int8).view(np.uint8)], axis=1)
+    elif ggml == "IQ4_NL":
+        blocks = np.concatenate([d, _nibbles(q)], axis=1)
     elif ggml in ("Q4_0", "Q5_0"):
         u = q - qw.fmt.qmin  # stored offset: + 8 or + 16
         parts = [d] + ([_qh(u)] if ggml == "Q5_0" else []) + [_nibbles(u & 0xF)]
@@ -113,3 +127,20 @@ def from_k_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
     scales = (d * sc.astype(np.float32)).reshape(rows, groups)
     mins = -(dmin * m.astype(np.float32)).reshape(rows, groups)
     return u.reshape(rows, cols), scales, mins
+
+
+def from_iq4_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
+    """IQ4_NL / IQ4_XS blocks -> (codes: level indices int16 [rows, cols], effective scales fp32 [rows, cols / 32]),
+    exactly as ggml dequantizes them (IQ4_XS: d * (ls - 32), ls any 6-bit code, -32 included)."""
+    size = {"IQ4_NL": 18, "IQ4_XS": 136}[ggml]
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    qs = b[:, size - (16 if ggml == "IQ4_NL" else 128):].reshape(-1, 16).astype(np.int16)
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)  # per group of 32: low nibbles first
+    if ggml == "IQ4_NL":
+        return codes.reshape(rows, cols), d.reshape(rows, cols // 32)
+    high = b[:, 2:4].copy().view("<u2").astype(np.int32)  # [blocks, 1]
+    low = b[:, 4:8].astype(np.int32)
+    g = np.arange(8)
+    ls = ((low[:, g // 2] >> (4 * (g % 2))) & 0xF) | (((high >> (2 * g)) & 3) << 4)
+    return codes.reshape(rows, cols), (d * (ls - 32).astype(np.float32)).reshape(rows, cols // 32)

@@ -15,6 +15,10 @@ Conventions (q are the integer codes stored):
   asym4-k32 is llama.cpp's Q4_K byte for byte (4.5 bpw), asym5-k32 its Q5_K. Symmetric: an int8 scale code per
   group under one fp16 d (sym6-k32 copies into Q6_K, whose 16-weight sub-blocks repeat each code).
   In memory a QuantizedWeight holds the effective scales (d * sc, exact in fp32); the artifact stores the codes.
+- non-uniform grids ("nl", llama.cpp's IQ4_NL table): a 4-bit code is an index into 16 fixed int8 levels,
+  denser near zero where weights are, w = d * level[q] (no min). nl4-g32 (fp16 d per 32: 4.5 bpw) is IQ4_NL byte
+  for byte; nl4-k32 (a signed 6-bit code per 32 under one fp16 per 256: 4.25 bpw) is IQ4_XS. The table is
+  llama.cpp's kvalues_iq4nl (ggml-common.h; ikawrakow, llama.cpp PR #5590), fitted to the weights of real models.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ GROUP_SIZES = (32, 64, 128, 0)  # 0: one group per output row (per-channel)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPER_BLOCK = 256  # weights per super-block of the "k" formats (llama.cpp's QK_K)
 SUPER_CODE_MAX = {False: 63, True: 127}  # largest scale code: 6 bits unsigned (asymmetric), int8 (symmetric)
+NL_SUPER_CODE_MAX = 31  # nl4-k32: signed 6-bit scale codes, stored + 32 (IQ4_XS)
+GRIDS = ("uniform", "nl")
+NL4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL's levels
 
 # formats whose codes and scales copy exactly into a GGML block type
 GGML_EXACT = {(4, 32, True): "Q4_0", (4, 32, False): "Q4_1", (5, 32, True): "Q5_0", (5, 32, False): "Q5_1",
               (8, 32, True): "Q8_0"}
 GGML_EXACT_SUPER = {(4, False): "Q4_K", (5, False): "Q5_K", (6, True): "Q6_K"}
+GGML_EXACT_NL = {False: "IQ4_NL", True: "IQ4_XS"}  # nl4 with group 32: plain, super-block
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,13 @@ class WeightFormat:
     symmetric: bool = False
     scale_dtype: str = "float16"
     superblock: bool = False  # scales (and mins) quantized in super-blocks of 256 weights ("k" formats)
+    grid: str = "uniform"  # "nl": codes index NL4_LEVELS (4 bits, symmetric: no min)
 
     def __post_init__(self):
+        if self.grid not in GRIDS:
+            raise FormatError(f"unknown grid {self.grid!r}: choose one of {list(GRIDS)}")
+        if self.grid == "nl" and (self.bits != 4 or not self.symmetric):
+            raise FormatError("the non-uniform grid has 4-bit codes and no min: 'nl4-g32' or 'nl4-k32'")
         if self.bits not in BITS:
             raise FormatError(f"unsupported bits {self.bits}: choose one of {list(BITS)}")
         if self.group_size not in GROUP_SIZES:
@@ -61,29 +74,52 @@ class WeightFormat:
     def name(self) -> str:
         g = "pc" if self.group_size == 0 else f"{'k' if self.superblock else 'g'}{self.group_size}"
         s = "" if self.scale_dtype == "float16" else f"-{self.scale_dtype}"
-        return f"{'sym' if self.symmetric else 'asym'}{self.bits}-{g}{s}"
+        kind = "nl" if self.grid == "nl" else "sym" if self.symmetric else "asym"
+        return f"{kind}{self.bits}-{g}{s}"
 
     @classmethod
     def parse(cls, name: str) -> WeightFormat:
         try:
             kind, g, *rest = name.split("-")
-            sym = kind.startswith("sym")
-            bits = int(kind[3:] if sym else kind[4:])
+            nl, sym = kind.startswith("nl"), kind.startswith("sym")
+            bits = int(kind[2:] if nl else kind[3:] if sym else kind[4:] if kind.startswith("asym") else "x")
             if g != "pc" and g[:1] not in ("g", "k"):
                 raise ValueError(g)
             group = 0 if g == "pc" else int(g[1:])
-            return cls(bits, group, sym, rest[0] if rest else "float16", g.startswith("k"))
+            return cls(bits, group, sym or nl, rest[0] if rest else "float16", g.startswith("k"),
+                       "nl" if nl else "uniform")
+        except FormatError:  # a name read, naming a format that does not exist: its own message
+            raise
         except (ValueError, IndexError) as e:
-            raise FormatError(f"cannot read format name {name!r}: expected e.g. 'asym4-g32', 'asym4-k32' or "
-                              "'sym8-pc'") from e
+            raise FormatError(f"cannot read format name {name!r}: expected e.g. 'asym4-g32', 'asym4-k32', "
+                              "'nl4-k32' or 'sym8-pc'") from e
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) if self.symmetric else 0
+        """The smallest code (an nl format's codes are indices 0..15)."""
+        return -(1 << (self.bits - 1)) if self.symmetric and self.grid == "uniform" else 0
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+        return (1 << (self.bits - 1)) - 1 if self.symmetric and self.grid == "uniform" else (1 << self.bits) - 1
+
+    @property
+    def levels(self) -> torch.Tensor | None:
+        """The value of each code of a non-uniform grid (fp32, ascending), None for a uniform one."""
+        return torch.tensor(NL4_LEVELS, dtype=torch.float32) if self.grid == "nl" else None
+
+    @property
+    def low_level(self) -> int:
+        """A symmetric format's most negative level, where the group's largest-magnitude weight lands."""
+        return NL4_LEVELS[0] if self.grid == "nl" else self.qmin
+
+    @property
+    def super_code_max(self) -> int:
+        return NL_SUPER_CODE_MAX if self.grid == "nl" else SUPER_CODE_MAX[self.symmetric]
+
+    def code_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> the levels they stand for, fp32 (the codes themselves on a uniform grid)."""
+        return self.levels[codes.long()] if self.grid == "nl" else codes.float()
 
     @property
     def scale_torch_dtype(self) -> torch.dtype:
@@ -119,8 +155,8 @@ class WeightFormat:
     def nbytes(self, shape: tuple[int, int]) -> int:
         """Every stored byte of a tensor in this format: codes, scales, and mins for asymmetric formats."""
         out_f, in_f = shape
-        if self.superblock:  # per group: 8-bit (sym) or 2 x 6-bit (asym) codes; per 256: fp16 d (and dmin)
-            code_bits = 8 if self.symmetric else 12
+        if self.superblock:  # per group: 8-bit (sym), 6-bit (nl) or 2 x 6-bit (asym) codes; per 256: fp16 d (, dmin)
+            code_bits = 6 if self.grid == "nl" else 8 if self.symmetric else 12
             supers = in_f // SUPER_BLOCK * (1 if self.symmetric else 2) * 2
             return out_f * (in_f * self.bits // 8 + self.groups(in_f) * code_bits // 8 + supers)
         scale_bytes = torch.finfo(self.scale_torch_dtype).bits // 8
@@ -130,7 +166,8 @@ class WeightFormat:
     def flat(self) -> WeightFormat:
         """The same codes with a plain fp16 scale (and min) per group: what a super-block format becomes on a
         tensor whose rows are not a multiple of 256, and what the runtime's kernels hold."""
-        return WeightFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype) if self.superblock else self
+        return WeightFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype, grid=self.grid) \
+            if self.superblock else self
 
     def for_shape(self, shape: tuple[int, int]) -> WeightFormat:
         """self, or flat() where the rows do not fill whole super-blocks."""
@@ -144,6 +181,8 @@ class WeightFormat:
         """The GGML block type this format copies into exactly, if any (fp16 scales, group 32)."""
         if self.scale_dtype != "float16":
             return None
+        if self.grid == "nl":
+            return GGML_EXACT_NL[self.superblock] if self.group_size == 32 else None
         if self.superblock:
             return GGML_EXACT_SUPER.get((self.bits, self.symmetric))
         return GGML_EXACT.get((self.bits, self.group_size, self.symmetric))
@@ -191,7 +230,7 @@ def super_codes(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightForm
     super-block's largest scale the largest code, so d = that scale / the code, exactly); anything else is refused."""
     rows, groups = scales.shape
     per = SUPER_BLOCK // fmt.group_size
-    top = SUPER_CODE_MAX[fmt.symmetric]
+    top = fmt.super_code_max
 
     def split(v: torch.Tensor):
         v = v.float().reshape(rows, groups // per, per)
@@ -216,6 +255,8 @@ def encode_scales(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightFo
     """What the artifact stores of a super-block format's scales: "scales" (6-bit codes packed, or int8 for
     symmetric), "mins" (6-bit codes packed), "super" (fp16 d, or [d, dmin] per super-block)."""
     d, sc, dmin, m = super_codes(scales, mins, fmt)
+    if fmt.grid == "nl":
+        return {"scales": pack(sc + NL_SUPER_CODE_MAX + 1, _CODES6), "super": d.contiguous()}
     if fmt.symmetric:
         return {"scales": sc.to(torch.int8).contiguous(), "super": d.contiguous()}
     return {"scales": pack(sc, _CODES6), "mins": pack(m, _CODES6), "super": torch.stack((d, dmin), -1).contiguous()}
@@ -226,7 +267,9 @@ def decode_scales(stored: dict[str, torch.Tensor | None], fmt: WeightFormat, sha
     rows, in_f = shape
     groups, supers = fmt.groups(in_f), in_f // SUPER_BLOCK
     per = SUPER_BLOCK // fmt.group_size
-    want = {"scales": ((rows, groups), torch.int8), "super": ((rows, supers), torch.float16)} if fmt.symmetric else \
+    want = {"scales": ((rows, groups * 6 // 8), torch.uint8), "super": ((rows, supers), torch.float16)} \
+        if fmt.grid == "nl" else \
+        {"scales": ((rows, groups), torch.int8), "super": ((rows, supers), torch.float16)} if fmt.symmetric else \
         {"scales": ((rows, groups * 6 // 8), torch.uint8), "mins": ((rows, groups * 6 // 8), torch.uint8),
          "super": ((rows, supers, 2), torch.float16)}
     for key, (shp, dtype) in want.items():
@@ -236,6 +279,9 @@ def decode_scales(stored: dict[str, torch.Tensor | None], fmt: WeightFormat, sha
             raise FormatError(f"{fmt.name} {list(shape)}: its {key} should be {str(dtype).removeprefix('torch.')} "
                               f"{list(shp)}, found {got}")
     sup = stored["super"].float()
+    if fmt.grid == "nl":
+        sc = unpack(stored["scales"], _CODES6, groups).float().reshape(rows, supers, per) - (NL_SUPER_CODE_MAX + 1)
+        return (sup[..., None] * sc).reshape(rows, groups), None
     if fmt.symmetric:
         sc = stored["scales"].float().reshape(rows, supers, per)
         return (sup[..., None] * sc).reshape(rows, groups), None

@@ -29,8 +29,9 @@ ACT_CHUNK = 512  # prefill tokens per chunk, for the activation estimate
 FORMATS = {
     "gpu": ("sym4-g128", "sym4-g64", "sym4-g32", "sym8-pc", DENSE),
     "npu": ("sym4-g128", "sym8-pc", DENSE),
-    "cpu": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32"),
-    "soc": ("asym2-g32", "asym3-g32", "sym4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32", DENSE),
+    "cpu": ("asym2-g32", "asym3-g32", "sym4-g32", "nl4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32"),
+    "soc": ("asym2-g32", "asym3-g32", "sym4-g32", "nl4-g32", "asym4-g32", "asym5-g32", "asym6-g32", "sym8-g32",
+            DENSE),
 }
 KV_CHOICES = ("bf16", "int8", "int4")
 # tightfit's runtime decodes fast (one C call per layer) with a float cache only; int8/int4 caches run the slower

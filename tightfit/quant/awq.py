@@ -29,7 +29,7 @@ ALPHAS = torch.linspace(0, 1, 21).tolist()
 def fake_quant(w: torch.Tensor, fmt, clip=1.0) -> torch.Tensor:
     wg = grouped(w, fmt)
     scale, mn = minmax_params(wg, fmt, clip)
-    return dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn).reshape(w.shape)
+    return dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn, fmt).reshape(w.shape)
 
 
 def sample_rows(w: torch.Tensor, in_features: int, g: torch.Generator, flops: float = 1e10):

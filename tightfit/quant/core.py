@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.weight import SUPER_BLOCK, SUPER_CODE_MAX, WeightFormat, pack, unpack
+from ..formats.weight import SUPER_BLOCK, WeightFormat, pack, unpack
 
 
 @dataclass
@@ -55,7 +55,7 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         cols = self.column_groups()
-        w = self.codes.float() * self.scales.float()[:, cols]
+        w = self.fmt.code_values(self.codes) * self.scales.float()[:, cols]
         if self.mins is not None:
             w += self.mins.float()[:, cols]
         return w
@@ -93,7 +93,7 @@ def snap_superblock(scale: torch.Tensor, mn: torch.Tensor | None, fmt: WeightFor
     weights) shares one fp16 d (and dmin); each group keeps an integer code of it. -> effective scale (and min),
     fp32, each exactly d * code. Asymmetric: the min is snapped first (never above 0, as Q4_K's -dmin * m), then
     the scale is refitted so that the group's top stays where it was."""
-    top = float(SUPER_CODE_MAX[fmt.symmetric])
+    top = float(fmt.super_code_max)
     shape = scale.shape
     per = SUPER_BLOCK // fmt.group_size
     s = scale.float().reshape(*shape[:-1], shape[-1] // per, per)
@@ -121,13 +121,14 @@ def range_params(rng: tuple[torch.Tensor, ...], fmt: WeightFormat, clip: torch.T
     block formats: snapped to their codes; the groups are the last dimension)."""
     if fmt.superblock:
         if fmt.symmetric:
-            return snap_superblock(rng[0] * clip / fmt.qmin, None, fmt)
+            return snap_superblock(rng[0] * clip / fmt.low_level, None, fmt)
         lo, hi = rng[0] * clip, rng[1] * clip
         return snap_superblock((hi - lo) / fmt.qmax, lo, fmt)
     if fmt.symmetric:
-        # the weight of largest magnitude, with its sign, lands on qmin (e.g. -8 for 4 bits)
-        scale = rng[0] * clip / fmt.qmin
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        # the weight of largest magnitude, with its sign, lands on the lowest level (e.g. -8 for 4 bits)
+        scale = rng[0] * clip / fmt.low_level
+        # a group of zeros: scale 1 codes them as 0 exactly; a non-uniform grid has no 0 level, scale 0 holds them
+        scale = torch.where(scale == 0, 0.0 if fmt.grid != "uniform" else 1.0, scale)
         return scale.to(fmt.scale_torch_dtype), None
     lo, hi = rng[0] * clip, rng[1] * clip
     scale = (hi - lo) / fmt.qmax
@@ -174,15 +175,17 @@ def searched_params(wg: torch.Tensor, fmt: WeightFormat, Hb: torch.Tensor, clips
         Mf = None if M is None else M.float().contiguous()
         Hf = Hb.float().contiguous()
         best = torch.empty(wg.shape[:2], dtype=torch.int32)
+        lv = fmt.levels
         lib.search_clips(w.data_ptr(), w.shape[0], w.shape[1], w.shape[2], Sf.data_ptr(),
                          0 if Mf is None else Mf.data_ptr(), len(clips), Hf.data_ptr(), float(fmt.qmin),
-                         float(fmt.qmax), best.data_ptr(), torch.get_num_threads())
+                         float(fmt.qmax), 0 if lv is None else lv.data_ptr(), 0 if lv is None else len(lv),
+                         best.data_ptr(), torch.get_num_threads())
         idx = best.long()[None]
     else:
         best_err = torch.full(wg.shape[:2], float("inf"))
         idx = torch.zeros(wg.shape[:2], dtype=torch.long)
         for k, (scale, mn) in enumerate(cands):
-            d = wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn)
+            d = wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn, fmt)
             err = torch.einsum("ogi,gij,ogj->og", d, Hb, d)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -195,14 +198,25 @@ def searched_params(wg: torch.Tensor, fmt: WeightFormat, Hb: torch.Tensor, clips
 
 
 def quantize_codes(wg: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
-    """Round-to-nearest codes of wg [..., n] for group parameters [...] (already in the scale dtype)."""
+    """Round-to-nearest codes of wg [..., n] for group parameters [...] (already in the scale dtype); on a
+    non-uniform grid the index of the nearest level."""
     s = scale.float()[..., None]
     x = wg - mn.float()[..., None] if mn is not None else wg
+    if fmt.grid != "uniform":
+        return nearest_level(torch.where(s == 0, 0.0, x / s), fmt.levels).float()
     return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
-    w = q * scale.float()[..., None]
+def nearest_level(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the level nearest each value (ties to the lower one): the count of midpoints below it, as
+    quant.cpp's nearest_level counts them."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(v.contiguous(), mids)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None,
+                     fmt: WeightFormat | None = None) -> torch.Tensor:
+    w = (fmt.code_values(q) if fmt is not None else q) * scale.float()[..., None]
     return w + mn.float()[..., None] if mn is not None else w
 
 
@@ -211,7 +225,7 @@ def rtn_error(w: torch.Tensor, fmt: WeightFormat, clip=1.0) -> torch.Tensor:
     sensitivity pricing needs for each of ~24 formats of every tensor (it was most of that step's time)."""
     wg = grouped(w, fmt)
     scale, mn = minmax_params(wg, fmt, clip)
-    return (wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn)).reshape(w.shape)
+    return (wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn, fmt)).reshape(w.shape)
 
 
 def output_error(d: torch.Tensor, H: torch.Tensor) -> float:

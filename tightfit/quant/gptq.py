@@ -17,7 +17,7 @@ import torch
 
 from ..errors import QuantizeError
 from ..formats.weight import WeightFormat
-from .core import diagonal_blocks, grouped, minmax_params, pack_result, searched_params
+from .core import diagonal_blocks, grouped, minmax_params, nearest_level, pack_result, searched_params
 
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,11 @@ def _sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
 
 
 def _sweep_static(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, S: torch.Tensor, M: torch.Tensor | None,
-                  lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+                  lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's column loop when every column's group parameters are known before it starts (static groups, or
     one group per row): W [rows, n] (fp32, contiguous, in quantization order) is updated in place; S, M
-    [rows, n]: each column's scale and min (M None: symmetric); lo, hi [rows]: each row's code range.
-    -> the codes [rows, n] (as floats).
+    [rows, n]: each column's scale and min (M None: symmetric); lo, hi [rows]: each row's code range; levels:
+    a non-uniform grid's values (codes are then indices of the nearest level). -> the codes [rows, n] (as floats).
 
     The column loop inside each block runs in C (runtime/kernels/quant.cpp, whole rows per thread) where a
     compiler is found, else in torch; both round every operation alike, so the results are bit-equal. The
@@ -122,14 +122,21 @@ def _sweep_static(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, S: torch
         E = torch.empty(rows, i2 - i1)
         if lib is not None:
             lib.gptq_block(W.data_ptr(), S.data_ptr(), 0 if M is None else M.data_ptr(), lo.data_ptr(),
-                           hi.data_ptr(), Hinv.data_ptr(), rows, n, i1, i2 - i1, Q.data_ptr(), E.data_ptr(), threads)
+                           hi.data_ptr(), 0 if levels is None else levels.data_ptr(),
+                           0 if levels is None else len(levels), Hinv.data_ptr(), rows, n, i1, i2 - i1, Q.data_ptr(),
+                           E.data_ptr(), threads)
         else:
             W1, Hinv1 = W[:, i1:i2], Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j, wcol = i1 + i, W1[:, i]
                 x = wcol - M[:, j] if M is not None else wcol
-                q = torch.clamp(torch.round(x / S[:, j]), lo, hi)
-                deq = q * S[:, j] + M[:, j] if M is not None else q * S[:, j]
+                if levels is None:
+                    q = torch.clamp(torch.round(x / S[:, j]), lo, hi)
+                    v = q
+                else:
+                    q = nearest_level(torch.where(S[:, j] == 0, 0.0, x / S[:, j]), levels).float()
+                    v = levels[q.long()]
+                deq = v * S[:, j] + M[:, j] if M is not None else v * S[:, j]
                 err = (wcol - deq) / Hinv1[i, i]
                 Q[:, j] = q
                 E[:, i] = err
@@ -170,12 +177,14 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, *, act_order: bool
     H_in = H
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
     # super-block formats: static groups always (their super-scales span 8 groups, known before the sweep)
-    static = _static_params(W, H, fmt, clip_search) if static_groups or fmt.group_size == 0 or fmt.superblock \
-        else None
+    # non-uniform grids likewise (the dynamic groups' column step rounds on a uniform grid)
+    static = _static_params(W, H, fmt, clip_search) \
+        if static_groups or fmt.group_size == 0 or fmt.superblock or fmt.grid != "uniform" else None
     W = W[:, perm]
     if static is not None:
         S, M, lo, hi = _per_column(static, fmt, in_f)
-        Q = _sweep_static(W.contiguous(), Hinv, block_size, S[:, perm], None if M is None else M[:, perm], lo, hi)
+        Q = _sweep_static(W.contiguous(), Hinv, block_size, S[:, perm], None if M is None else M[:, perm], lo, hi,
+                          fmt.levels)
         codes = Q[:, torch.argsort(perm)]
         return pack_result(fmt, codes, static[0], static[1], w.float(), H_in, report)
 
@@ -223,6 +232,15 @@ def gptq_errors(w: torch.Tensor, H: torch.Tensor, fmts: Sequence[WeightFormat], 
     out_f, in_f = w.shape
     for fmt in fmts:
         fmt.check_shape((out_f, in_f))
+    grids = {f.grid for f in fmts}
+    if len(grids) > 1:  # one sweep rounds on one grid: a sweep per grid
+        errs = {}
+        for g in grids:
+            idx = [i for i, f in enumerate(fmts) if f.grid == g]
+            errs.update(zip(idx, gptq_errors(w, H, [fmts[i] for i in idx], act_order=act_order, damp=damp,
+                                             block_size=block_size, clip_search=clip_search, H_eval=H_eval)))
+        return [errs[i] for i in range(len(fmts))]
+    levels = fmts[0].levels
     H_in = (H if H_eval is None else H_eval).float()
     W, H, perm, Hinv = _prepare(w, H, act_order, damp)
     S, M, lo, hi = [], [], [], []
@@ -235,6 +253,7 @@ def gptq_errors(w: torch.Tensor, H: torch.Tensor, fmts: Sequence[WeightFormat], 
     S, M = torch.cat(S)[:, perm], torch.cat(M)[:, perm]
     lo, hi = torch.cat(lo), torch.cat(hi)
     Ws = W.repeat(len(fmts), 1)[:, perm].contiguous()
-    D = _sweep_static(Ws, Hinv, block_size, S, M, lo, hi) * S + M
+    Q = _sweep_static(Ws, Hinv, block_size, S, M, lo, hi, levels)
+    D = (Q if levels is None else levels[Q.long()]) * S + M
     d = (w.float().repeat(len(fmts), 1) - D[:, torch.argsort(perm)]).reshape(len(fmts), out_f, in_f)
     return [float(((dk @ H_in) * dk).double().sum()) for dk in d]

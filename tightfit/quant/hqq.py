@@ -28,7 +28,7 @@ def hqq(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None, *, p:
     best = (s.clone(), None if m is None else m.clone())
     best_err = float("inf")
     for _ in range(iters):
-        q = quantize_codes(wg, fmt, s, m)
+        q = fmt.code_values(quantize_codes(wg, fmt, s, m))  # the levels the codes stand for
         wr = q * s[..., None] + (m[..., None] if m is not None else 0)
         err = float((wg - wr).abs().mean())
         if err < best_err:

@@ -29,7 +29,8 @@ from .sensitivity import SplitHessian, layerwise_sensitivities, tensor_losses, t
 # plain group formats, and super-block ones (K-quant-style scales: 0.5 bpw less than g32 at the same codes) where
 # a tensor's rows are a multiple of 256
 CANDIDATES = tuple(WeightFormat(b, g, sym) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64) for sym in (True, False)) \
-    + tuple(WeightFormat(b, 32, False, superblock=True) for b in (2, 3, 4, 5, 6)) + (WeightFormat(6, 32, True, superblock=True),)
+    + tuple(WeightFormat(b, 32, False, superblock=True) for b in (2, 3, 4, 5, 6)) + (WeightFormat(6, 32, True, superblock=True),) \
+    + tuple(WeightFormat(4, 32, True, superblock=sb, grid="nl") for sb in (False, True))  # IQ4_NL, IQ4_XS
 
 
 def fisher_diagonal(model, calib: torch.Tensor, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ class RuntimeLinear:
     bias: torch.Tensor | None = None
     perm: torch.Tensor | None = None  # input column permutation (act-order g_idx)
     added_error: dict | None = None  # vs the source weight, from the bf16 rounding of scales/zeros
+    lut: torch.Tensor | None = None  # q4 on a non-uniform grid: uint8 [16], each code's level + 128
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -77,8 +78,8 @@ class RuntimeLinear:
             # many rows (prefill): the weight back in bf16 (2.3 ms for 1536 x 8960 on 2 cores) and one bf16 GEMM
             # on AMX tiles: 5x the int8 kernel at 512 rows there; 0.6-0.9x at 32 rows, 1.8-2.3x at 128
             w = torch.empty(n, k, dtype=torch.bfloat16)
-            library().dequant4_bf16(self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, k, w.data_ptr(),
-                                    torch.get_num_threads())
+            library().dequant4_bf16(self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, k, self._lut_ptr,
+                                    w.data_ptr(), torch.get_num_threads())
             # rows padded to a multiple of 64: oneDNN keeps a primitive per distinct shape, and a server seeing
             # every prompt length grew by ~50 MB per 64 requests until its cache filled (bench/stress.py)
             xb = x2.to(torch.bfloat16)
@@ -91,15 +92,19 @@ class RuntimeLinear:
             x2 = x2.float().contiguous()
         y = torch.empty(m, n)
         library().linear(x2.data_ptr(), m, k, self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, self.group,
-                         y.data_ptr(), torch.get_num_threads())
+                         self._lut_ptr, y.data_ptr(), torch.get_num_threads())
         y = y.view(*shape[:-1], n)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def _lut_ptr(self) -> int:
+        return 0 if self.lut is None else self.lut.data_ptr()
 
     @property
     def nbytes(self) -> int:
         """Resident bytes: what a token reads from memory for this layer."""
         n = self.weight.numel() * self.weight.element_size()
-        for t in (self.scales_zeros, self.bias, self.perm):
+        for t in (self.scales_zeros, self.bias, self.perm, self.lut):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -152,18 +157,22 @@ def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) ->
         codes = codes[:, perm]
     reps = glen // 32
     d = qw.scales.float()
-    m = (qw.mins.float() if qw.mins is not None else torch.zeros_like(d)) + fmt.qmin * d
+    # a non-uniform grid: u = level + 128 through a table, so w = u d - 128 d
+    lut = None if fmt.levels is None else (fmt.levels + 128).to(torch.uint8)
+    low = -128 if lut is not None else fmt.qmin
+    m = (qw.mins.float() if qw.mins is not None else torch.zeros_like(d)) + low * d
     d16, m16 = d.half(), m.half()
     if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
         return None  # out of fp16's range: the torch path keeps them
     bits = 4 if fmt.bits <= 4 else 8
     lin = RuntimeLinear(f"q{bits}", pack_blocks(codes - fmt.qmin, bits),
                         torch.stack((d16.repeat_interleave(reps, 1), m16.repeat_interleave(reps, 1))).contiguous(),
-                        bits, n, k, None if bias is None else bias.float(), perm)
+                        bits, n, k, None if bias is None else bias.float(), perm, lut=lut)
     if check:
         def rows(r0, r1):
             g = lin.scales_zeros[:, r0:r1].float().repeat_interleave(32, 2)
-            w = (codes[r0:r1] - fmt.qmin).float() * g[0] + g[1]
+            u = codes[r0:r1] - fmt.qmin
+            w = (u.float() if lut is None else lut[u.long()].float()) * g[0] + g[1]
             return w if perm is None else w[:, torch.argsort(perm)]
         lin.added_error = _chunked_error(qw, rows)
     return lin
@@ -196,7 +205,9 @@ def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check:
             scales = scales.repeat_interleave(k // group, 1)
             mins = mins.repeat_interleave(k // group, 1) if mins is not None else None
         offset = torch.zeros_like(scales) if mins is None else mins
-        if fmt.bits <= 4:
+        if fmt.levels is not None:  # a non-uniform grid: its int8 levels as two 4-bit pieces, as 8-bit codes
+            codes = fmt.code_values(codes).to(torch.int32)
+        if fmt.bits <= 4 and fmt.levels is None:
             # centre the codes on the kernel's 8, so the zero is the group's own offset (0 for symmetric
             # formats) and its bf16 rounding stays small
             c = 8 if fmt.symmetric else 8 - (1 << (fmt.bits - 1))

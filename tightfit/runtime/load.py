@@ -28,7 +28,9 @@ GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
               gguf.GGMLQuantizationType.Q4_0: WeightFormat(4, 32, True),
               gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False),
               gguf.GGMLQuantizationType.Q4_K: WeightFormat(4, 32, False, superblock=True),
-              gguf.GGMLQuantizationType.Q5_K: WeightFormat(5, 32, False, superblock=True)}
+              gguf.GGMLQuantizationType.Q5_K: WeightFormat(5, 32, False, superblock=True),
+              gguf.GGMLQuantizationType.IQ4_NL: WeightFormat(4, 32, True, grid="nl"),
+              gguf.GGMLQuantizationType.IQ4_XS: WeightFormat(4, 32, True, superblock=True, grid="nl")}
 
 
 # GGUF types kept as they are (float); every other type the kernels lack is re-quantized to REQUANT at load
@@ -37,12 +39,17 @@ REQUANT = WeightFormat(8, 32, True)
 
 
 def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> QuantizedWeight | None:
-    """The codes of a Q8_0/Q4_0/Q4_1/Q4_K/Q5_K GGUF tensor as a QuantizedWeight (bit-exact), or None for other
+    """The codes of a Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/IQ4_NL/IQ4_XS GGUF tensor as a QuantizedWeight (bit-exact), or None for other
     types. shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
     fmt = GGUF_CODES.get(t.tensor_type)
     if fmt is None:
         return None
     n, k = shape or (int(s) for s in reversed(t.shape.tolist()))
+    if fmt.grid == "nl":
+        from ..formats.ggml import from_iq4_blocks
+
+        codes, scales = from_iq4_blocks(t.data if data is None else data, t.tensor_type.name, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), None)
     if fmt.superblock:
         from ..formats.ggml import from_k_blocks
 

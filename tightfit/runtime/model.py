@@ -190,7 +190,8 @@ class Engine:
             if lin is None:
                 return QLin()
             return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
-                        0 if lin.bias is None else lin.bias.data_ptr(), lin.out_features, lin.in_features, lin.group)
+                        0 if lin.bias is None else lin.bias.data_ptr(), 0 if lin.lut is None else lin.lut.data_ptr(),
+                        lin.out_features, lin.in_features, lin.group)
 
         def ptr(t):
             return 0 if t is None else t.data_ptr()

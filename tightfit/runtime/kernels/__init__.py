@@ -107,8 +107,8 @@ def quant_library() -> ctypes.CDLL | None:
     """quant.cpp compiled, or None (no compiler, or TIGHTFIT_KERNEL=torch): GPTQ then loops in torch."""
     # no -ffast-math, no FMA contraction: every operation rounds as torch's do (bit-equal results)
     return _library(QUANT_SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++17"],
-                    {"gptq_block": ([_p] * 6 + [_i] * 4 + [_p, _p, _i], None),
-                     "search_clips": ([_p, _i, _i, _i, _p, _p, _i, _p, _f, _f, _p, _i], None)},
+                    {"gptq_block": ([_p] * 6 + [_i, _p] + [_i] * 4 + [_p, _p, _i], None),
+                     "search_clips": ([_p, _i, _i, _i, _p, _p, _i, _p, _f, _f, _p, _i, _p, _i], None)},
                     "GPTQ's column loop and the clip search run in torch")
 
 
@@ -162,16 +162,16 @@ def library() -> ctypes.CDLL | None:
     # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
     # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
     return _library(SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
-                    {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i], None),
-                     "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _i], None),
+                    {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _p, _i], None),
+                     "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _p, _i], None),
                      "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
                      "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},
                     "using torch's int4 kernel")
 
 
 class QLin(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int),
-                ("k", ctypes.c_int), ("bits", ctypes.c_int)]
+    _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lut", ctypes.c_void_p),
+                ("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int)]
 
 
 class LayerArgs(ctypes.Structure):

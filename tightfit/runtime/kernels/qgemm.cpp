@@ -8,6 +8,8 @@
 // for activations and 8-bit weights; 4-bit weights are plain blocks (byte j = u_j | u_{j+16} << 4), which is
 // the same order once split into low and high nibbles. When K/32 is not a multiple of 4, the last two blocks
 // form a pair [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]. Requires K % 64 == 0.
+// Non-uniform 4-bit grids (IQ4_NL's table): a 16-byte table lut maps each nibble to u = level + 128 (one
+// vpshufb per 64 codes), the block's m is -128 d, and the product is the same as for plain 4-bit codes.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -44,8 +46,12 @@ static inline __m512i pair_index(int j0) {
 // Quad layout (activations; 8-bit weights too): [4 first halves | 4 second halves], 128 bytes; a 4-bit quad
 // is its 4 blocks as stored (byte j of a block: element j low nibble, element j+16 high nibble), so one
 // 64-byte load gives all first halves (& 0x0F) and all second halves (>> 4): 2 vpdpbusd per 128 weights.
-template <int BITS>
-static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad) {
+static inline __m512i load_lut(const uint8_t* lut) {
+    return lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)lut)) : _mm512_setzero_si512();
+}
+
+template <int BITS, bool NL>
+static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad, __m512i lut) {
     if (quad) {
         const __m512i xlo = _mm512_loadu_si512((const void*)(x + b * 32));
         const __m512i xhi = _mm512_loadu_si512((const void*)(x + b * 32 + 64));
@@ -55,19 +61,24 @@ static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool qu
             const __m512i mask = _mm512_set1_epi8(0x0F);
             lo = _mm512_and_si512(raw, mask);
             hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+            if (NL) {
+                lo = _mm512_shuffle_epi8(lut, lo);
+                hi = _mm512_shuffle_epi8(lut, hi);
+            }
         } else {
             lo = _mm512_loadu_si512((const void*)(w + b * 32));
             hi = _mm512_loadu_si512((const void*)(w + b * 32 + 64));
         }
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
     }
-    const __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
+    __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
+    if (NL) wv = _mm512_shuffle_epi8(lut, wv);
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void*)(x + b * 32)));
 }
 
-template <int BITS, int TILE>
+template <int BITS, int TILE, bool NL>
 static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n0, int n1, int K,
-                      const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N) {
+                      const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N, __m512i lut) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
@@ -90,7 +101,7 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
                 const bool quad = j + 4 <= cb;
                 const __m512i ix = quad ? quad_index(j) : pair_index(j);
                 for (int t = 0; t < TILE; t++) {
-                    const __m512i dot = unit_dot<BITS>(w, XQ + (size_t)(t0 + t) * K, c + j, quad);
+                    const __m512i dot = unit_dot<BITS, NL>(w, XQ + (size_t)(t0 + t) * K, c + j, quad, lut);
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
                 }
             }
@@ -101,9 +112,9 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
 
 // One token, four rows at a time: independent accumulators keep the FMA and load units busy while the
 // weights stream from memory, and each activation vector is loaded once for four rows.
-template <int BITS>
+template <int BITS, bool NL>
 static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n, int K, const int8_t* XQ,
-                       const float* DX, const float* XS, float* Y) {
+                       const float* DX, const float* XS, float* Y, __m512i lut) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     const uint8_t* group = W + (size_t)n * row_bytes;
@@ -130,7 +141,7 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
             const bool quad = j + 4 <= cb;
             const __m512i ix = quad ? quad_index(j) : pair_index(j);
             for (int r = 0; r < 4; r++) {
-                const __m512i dot = unit_dot<BITS>(W + (size_t)(n + r) * row_bytes, XQ, c + j, quad);
+                const __m512i dot = unit_dot<BITS, NL>(W + (size_t)(n + r) * row_bytes, XQ, c + j, quad, lut);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
             }
         }
@@ -138,22 +149,23 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
     for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-template <int BITS>
+template <int BITS, bool NL>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-                 const float* DX, const float* XS, int M, float* Y, int threads) {
+                 const float* DX, const float* XS, int M, float* Y, int threads, const uint8_t* lut16) {
+    const __m512i lut = load_lut(lut16);
     // rows split across threads; tokens in tiles of 4 reuse each unpacked weight vector
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
         const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
         if (M == 1) {
             int n = n0;
-            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS>(W, D, Mn, n, K, XQ, DX, XS, Y);
-            if (n < n1) gemm_rows<BITS, 1>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N);
+            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL>(W, D, Mn, n, K, XQ, DX, XS, Y, lut);
+            if (n < n1) gemm_rows<BITS, 1, NL>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N, lut);
             continue;
         }
         int t = 0;
-        for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N);
-        for (; t < M; t++) gemm_rows<BITS, 1>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N);
+        for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4, NL>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut);
+        for (; t < M; t++) gemm_rows<BITS, 1, NL>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut);
     }
 }
 
@@ -187,9 +199,10 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
 }
 
 // 4-bit weights back to bf16 (round to nearest even), for prefill's large-M products, which run faster as a bf16
-// GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m.
-void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, uint16_t* out,
-                   int threads) {
+// GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m (u through
+// lut where it is given).
+void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const uint8_t* lut,
+                   uint16_t* out, int threads) {
     const int nb = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -200,7 +213,8 @@ void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int 
             const uint8_t* p = w + b * 16;
             uint16_t* q = o + b * 32;
             for (int j = 0; j < 16; j++) {
-                float lo = (float)(p[j] & 15) * d + m, hi = (float)(p[j] >> 4) * d + m;
+                const int a4 = p[j] & 15, c4 = p[j] >> 4;
+                float lo = (float)(lut ? lut[a4] : a4) * d + m, hi = (float)(lut ? lut[c4] : c4) * d + m;
                 uint32_t a, c;
                 memcpy(&a, &lo, 4);
                 memcpy(&c, &hi, 4);
@@ -213,15 +227,16 @@ void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int 
 
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
-            float* Y, int threads) {
+            const uint8_t* lut, float* Y, int threads) {
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> dx, xs;
     const size_t nb = (size_t)M * (K / 32);
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
     if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); }
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), threads);
-    if (bits == 4) gemm<4>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads);
-    else gemm<8>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads);
+    if (bits == 4 && lut) gemm<4, true>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, lut);
+    else if (bits == 4) gemm<4, false>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, nullptr);
+    else gemm<8, false>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, nullptr);
 }
 
 }  // extern "C"
@@ -232,6 +247,7 @@ struct QLin {
     const uint8_t* w;
     const uint16_t* sz;  // fp16 [2, n, k/32]: scales then mins
     const float* bias;   // or null
+    const uint8_t* lut;  // a non-uniform 4-bit grid's table (u = level + 128), or null
     int n, k, bits;
 };
 
@@ -298,7 +314,7 @@ static void rmsnorm(const float* h, const float* w, int n, float eps, float* out
 }
 
 static void run_linear(const QLin& L, const float* x, float* y, int threads) {
-    linear(x, 1, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, y, threads);
+    linear(x, 1, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, L.lut, y, threads);
     if (L.bias)
         for (int i = 0; i < L.n; i++) y[i] += L.bias[i];
 }

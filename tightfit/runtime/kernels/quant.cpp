@@ -13,14 +13,35 @@
 #include <cstdint>
 #include <omp.h>
 
+// Index of the level nearest v on a non-uniform grid (levels ascending, n of them): the count of midpoints
+// below v, ties to the lower level (core.nearest_level: torch.bucketize on the same fp32 midpoints).
+static inline float nearest_level(float v, const float* levels, int n) {
+    int i = 0;
+    while (i < n - 1 && (levels[i] + levels[i + 1]) / 2 < v) i++;
+    return (float)i;
+}
+
+// One code and its value: round to nearest within [lo, hi] on a uniform grid, else the nearest level.
+static inline float code_of(float v, float lo, float hi, const float* levels, int nlev, float* value) {
+    if (levels) {
+        const float q = nearest_level(v, levels, nlev);
+        *value = levels[(int)q];
+        return q;
+    }
+    float q = std::nearbyint(v);  // round half to even, as torch.round
+    q = q < lo ? lo : (q > hi ? hi : q);
+    *value = q;
+    return q;
+}
+
 extern "C" {
 
 // W: [rows, ld] fp32; columns c0 .. c0+nb-1 are the block, updated in place as the loop goes.
 // S, M: [rows, ld] each column's group scale and min (M null: symmetric). lo, hi: [rows] code range of each row.
-// Hinv: [n, n] upper Cholesky factor of the inverse Hessian (row-major, n = ld columns in quantization order).
+// levels: a non-uniform grid's nlev values (null: uniform). Hinv: [n, n] upper Cholesky factor of the inverse Hessian (row-major, n = ld columns in quantization order).
 // Q: [rows, ld] codes out (as floats); E: [rows, nb] each column's scaled error out.
-void gptq_block(float* W, const float* S, const float* M, const float* lo, const float* hi, const float* Hinv,
-                int rows, int ld, int c0, int nb, float* Q, float* E, int threads) {
+void gptq_block(float* W, const float* S, const float* M, const float* lo, const float* hi, const float* levels,
+                int nlev, const float* Hinv, int rows, int ld, int c0, int nb, float* Q, float* E, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         float* w = W + (int64_t)r * ld + c0;
@@ -33,9 +54,9 @@ void gptq_block(float* W, const float* S, const float* M, const float* lo, const
             const float* h = Hinv + (int64_t)(c0 + i) * ld + c0;  // row c0+i of Hinv, from column c0
             const float mn = m ? m[i] : 0.0f;
             const float x = m ? w[i] - mn : w[i];
-            float code = std::nearbyint(x / s[i]);  // round half to even, as torch.round
-            code = code < qlo ? qlo : (code > qhi ? qhi : code);
-            const float deq = m ? code * s[i] + mn : code * s[i];
+            float v;
+            const float code = code_of(s[i] != 0.0f ? x / s[i] : 0.0f, qlo, qhi, levels, nlev, &v);
+            const float deq = m ? v * s[i] + mn : v * s[i];
             const float err = (w[i] - deq) / h[i];
             q[i] = code;
             e[i] = err;
@@ -52,11 +73,12 @@ void gptq_block(float* W, const float* S, const float* M, const float* lo, const
 extern "C" {
 
 // The clip search of group parameters (core.searched_params): for each (row, group) the candidate c (of C)
-// whose round-to-nearest error d = w - (clamp(round((w - m_c) / s_c)) s_c + m_c) has the least d^T H_g d.
+// whose round-to-nearest error d = w - (clamp(round((w - m_c) / s_c)) s_c + m_c) has the least d^T H_g d
+// (on a non-uniform grid, levels non-null: the nearest level's value in place of the rounded code).
 // wg: [rows, G, gl]; S, M: [C, rows, G] the candidates' scale and min (M null: symmetric), already rounded to
 // the format's scale dtype; Hb: [G, gl, gl]; best: [rows, G] out, the first candidate of least error.
 void search_clips(const float* wg, int rows, int G, int gl, const float* S, const float* M, int C,
-                  const float* Hb, float qlo, float qhi, int32_t* best, int threads) {
+                  const float* Hb, float qlo, float qhi, const float* levels, int nlev, int32_t* best, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float* d = new float[gl];
@@ -73,9 +95,9 @@ void search_clips(const float* wg, int rows, int G, int gl, const float* S, cons
                 const float m = M ? M[(int64_t)c * rows * G + rg] : 0.0f;
                 for (int i = 0; i < gl; i++) {
                     const float x = M ? w[i] - m : w[i];
-                    float q = std::nearbyint(x / s);
-                    q = q < qlo ? qlo : (q > qhi ? qhi : q);
-                    const float deq = M ? q * s + m : q * s;
+                    float v;
+                    code_of(s != 0.0f ? x / s : 0.0f, qlo, qhi, levels, nlev, &v);  // s 0: a group of zeros
+                    const float deq = M ? v * s + m : v * s;
                     d[i] = w[i] - deq;
                     t[i] = 0.0f;
                 }

@@ -9,7 +9,7 @@ from tightfit.errors import FormatError
 from tightfit.formats import WeightFormat, pack, unpack
 from tightfit.formats.ggml import to_ggml
 from tightfit.formats.kv import KV_FORMATS
-from tightfit.quant.core import rtn
+from tightfit.quant.core import QuantizedWeight, rtn
 
 ALL = [WeightFormat(b, g, s) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 0) for s in (True, False)]
 
@@ -68,3 +68,21 @@ def test_bad_formats():
         WeightFormat(4, 128).check_shape((576, 576), "q_proj")
     with pytest.raises(FormatError, match="cannot read format name 'int4'"):
         WeightFormat.parse("int4")
+
+
+@pytest.mark.parametrize("name", ["sym5-g32", "asym5-g32"])
+def test_q5_blocks_read_back_to_the_codes_they_were_written_from(name):
+    """Q5_0 / Q5_1 tensors of a GGUF run from their codes: the reader inverts the writer, and both agree with
+    gguf-py's dequantizer bit for bit."""
+    from tightfit.formats.ggml import from_q5_blocks, to_ggml
+
+    g = torch.Generator().manual_seed(3)
+    qw = rtn(torch.randn(16, 256, generator=g) * 0.03, WeightFormat.parse(name))
+    ggml, raw = to_ggml(qw)
+    codes, scales, mins = from_q5_blocks(raw, ggml, *qw.shape)
+    assert np.array_equal(codes, qw.codes.numpy()) and np.array_equal(scales, qw.scales.numpy())
+    assert (mins is None) == qw.fmt.symmetric and (mins is None or np.array_equal(mins, qw.mins.numpy()))
+    back = QuantizedWeight(qw.fmt, torch.from_numpy(codes), torch.from_numpy(scales),
+                           None if mins is None else torch.from_numpy(mins)).dequantize()
+    theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ggml]).reshape(qw.shape)
+    assert np.array_equal(theirs, back.numpy())

@@ -233,3 +233,26 @@ def test_cli_super_blocks_and_embed_format(wide_model, tmp_path, capsys):
     assert main(["quantize", str(wide_model), "--method", "rtn", "--super-blocks", "--group-size", "64",
                  "-o", str(tmp_path / "b")]) == 2
     assert "super-block formats have groups of 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits_sym", [("5", "sym"), ("5", "asym")])
+def test_q5_gguf_tensors_run_from_their_codes(tiny_models, tmp_path, bits_sym):
+    """Q5_0 / Q5_1 tensors of a GGUF run from their stored codes, none re-quantized, and compute what the artifact
+    they were exported from computes."""
+    from tightfit.export.gguf_quant import export_gguf
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+    from tightfit.runtime import load_runtime
+
+    fmt = WeightFormat.parse(f"{bits_sym[1]}{bits_sym[0]}-g32")
+    quantize(tiny_models["llama"], QuantConfig(method="rtn", fmt=fmt, embed_fmt=fmt), tmp_path / "a")
+    report = export_gguf(tmp_path / "a", tmp_path / "a.gguf", strict=True)
+    assert {r["ggml_type"] for r in report["tensors"].values() if r.get("ggml_type", "F32") not in ("F32", "F16")} \
+        == {fmt.ggml_type}
+    rt = load_runtime(tmp_path / "a.gguf")
+    assert not rt.model.info.get("gguf_requantized")
+    ids = torch.randint(5, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = torch.log_softmax(load_runtime(tmp_path / "a").model(ids).logits.float(), -1)
+        got = torch.log_softmax(rt.model(ids).logits.float(), -1)
+    assert float((want.exp() * (want - got)).sum(-1).max()) < 1e-4

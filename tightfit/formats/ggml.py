@@ -144,3 +144,21 @@ def from_iq4_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
     g = np.arange(8)
     ls = ((low[:, g // 2] >> (4 * (g % 2))) & 0xF) | (((high >> (2 * g)) & 3) << 4)
     return codes.reshape(rows, cols), (d * (ls - 32).astype(np.float32)).reshape(rows, cols // 32)
+
+
+def from_q5_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
+    """Q5_0 / Q5_1 blocks -> (codes int16 [rows, cols], scales fp16 [rows, cols / 32], mins fp16 or None), exactly
+    as ggml dequantizes them: Q5_0 w = (x - 16) d (sym5-g32's codes x - 16), Q5_1 w = x d + m (asym5-g32), x the
+    5-bit value whose low nibble is in qs (low nibbles: elements 0-15, high: 16-31) and bit 4 bit j of qh."""
+    size = {"Q5_0": 22, "Q5_1": 24}[ggml]
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
+    d = b[:, 0:2].copy().view(np.float16)
+    at = 2 if ggml == "Q5_0" else 4
+    qh = b[:, at:at + 4].copy().view("<u4").astype(np.int64)  # [blocks, 1]
+    qs = b[:, at + 4:].astype(np.int16)
+    x = np.concatenate([qs & 0xF, qs >> 4], axis=1) | (((qh >> np.arange(32)) & 1) << 4).astype(np.int16)
+    groups = cols // 32
+    if ggml == "Q5_0":
+        return (x - 16).reshape(rows, cols), d.reshape(rows, groups), None
+    m = b[:, 2:4].copy().view(np.float16)
+    return x.reshape(rows, cols), d.reshape(rows, groups), m.reshape(rows, groups)

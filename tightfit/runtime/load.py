@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
               gguf.GGMLQuantizationType.Q4_0: WeightFormat(4, 32, True),
               gguf.GGMLQuantizationType.Q4_1: WeightFormat(4, 32, False),
+              gguf.GGMLQuantizationType.Q5_0: WeightFormat(5, 32, True),
+              gguf.GGMLQuantizationType.Q5_1: WeightFormat(5, 32, False),
               gguf.GGMLQuantizationType.Q4_K: WeightFormat(4, 32, False, superblock=True),
               gguf.GGMLQuantizationType.Q5_K: WeightFormat(5, 32, False, superblock=True),
               gguf.GGMLQuantizationType.IQ4_NL: WeightFormat(4, 32, True, grid="nl"),
@@ -39,7 +41,7 @@ REQUANT = WeightFormat(8, 32, True)
 
 
 def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> QuantizedWeight | None:
-    """The codes of a Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/IQ4_NL/IQ4_XS GGUF tensor as a QuantizedWeight (bit-exact), or None for other
+    """The codes of a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/IQ4_NL/IQ4_XS GGUF tensor as a QuantizedWeight (bit-exact), or None for other
     types. shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
     fmt = GGUF_CODES.get(t.tensor_type)
     if fmt is None:
@@ -50,6 +52,12 @@ def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | N
 
         codes, scales = from_iq4_blocks(t.data if data is None else data, t.tensor_type.name, n, k)
         return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), None)
+    if fmt.bits == 5:
+        from ..formats.ggml import from_q5_blocks
+
+        codes, scales, mins = from_q5_blocks(t.data if data is None else data, t.tensor_type.name, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales),
+                               None if mins is None else torch.from_numpy(mins))
     if fmt.superblock:
         from ..formats.ggml import from_k_blocks
 
@@ -116,7 +124,7 @@ def _gguf_source(path: Path):
             w = lazy.loaders[name]()
             if t.tensor_type in DENSE_GGUF or w.ndim != 2 or not REQUANT.fits(tuple(w.shape)):
                 return w
-            # a lossy type the kernels do not hold (Q6_K, Q3_K, Q5_0, IQ*): 8-bit codes of the file's own grid
+            # a lossy type the kernels do not hold (Q6_K, Q2_K, Q3_K, IQ1-IQ3): 8-bit codes of the file's own grid
             # run on the int8 kernel, where the dense bf16 weight read twice the bytes per token
             qw = rtn(w.float(), REQUANT)
             requantized[name] = {"type": t.tensor_type.name, "sqnr_db": qw.error["sqnr_db"]}
@@ -279,12 +287,16 @@ def _moe_block(fam, config, i: int, p: str, get, group):
 
 def resident_estimate(kind: str, path: Path) -> int:
     """Bytes the runtime will hold for a source's weights: GGUF tensors whose codes it runs and artifacts as
-    stored, other quantized GGUF types at 8.5 bits per weight, everything else in bf16."""
+    stored, other quantized GGUF types (5-bit ones too) at 8.5 bits per weight, everything else in bf16."""
     if kind == "gguf":
         from ..models.gguf_file import open_gguf
 
-        return sum(int(t.n_bytes) if t.tensor_type in GGUF_CODES else int(t.n_elements) * 2
-                   if t.tensor_type in DENSE_GGUF else int(t.n_elements) * 17 // 16 for t in open_gguf(path).tensors)
+        def held(t) -> int:  # 5-bit codes run on the int8 kernel, a byte per weight
+            if t.tensor_type in GGUF_CODES and GGUF_CODES[t.tensor_type].bits <= 4:
+                return int(t.n_bytes)
+            return int(t.n_elements) * 2 if t.tensor_type in DENSE_GGUF else int(t.n_elements) * 17 // 16
+
+        return sum(held(t) for t in open_gguf(path).tensors)
     files = sorted(path.glob("*.safetensors"))
     if kind == "artifact":
         return sum(f.stat().st_size for f in files)

@@ -208,6 +208,38 @@ def test_quantize_round_trip_runs_on_the_runtime(family_models, tmp_path, short_
         assert kld(base.model(ids).logits[0], want) < 0.5  # a 4-bit copy of the model, not another function
 
 
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "olmoe"])
+def test_the_batched_c_decode_step_matches_each_sequence_alone(family_models, tmp_path, name):
+    """The server's batched step in one C call per layer (decode_rows: windows, q/k norms, sandwich norms,
+    partial rotary, each row's own experts) against the one-sequence C step, rows at different positions."""
+    from tightfit.runtime import load_runtime
+
+    quantize(family_models[name], quant_config("rtn"), tmp_path / "a")
+    e = load_runtime(tmp_path / "a").model
+    assert e.fused() is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 30, 90)]
+    caches = [e.new_cache(1, 128) for _ in prompts]
+    for c, p in zip(caches, prompts):
+        e.forward(torch.tensor([p]), 0, c)
+    calls = []
+    real = e._fused_rows
+    e._fused_rows = lambda *a: (calls.append(1), real(*a))
+    rows = e.decode_rows([11, 12, 13], [len(p) for p in prompts], caches)
+    assert calls  # the C step ran, not the per-op torch loop
+    for b, p in enumerate(prompts):
+        c = e.new_cache(1, 128)
+        e.forward(torch.tensor([p]), 0, c)
+        alone = e.forward(torch.tensor([[11 + b]]), len(p), c)[0, -1]
+        assert kld(alone[None], rows[b][None]) < 1e-4, (name, b)
+    # the caches hold what one sequence alone would have written: the next step agrees too
+    again = e.decode_rows([5, 6, 7], [len(p) + 1 for p in prompts], caches)
+    c = e.new_cache(1, 128)
+    e.forward(torch.tensor([prompts[1]]), 0, c)
+    e.forward(torch.tensor([[12]]), len(prompts[1]), c)
+    assert kld(e.forward(torch.tensor([[6]]), len(prompts[1]) + 1, c)[0, -1][None], again[1][None]) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
 def test_mixed_precision_plan_quantizes_each_family(family_models, tmp_path, name):
     cfg = QuantConfig(method="rtn", fmt=WeightFormat(4, 32, False), calib_generated=0.0, calib_samples=4,

@@ -165,6 +165,7 @@ def library() -> ctypes.CDLL | None:
                     {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _p, _i], None),
                      "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _p, _i], None),
                      "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
+                     "decode_rows": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _i, _i, _i], None),
                      "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},
                     "using torch's int4 kernel")
 

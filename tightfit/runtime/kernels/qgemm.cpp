@@ -493,6 +493,74 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe
     for (int i = 0; i < D; i++) h[i] += x[i];
 }
 
+// y [M, n] = x [M, k] W^T (+ bias) for M rows at once: the weights are read once for all of them
+static void run_linear_rows(const QLin& L, const float* x, int M, float* y, int threads) {
+    linear(x, M, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, L.lut, y, threads);
+    if (L.bias)
+        for (int r = 0; r < M; r++)
+            for (int i = 0; i < L.n; i++) y[(size_t)r * L.n + i] += L.bias[i];
+}
+
+// one decoder layer for B sequences, one new token each, each at its own position in its own cache (the server's
+// batched decode step): the same operations as decode_layer_t, the linears over all B rows at once.
+// h [B, dim]; cos[b], sin[b]: row b's RoPE tables at its position; kcs[b], vcs[b]: its cache of this layer
+template <typename KT>
+static void decode_rows_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe, float* h, int B, const int* pos,
+                          const float* const* cos, const float* const* sin, KT* const* kcs, KT* const* vcs, int cap,
+                          int threads) {
+    const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim;
+    thread_local std::vector<float> x, qkv, att, gu, act, y;
+    int F = m->ffn;
+    if (moe) F = moe->ffn > moe->shared_ffn ? moe->ffn : moe->shared_ffn;
+    const size_t row = (size_t)(H + 2 * KV) * hd;
+    x.resize((size_t)B * D);
+    qkv.resize((size_t)B * row);
+    att.resize((size_t)B * H * hd);
+    gu.resize((size_t)B * 2 * F);
+    act.resize((size_t)B * F);
+    y.resize(D);
+
+    for (int b = 0; b < B; b++) rmsnorm(h + (size_t)b * D, L->attn_norm, D, m->eps, x.data() + (size_t)b * D);
+    run_linear_rows(L->qkv, x.data(), B, qkv.data(), threads);
+    const int rh = m->rot / 2;
+    for (int b = 0; b < B; b++) {
+        const float* c = cos[b];
+        const float* sn = sin[b];
+        for (int head = 0; head < H + KV; head++) {
+            float* v = qkv.data() + b * row + (size_t)head * hd;
+            const float* qkn = head < H ? L->q_norm : L->k_norm;
+            if (qkn) rmsnorm(v, qkn, hd, m->eps, v);
+            for (int i = 0; i < rh; i++) {
+                const float a = v[i], bb = v[i + rh];
+                v[i] = a * c[i] - bb * sn[i];
+                v[i + rh] = bb * c[i + rh] + a * sn[i + rh];
+            }
+        }
+    }
+    attend_rows_t<KT>(B, H, KV, hd, m->scale, qkv.data(), kcs, vcs, pos, cap, L->window, att.data(), threads);
+    run_linear_rows(L->o, att.data(), B, x.data(), threads);
+    for (int b = 0; b < B; b++) {
+        float* xb = x.data() + (size_t)b * D;
+        float* hb = h + (size_t)b * D;
+        if (L->post_attn_norm) rmsnorm(xb, L->post_attn_norm, D, m->eps, xb);
+        for (int i = 0; i < D; i++) hb[i] += xb[i];
+        rmsnorm(hb, L->mlp_norm, D, m->eps, xb);
+    }
+    if (moe) {  // each row's own experts
+        for (int b = 0; b < B; b++) moe_block(m, moe, x.data() + (size_t)b * D, h + (size_t)b * D, gu, act, y, threads);
+        return;
+    }
+    run_linear_rows(L->gate_up, x.data(), B, gu.data(), threads);
+    for (int b = 0; b < B; b++) gated(m->act, gu.data() + (size_t)b * 2 * F, F, act.data() + (size_t)b * F);
+    run_linear_rows(L->down, act.data(), B, x.data(), threads);
+    for (int b = 0; b < B; b++) {
+        float* xb = x.data() + (size_t)b * D;
+        float* hb = h + (size_t)b * D;
+        if (L->post_mlp_norm) rmsnorm(xb, L->post_mlp_norm, D, m->eps, xb);
+        for (int i = 0; i < D; i++) hb[i] += xb[i];
+    }
+}
+
 extern "C" {
 
 // kv_bf16: 1 if the cache holds bf16 (uint16) values, 0 for fp32
@@ -503,6 +571,17 @@ void decode_layer(const Dims* m, const LayerArgs* L, const MoEArgs* moe, float* 
         decode_layer_t<uint16_t>(m, L, moe, h, pos, cos, sin, (uint16_t*)kc, (uint16_t*)vc, cap, threads);
     else
         decode_layer_t<float>(m, L, moe, h, pos, cos, sin, (float*)kc, (float*)vc, cap, threads);
+}
+
+
+void decode_rows(const Dims* m, const LayerArgs* L, const MoEArgs* moe, float* h, int B, const int* pos,
+                 const float* const* cos, const float* const* sin, void* const* kcs, void* const* vcs, int cap,
+                 int kv_bf16, int threads) {
+    if (kv_bf16)
+        decode_rows_t<uint16_t>(m, L, moe, h, B, pos, cos, sin, (uint16_t* const*)kcs, (uint16_t* const*)vcs, cap,
+                                threads);
+    else
+        decode_rows_t<float>(m, L, moe, h, B, pos, cos, sin, (float* const*)kcs, (float* const*)vcs, cap, threads);
 }
 
 

@@ -256,3 +256,40 @@ def test_q5_gguf_tensors_run_from_their_codes(tiny_models, tmp_path, bits_sym):
         want = torch.log_softmax(load_runtime(tmp_path / "a").model(ids).logits.float(), -1)
         got = torch.log_softmax(rt.model(ids).logits.float(), -1)
     assert float((want.exp() * (want - got)).sum(-1).max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", SUPER + ["nl4-k32"])
+def test_the_kernel_reads_super_block_codes_as_stored(name, monkeypatch):
+    """The runtime keeps a super-block format's own scales (fp16 d, dmin per 256; int8 codes per 32) instead of an
+    fp16 scale and min per group: exact, fewer bytes, and the same products as the per-group layout, in decode
+    (one row), small batches and prefill's dequantize-to-bf16 path."""
+    from tightfit.runtime import linear as rl
+    from tightfit.runtime.kernels import library
+
+    if library() is None:
+        pytest.skip("tightfit's kernel does not run here (no AVX-512 VNNI or no compiler)")
+    fmt = WeightFormat.parse(name)
+    qw = rtn(student_t(64, 1024, seed=5), fmt)
+    lin = rl.from_quantized(qw)
+    assert lin.kind == ("q4" if fmt.bits <= 4 else "q8") and lin.sb == (2 if fmt.symmetric else 1)
+    assert lin.added_error["sqnr_db"] > 100, lin.added_error  # d * code exact in fp32
+    code_bytes = 64 * 1024 // 32 * (1 if fmt.symmetric else 2)
+    super_bytes = 64 * 1024 // 256 * 2 * (1 if fmt.symmetric else 2)
+    per_group = 64 * 1024 // 32 * 4
+    assert lin.nbytes - lin.weight.numel() - (16 if lin.lut is not None else 0) == code_bytes + super_bytes
+    assert code_bytes + super_bytes < per_group
+    flat = rl.from_quantized(qw, check=False)
+    flat.scale_codes, flat.low = None, 0  # the same weight in the per-group fp16 layout
+    flat.scales_zeros = torch.stack([lin.group_scales(0, 64)[i].half() for i in (0, 1)]).contiguous()
+    g = torch.Generator().manual_seed(6)
+    ref_w = qw.dequantize()
+    for m in (1, 3, 8, 70):
+        x = torch.randn(m, 1024, generator=g)
+        for prefill in ("vnni", ""):
+            monkeypatch.setenv("TIGHTFIT_PREFILL", prefill)
+            rl.amx.cache_clear()
+            y, y_flat = lin(x), flat(x)
+            ref = x @ ref_w.T
+            assert float((y - ref).norm() / ref.norm()) < 2e-2, (m, prefill)
+            assert float((y - y_flat).norm() / y_flat.norm()) < 2e-3, (m, prefill)
+    rl.amx.cache_clear()

@@ -41,7 +41,8 @@ class RuntimeLinear:
 
     kind: str  # "q4"/"q8" (tightfit's VNNI kernel), "int4"/"int4x2" (torch's int4 op, 1 or 2 pieces), "bf16"
     weight: torch.Tensor  # q4/q8: uint8 [N, K*bits/8]; int4: torch-packed uint8 [N, K*pieces/2]; bf16 [N, K]
-    scales_zeros: torch.Tensor | None  # q4/q8: fp16 [2, N, K/32] (scale, min); int4: bf16 [K*pieces/group, N, 2]
+    scales_zeros: torch.Tensor | None  # q4/q8: fp16 [2, N, K/32] (scale, min), super-blocks fp16 [1-2, N, K/256]
+    #                                    (d, dmin); int4: bf16 [K*pieces/group, N, 2]
     group: int
     out_features: int
     in_features: int
@@ -49,6 +50,20 @@ class RuntimeLinear:
     perm: torch.Tensor | None = None  # input column permutation (act-order g_idx)
     added_error: dict | None = None  # vs the source weight, from the bf16 rounding of scales/zeros
     lut: torch.Tensor | None = None  # q4 on a non-uniform grid: uint8 [16], each code's level + 128
+    scale_codes: torch.Tensor | None = None  # super-blocks: uint8 [1-2, N, K/32], int8 scale codes (, min codes)
+    low: int = 0  # super-blocks: m = dmin * min code + low * scale (the codes' offset)
+
+    @property
+    def sb(self) -> int:
+        """The kernel's scale layout: 0 fp16 per group, 1 super-blocks with mins, 2 without (qgemm.cpp)."""
+        return 0 if self.scale_codes is None else 1 if self.scale_codes.shape[0] == 2 else 2
+
+    @property
+    def _mn_ptr(self) -> int:
+        """The kernel's Mn argument: fp16 mins per group, or the super-blocks' scale codes."""
+        if self.scale_codes is not None:
+            return self.scale_codes.data_ptr()
+        return self.scales_zeros.data_ptr() + self.out_features * (self.in_features // 32) * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -78,7 +93,7 @@ class RuntimeLinear:
             # many rows (prefill): the weight back in bf16 (2.3 ms for 1536 x 8960 on 2 cores) and one bf16 GEMM
             # on AMX tiles: 5x the int8 kernel at 512 rows there; 0.6-0.9x at 32 rows, 1.8-2.3x at 128
             w = torch.empty(n, k, dtype=torch.bfloat16)
-            library().dequant4_bf16(self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, k, self._lut_ptr,
+            library().dequant4_bf16(self.weight.data_ptr(), sz, self._mn_ptr, n, k, self._lut_ptr, self.sb, self.low,
                                     w.data_ptr(), torch.get_num_threads())
             # rows padded to a multiple of 64: oneDNN keeps a primitive per distinct shape, and a server seeing
             # every prompt length grew by ~50 MB per 64 requests until its cache filled (bench/stress.py)
@@ -91,10 +106,21 @@ class RuntimeLinear:
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         y = torch.empty(m, n)
-        library().linear(x2.data_ptr(), m, k, self.weight.data_ptr(), sz, sz + n * (k // 32) * 2, n, self.group,
-                         self._lut_ptr, y.data_ptr(), torch.get_num_threads())
+        library().linear(x2.data_ptr(), m, k, self.weight.data_ptr(), sz, self._mn_ptr, n, self.group,
+                         self._lut_ptr, self.sb, self.low, y.data_ptr(), torch.get_num_threads())
         y = y.view(*shape[:-1], n)
         return y if self.bias is None else y + self.bias
+
+    def group_scales(self, r0: int, r1: int) -> torch.Tensor:
+        """fp32 [2, r1 - r0, K/32]: each group's scale and m, as the kernel computes them, for rows r0..r1."""
+        if self.scale_codes is None:
+            return self.scales_zeros[:, r0:r1].float()
+        d = self.scales_zeros[:, r0:r1].float().repeat_interleave(8, 2)
+        scale = d[0] * self.scale_codes[0, r0:r1].view(torch.int8).float()
+        m = self.low * scale
+        if self.sb == 1:
+            m = m + d[1] * self.scale_codes[1, r0:r1].float()
+        return torch.stack((scale, m))
 
     @property
     def _lut_ptr(self) -> int:
@@ -104,7 +130,7 @@ class RuntimeLinear:
     def nbytes(self) -> int:
         """Resident bytes: what a token reads from memory for this layer."""
         n = self.weight.numel() * self.weight.element_size()
-        for t in (self.scales_zeros, self.bias, self.perm, self.lut):
+        for t in (self.scales_zeros, self.scale_codes, self.bias, self.perm, self.lut):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -161,21 +187,49 @@ def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) ->
     lut = None if fmt.levels is None else (fmt.levels + 128).to(torch.uint8)
     low = -128 if lut is not None else fmt.qmin
     m = (qw.mins.float() if qw.mins is not None else torch.zeros_like(d)) + low * d
-    d16, m16 = d.half(), m.half()
-    if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
-        return None  # out of fp16's range: the torch path keeps them
     bits = 4 if fmt.bits <= 4 else 8
-    lin = RuntimeLinear(f"q{bits}", pack_blocks(codes - fmt.qmin, bits),
-                        torch.stack((d16.repeat_interleave(reps, 1), m16.repeat_interleave(reps, 1))).contiguous(),
-                        bits, n, k, None if bias is None else bias.float(), perm, lut=lut)
+    packed = pack_blocks(codes - fmt.qmin, bits)
+    supers = _super_scales(qw) if perm is None else None
+    if supers is not None:  # the super-blocks' own codes: exact, and 0.3-0.6 bits per weight less than fp16 per group
+        sz, scale_codes = supers
+        lin = RuntimeLinear(f"q{bits}", packed, sz, bits, n, k, None if bias is None else bias.float(), None, lut=lut,
+                            scale_codes=scale_codes, low=low)
+    else:
+        d16, m16 = d.half(), m.half()
+        if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
+            return None  # out of fp16's range: the torch path keeps them
+        lin = RuntimeLinear(f"q{bits}", packed,
+                            torch.stack((d16.repeat_interleave(reps, 1), m16.repeat_interleave(reps, 1))).contiguous(),
+                            bits, n, k, None if bias is None else bias.float(), perm, lut=lut)
     if check:
         def rows(r0, r1):
-            g = lin.scales_zeros[:, r0:r1].float().repeat_interleave(32, 2)
+            g = lin.group_scales(r0, r1).repeat_interleave(32, 2)
             u = codes[r0:r1] - fmt.qmin
             w = (u.float() if lut is None else lut[u.long()].float()) * g[0] + g[1]
             return w if perm is None else w[:, torch.argsort(perm)]
         lin.added_error = _chunked_error(qw, rows)
     return lin
+
+
+def _super_scales(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A super-block weight's scales as the kernel reads them: fp16 [1-2, N, K/256] (d, dmin) and the codes uint8
+    [1-2, N, K/32] (int8 scale codes, min codes); None where the scales are not codes of one fp16 per 256 (a
+    file's IQ4_XS code -32 at a super-block's largest scale, say: the fp16-per-group layout runs those)."""
+    from ..errors import FormatError
+    from ..formats.weight import super_codes
+
+    fmt = qw.fmt
+    if not fmt.superblock or qw.shape[1] % 256:
+        return None
+    try:
+        d, sc, dmin, m = super_codes(qw.scales, qw.mins, fmt)
+    except FormatError:
+        return None
+    if int(sc.min()) < -128 or int(sc.max()) > 127:
+        return None
+    codes = [sc.to(torch.int8).view(torch.uint8)] + ([] if m is None else [m.to(torch.uint8)])
+    # mins are -dmin * code: the kernel adds d[1] * code, so it holds -dmin (fp16's negation is exact)
+    return (torch.stack([d] + ([] if dmin is None else [-dmin])).contiguous(), torch.stack(codes).contiguous())
 
 
 def from_quantized(qw: QuantizedWeight, bias: torch.Tensor | None = None, check: bool = True,

@@ -191,7 +191,8 @@ class Engine:
                 return QLin()
             return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
                         0 if lin.bias is None else lin.bias.data_ptr(), 0 if lin.lut is None else lin.lut.data_ptr(),
-                        lin.out_features, lin.in_features, lin.group)
+                        lin.out_features, lin.in_features, lin.group,
+                        0 if lin.scale_codes is None else lin.scale_codes.data_ptr(), lin.sb, lin.low)
 
         def ptr(t):
             return 0 if t is None else t.data_ptr()

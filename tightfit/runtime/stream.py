@@ -43,7 +43,7 @@ def tensor_slots(obj) -> list[tuple[object, str]]:
     if isinstance(obj, Concat):
         return [s for p in obj.parts for s in tensor_slots(p)] + ([(obj, "bias")] if obj.bias is not None else [])
     if isinstance(obj, RuntimeLinear):
-        return [(obj, a) for a in ("weight", "scales_zeros", "bias", "perm") if getattr(obj, a) is not None]
+        return [(obj, a) for a in ("weight", "scales_zeros", "scale_codes", "bias", "perm") if getattr(obj, a) is not None]
     raise TypeError(type(obj))
 
 

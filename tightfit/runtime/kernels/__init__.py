@@ -162,8 +162,8 @@ def library() -> ctypes.CDLL | None:
     # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
     # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
     return _library(SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
-                    {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _p, _i], None),
-                     "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _p, _i], None),
+                    {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
+                     "dequant4_bf16": ([_p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
                      "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
                      "decode_rows": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _i, _i, _i], None),
                      "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},
@@ -172,7 +172,8 @@ def library() -> ctypes.CDLL | None:
 
 class QLin(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lut", ctypes.c_void_p),
-                ("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int)]
+                ("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int), ("codes", ctypes.c_void_p),
+                ("sb", ctypes.c_int), ("low", ctypes.c_int)]
 
 
 class LayerArgs(ctypes.Structure):

@@ -8,6 +8,10 @@
 // for activations and 8-bit weights; 4-bit weights are plain blocks (byte j = u_j | u_{j+16} << 4), which is
 // the same order once split into low and high nibbles. When K/32 is not a multiple of 4, the last two blocks
 // form a pair [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]. Requires K % 64 == 0.
+// Super-block scales (SB, the "k" formats: llama.cpp's K-quants and IQ4_XS): D holds fp16 [2, N, K/256] (d, then
+// dmin when SB == 1) and Mn the bytes [2, N, K/32]: int8 scale codes sc, then (SB == 1) unsigned min codes mc;
+// block b's scale is d sc_b and its m is dmin mc_b + low * scale (low: the code offset, -8 for sym4, -128 on
+// the table grid; SB == 2 has no mins). Both are exact in fp32, and resident in 0.3-0.6 bits per weight less.
 // Non-uniform 4-bit grids (IQ4_NL's table): a 16-byte table lut maps each nibble to u = level + 128 (one
 // vpshufb per 64 codes), the block's m is -128 d, and the product is the same as for plain 4-bit codes.
 #include <immintrin.h>
@@ -50,6 +54,34 @@ static inline __m512i load_lut(const uint8_t* lut) {
     return lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)lut)) : _mm512_setzero_si512();
 }
 
+// the scales and ms of blocks c..c+15 of row n (km: the blocks present); SB: see the top of this file
+template <int SB>
+static inline void block_scales(const uint16_t* D, const uint16_t* Mn, int N, int nb, int n, int c, __mmask16 km,
+                                float low, __m512* dw, __m512* mw) {
+    if (SB == 0) {
+        *dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, D + (size_t)n * nb + c));
+        *mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, Mn + (size_t)n * nb + c));
+        return;
+    }
+    const int ns = nb / 8;  // super-blocks of 8 blocks; a chunk holds 2 (or the row's last 1)
+    const __mmask16 k2 = (km >> 8) ? 3 : 1;
+    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const size_t so = (size_t)n * ns + c / 8;
+    const __m512 d = _mm512_permutexvar_ps(sel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k2, D + so)));
+    const uint8_t* codes = (const uint8_t*)Mn;
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(km, codes + (size_t)n * nb + c)));
+    *dw = _mm512_mul_ps(d, sc);
+    const __m512 lowd = _mm512_mul_ps(_mm512_set1_ps(low), *dw);
+    if (SB == 1) {
+        const __m512 dm = _mm512_permutexvar_ps(sel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k2, D + (size_t)N * ns + so)));
+        const __m512 mc = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km, codes + (size_t)N * nb + (size_t)n * nb + c)));
+        *mw = _mm512_fmadd_ps(dm, mc, lowd);
+    } else {
+        *mw = lowd;
+    }
+}
+
 template <int BITS, bool NL>
 static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad, __m512i lut) {
     if (quad) {
@@ -76,22 +108,21 @@ static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool qu
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void*)(x + b * 32)));
 }
 
-template <int BITS, int TILE, bool NL>
+template <int BITS, int TILE, bool NL, int SB>
 static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n0, int n1, int K,
-                      const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N, __m512i lut) {
+                      const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N, __m512i lut,
+                      float low) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
         const uint8_t* w = W + (size_t)n * row_bytes;
-        const uint16_t* d = D + (size_t)n * nb;
-        const uint16_t* mn = Mn + (size_t)n * nb;
         __m512 acc[TILE];
         for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
         for (int c = 0; c < nb; c += 16) {  // a chunk of up to 16 blocks
             const int cb = nb - c < 16 ? nb - c : 16;
             const __mmask16 km = (__mmask16)((1u << cb) - 1);
-            const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, d + c));
-            const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, mn + c));
+            __m512 dw, mw;
+            block_scales<SB>(D, Mn, N, nb, n, c, km, low, &dw, &mw);
             __m512 ds[TILE];
             for (int t = 0; t < TILE; t++) {
                 ds[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(km, DX + (size_t)(t0 + t) * nb + c));
@@ -112,9 +143,9 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
 
 // One token, four rows at a time: independent accumulators keep the FMA and load units busy while the
 // weights stream from memory, and each activation vector is loaded once for four rows.
-template <int BITS, bool NL>
+template <int BITS, bool NL, int SB>
 static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n, int K, const int8_t* XQ,
-                       const float* DX, const float* XS, float* Y, __m512i lut) {
+                       const float* DX, const float* XS, float* Y, __m512i lut, int N, float low) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     const uint8_t* group = W + (size_t)n * row_bytes;
@@ -129,9 +160,10 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
         const __m512 xs = _mm512_maskz_loadu_ps(km, XS + c);
         __m512 ds[4];
         for (int r = 0; r < 4; r++) {
-            const size_t o = (size_t)(n + r) * nb + c;
-            ds[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, D + o)), dx);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, Mn + o)), xs, acc[r]);
+            __m512 dw, mw;
+            block_scales<SB>(D, Mn, N, nb, n + r, c, km, low, &dw, &mw);
+            ds[r] = _mm512_mul_ps(dw, dx);
+            acc[r] = _mm512_fmadd_ps(mw, xs, acc[r]);
         }
         for (int j = 0; j < cb; j += 4) {
             const int u = (c + j) / 4;
@@ -149,9 +181,9 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
     for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-template <int BITS, bool NL>
+template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-                 const float* DX, const float* XS, int M, float* Y, int threads, const uint8_t* lut16) {
+                 const float* DX, const float* XS, int M, float* Y, int threads, const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
     // rows split across threads; tokens in tiles of 4 reuse each unpacked weight vector
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -159,13 +191,13 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
         if (M == 1) {
             int n = n0;
-            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL>(W, D, Mn, n, K, XQ, DX, XS, Y, lut);
-            if (n < n1) gemm_rows<BITS, 1, NL>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N, lut);
+            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL, SB>(W, D, Mn, n, K, XQ, DX, XS, Y, lut, N, low);
+            if (n < n1) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N, lut, low);
             continue;
         }
         int t = 0;
-        for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4, NL>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut);
-        for (; t < M; t++) gemm_rows<BITS, 1, NL>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut);
+        for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut, low);
+        for (; t < M; t++) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut, low);
     }
 }
 
@@ -202,14 +234,25 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
 // GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m (u through
 // lut where it is given).
 void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const uint8_t* lut,
-                   uint16_t* out, int threads) {
-    const int nb = K / 32;
+                   int sb, int low, uint16_t* out, int threads) {
+    const int nb = K / 32, ns = nb / 8;
+    const uint8_t* codes = (const uint8_t*)Mn;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t* w = W + (size_t)n * (K / 2);
         uint16_t* o = out + (size_t)n * K;
         for (int b = 0; b < nb; b++) {
-            const float d = _cvtsh_ss(D[(size_t)n * nb + b]), m = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+            float d, m;
+            if (sb == 0) {
+                d = _cvtsh_ss(D[(size_t)n * nb + b]);
+                m = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+            } else {
+                d = _cvtsh_ss(D[(size_t)n * ns + b / 8]) * (float)(int8_t)codes[(size_t)n * nb + b];
+                m = (float)low * d;
+                if (sb == 1)
+                    m += _cvtsh_ss(D[(size_t)N * ns + (size_t)n * ns + b / 8]) *
+                         (float)codes[(size_t)N * nb + (size_t)n * nb + b];
+            }
             const uint8_t* p = w + b * 16;
             uint16_t* q = o + b * 32;
             for (int j = 0; j < 16; j++) {
@@ -227,16 +270,29 @@ void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int 
 
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
-            const uint8_t* lut, float* Y, int threads) {
+            const uint8_t* lut, int sb, int low, float* Y, int threads) {
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> dx, xs;
     const size_t nb = (size_t)M * (K / 32);
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
     if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); }
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), threads);
-    if (bits == 4 && lut) gemm<4, true>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, lut);
-    else if (bits == 4) gemm<4, false>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, nullptr);
-    else gemm<8, false>(W, D, Mn, N, K, xq.data(), dx.data(), xs.data(), M, Y, threads, nullptr);
+    const int8_t* q = xq.data();
+    const float *a = dx.data(), *c = xs.data(), lw = (float)low;
+#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, M, Y, threads, NL ? lut : nullptr, lw)
+    if (bits == 4 && lut) {
+        if (sb == 2) TF_GEMM(4, true, 2);
+        else TF_GEMM(4, true, 0);
+    } else if (bits == 4) {
+        if (sb == 1) TF_GEMM(4, false, 1);
+        else if (sb == 2) TF_GEMM(4, false, 2);
+        else TF_GEMM(4, false, 0);
+    } else {
+        if (sb == 1) TF_GEMM(8, false, 1);
+        else if (sb == 2) TF_GEMM(8, false, 2);
+        else TF_GEMM(8, false, 0);
+    }
+#undef TF_GEMM
 }
 
 }  // extern "C"
@@ -245,10 +301,12 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
 
 struct QLin {
     const uint8_t* w;
-    const uint16_t* sz;  // fp16 [2, n, k/32]: scales then mins
+    const uint16_t* sz;  // fp16 [2, n, k/32]: scales then mins (super-blocks: [2, n, k/256] d, dmin)
     const float* bias;   // or null
     const uint8_t* lut;  // a non-uniform 4-bit grid's table (u = level + 128), or null
     int n, k, bits;
+    const uint8_t* codes;  // super-blocks: the scale (and min) codes [2, n, k/32], or null
+    int sb, low;
 };
 
 // the variants of a decoder layer: a null norm is one the family lacks (q/k norms: Qwen3, Gemma 3; the norms on
@@ -314,7 +372,8 @@ static void rmsnorm(const float* h, const float* w, int n, float eps, float* out
 }
 
 static void run_linear(const QLin& L, const float* x, float* y, int threads) {
-    linear(x, 1, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, L.lut, y, threads);
+    linear(x, 1, L.k, L.w, L.sz, L.sb ? (const uint16_t*)L.codes : L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits,
+           L.lut, L.sb, L.low, y, threads);
     if (L.bias)
         for (int i = 0; i < L.n; i++) y[i] += L.bias[i];
 }
@@ -495,7 +554,8 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe
 
 // y [M, n] = x [M, k] W^T (+ bias) for M rows at once: the weights are read once for all of them
 static void run_linear_rows(const QLin& L, const float* x, int M, float* y, int threads) {
-    linear(x, M, L.k, L.w, L.sz, L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits, L.lut, y, threads);
+    linear(x, M, L.k, L.w, L.sz, L.sb ? (const uint16_t*)L.codes : L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits,
+           L.lut, L.sb, L.low, y, threads);
     if (L.bias)
         for (int r = 0; r < M; r++)
             for (int i = 0; i < L.n; i++) y[(size_t)r * L.n + i] += L.bias[i];

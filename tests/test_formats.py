@@ -61,7 +61,7 @@ def test_format_descriptions():
 def test_bad_formats():
     with pytest.raises(FormatError, match=re.escape("unsupported bits 7: choose one of [2, 3, 4, 5, 6, 8]")):
         WeightFormat(7)
-    with pytest.raises(FormatError, match="unsupported group size 48: choose one of 32, 64, 128, or 0"):
+    with pytest.raises(FormatError, match="unsupported group size 48: choose one of 16, 32, 64, 128, or 0"):
         WeightFormat(4, 48)
     with pytest.raises(FormatError, match=re.escape("group size 128 does not divide q_proj's input dimension 576: "
                                                     "choose a group size that divides it (32, 64)")):

@@ -43,16 +43,23 @@ FORMATS = ["sym4-g32", "asym4-g32", "asym3-g32", "sym2-g64", "asym5-g32", "sym6-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
     f = WeightFormat.parse(fmt)
-    w = torch.randn(96, 128) * 0.05
-    qw = rtn(w, f)
-    lin = from_quantized(qw)
-    assert lin.kind == ("q4" if f.bits <= 4 else "q8")
-    assert lin.added_error["sqnr_db"] > 100  # codes, fp16 scales and mins copied exactly
-    for m in (1, 3, 6):  # single tokens and the 4-token tiles of prefill
-        x = torch.randn(m, 128)
-        ref = x @ qw.dequantize().T
-        # int8 activations per 32 columns (as llama.cpp's): about 0.5% relative output error
-        assert float((lin(x) - ref).norm() / ref.norm()) < 0.015
+    # one partial chunk of 4 blocks; a whole chunk of 16 and a partial one of 2, on an odd number of rows
+    for n, k in ((96, 128), (53, 576)):
+        w = torch.randn(n, k) * 0.05
+        qw = rtn(w, f)
+        lin = from_quantized(qw)
+        assert lin.kind == ("q4" if f.bits <= 4 else "q6" if f.bits <= 6 else "q8")
+        assert lin.added_error["sqnr_db"] > 100  # codes, fp16 scales and mins copied exactly
+        for m in (1, 3, 6, 9):  # single tokens, and prefill's tiles of rows x 4 tokens with their tails
+            x = torch.randn(m, k)
+            ref = x @ qw.dequantize().T
+            # int8 activations per 32 columns (as llama.cpp's): about 0.5% relative output error
+            assert float((lin(x) - ref).norm() / ref.norm()) < 0.015
+            # and exactly the kernel's own arithmetic: activations rounded per 32 to int8 (amax / 127)
+            xb = x.reshape(m, -1, 32)
+            dx = xb.abs().amax(-1, keepdim=True) / 127
+            exact = (torch.round(xb / dx) * dx).reshape(m, k).double() @ qw.dequantize().double().T
+            assert float((lin(x) - exact).norm() / exact.norm()) < 3e-4, (n, k, m)  # a layout slip: ~1
 
 
 @pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")

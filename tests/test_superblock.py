@@ -19,7 +19,8 @@ from tightfit.quant.core import QuantizedWeight, rtn
 
 from .conftest import make_tokenizer, save_random
 
-SUPER = ["asym2-k32", "asym3-k32", "asym4-k32", "asym5-k32", "asym6-k32", "sym4-k32", "sym6-k32", "sym8-k32"]
+SUPER = ["asym2-k32", "asym3-k32", "asym4-k32", "asym5-k32", "asym6-k32", "sym4-k32", "sym6-k32", "sym6-k16",
+         "sym8-k32"]
 
 
 def student_t(rows=64, cols=512, seed=0) -> torch.Tensor:
@@ -36,17 +37,20 @@ def test_names_sizes_and_ggml_types():
     for name in SUPER:
         assert WeightFormat.parse(name).name == name
     shape = (8, 1024)
-    for name, ggml in (("asym4-k32", "Q4_K"), ("asym5-k32", "Q5_K"), ("sym6-k32", "Q6_K")):
+    for name, ggml in (("asym4-k32", "Q4_K"), ("asym5-k32", "Q5_K"), ("sym6-k32", "Q6_K"), ("sym6-k16", "Q6_K")):
         f = WeightFormat.parse(name)
         assert f.ggml_type == ggml
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml]]
-        if ggml != "Q6_K":  # Q6_K repeats each 32-group's int8 code over its two 16-weight halves: 8 bytes more
+        if name != "sym6-k32":  # Q6_K repeats each 32-group's int8 code over its two 16-weight halves: 8 bytes more
             assert f.nbytes(shape) == shape[0] * shape[1] // block * size
     assert WeightFormat.parse("asym4-k32").bits_per_weight(shape) == 4.5
     assert WeightFormat.parse("asym3-k32").bits_per_weight(shape) == 3.5
     assert WeightFormat.parse("asym4-k32").flat() == WeightFormat(4, 32, False)
     with pytest.raises(FormatError, match="super-block formats have groups of 32"):
         WeightFormat(4, 64, False, superblock=True)
+    with pytest.raises(FormatError, match="groups of 16 under super-blocks take int8 scale codes and no min"):
+        WeightFormat.parse("asym4-k16")
+    assert WeightFormat.parse("sym6-k16").for_shape((8, 576)).name == "sym6-g32"  # as Q6_K files fall back
     with pytest.raises(FormatError, match=re.escape("asym4-k32 needs rows of a multiple of 256 weights (its "
                                                     "super-blocks); w's input dimension is 576: use asym4-g32")):
         WeightFormat.parse("asym4-k32").check_shape((8, 576), "w")
@@ -69,7 +73,7 @@ def test_scales_are_exact_codes_and_store_in_the_stated_bytes(name):
     assert torch.isfinite(qw.dequantize()).all()
 
 
-@pytest.mark.parametrize("name", ["asym4-k32", "asym5-k32", "sym6-k32"])
+@pytest.mark.parametrize("name", ["asym4-k32", "asym5-k32", "sym6-k32", "sym6-k16"])
 def test_ggml_blocks_dequantize_in_gguf_py_to_our_weights(name):
     fmt = WeightFormat.parse(name)
     qw = rtn(student_t(seed=1), fmt)
@@ -78,6 +82,14 @@ def test_ggml_blocks_dequantize_in_gguf_py_to_our_weights(name):
         gguf.GGMLQuantizationType[ggml]][1])
     back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ggml]).reshape(qw.shape)
     assert np.array_equal(back, qw.dequantize().numpy())
+    if ggml == "Q6_K":  # and the reader takes the blocks back to sym6-k16's codes and per-16 scales
+        from tightfit.formats.ggml import from_q6_blocks
+
+        codes, scales = from_q6_blocks(raw, *qw.shape)
+        back_qw = QuantizedWeight(WeightFormat.parse("sym6-k16"), torch.from_numpy(codes), torch.from_numpy(scales), None)
+        assert np.array_equal(back_qw.dequantize().numpy(), back)
+        if name == "sym6-k16":
+            assert torch.equal(back_qw.codes, qw.codes) and torch.equal(back_qw.scales, qw.scales.float())
 
 
 @pytest.mark.parametrize("bits,sym", [(3, False), (4, False), (5, False), (6, True)])
@@ -182,11 +194,12 @@ def test_gptq_artifact_runtime_and_gguf_export_hold_the_codes(wide_model, tmp_pa
         (mk["size_bytes"] + extra) * 8 / mk["parameters"])
     r = kld(tightfit.load(tmp_path / "k.gguf"), reference)
     assert r.kld_max < 1e-4 and r.top1_agreement == 1.0
-    # the runtime on that GGUF: Q4_K codes as stored, Q6_K (which no kernel holds) re-quantized to 8 bits and said so
+    # the runtime on that GGUF: Q4_K and Q6_K codes as stored (the 6-bit kernel), nothing re-quantized
     rt = load_runtime(tmp_path / "k.gguf")
-    assert rt.model.info["gguf_requantized"]["model.embed_tokens.weight"]["type"] == "Q6_K"
-    assert rt.model.info["gguf_requantized"]["model.embed_tokens.weight"]["sqnr_db"] > 30
-    assert set(rt.model.info["gguf_requantized"]) == {"model.embed_tokens.weight"}
+    assert not rt.model.info.get("gguf_requantized")
+    assert rt.model.embed.table.fmt.name == "sym6-k16"
+    head = rt.model.head
+    assert head.kind == "q6" and head.sb == 3 and head.added_error["sqnr_db"] > 100
     with torch.no_grad():
         from_gguf = torch.log_softmax(rt.model(ids).logits.float(), -1)
     assert float((got.exp() * (got - from_gguf)).sum(-1).max()) < 5e-3
@@ -271,9 +284,11 @@ def test_the_kernel_reads_super_block_codes_as_stored(name, monkeypatch):
     fmt = WeightFormat.parse(name)
     qw = rtn(student_t(64, 1024, seed=5), fmt)
     lin = rl.from_quantized(qw)
-    assert lin.kind == ("q4" if fmt.bits <= 4 else "q8") and lin.sb == (2 if fmt.symmetric else 1)
+    assert lin.kind == ("q4" if fmt.bits <= 4 else "q6" if fmt.bits <= 6 else "q8")
+    assert lin.sb == (3 if fmt.group_size == 16 else 2 if fmt.symmetric else 1)
+    assert lin.weight.numel() == 64 * 1024 * int(lin.kind[1]) // 8
     assert lin.added_error["sqnr_db"] > 100, lin.added_error  # d * code exact in fp32
-    code_bytes = 64 * 1024 // 32 * (1 if fmt.symmetric else 2)
+    code_bytes = 64 * 1024 // fmt.group_size * (1 if fmt.symmetric else 2)
     super_bytes = 64 * 1024 // 256 * 2 * (1 if fmt.symmetric else 2)
     per_group = 64 * 1024 // 32 * 4
     assert lin.nbytes - lin.weight.numel() - (16 if lin.lut is not None else 0) == code_bytes + super_bytes
@@ -288,8 +303,24 @@ def test_the_kernel_reads_super_block_codes_as_stored(name, monkeypatch):
         for prefill in ("vnni", ""):
             monkeypatch.setenv("TIGHTFIT_PREFILL", prefill)
             rl.amx.cache_clear()
-            y, y_flat = lin(x), flat(x)
+            y = lin(x)
             ref = x @ ref_w.T
             assert float((y - ref).norm() / ref.norm()) < 2e-2, (m, prefill)
-            assert float((y - y_flat).norm() / y_flat.norm()) < 2e-3, (m, prefill)
+            if rl.amx() and m >= rl.AMX_MIN_ROWS:
+                continue  # bf16 activations on AMX: the first bound is the one that holds
+            # the int8 path's own arithmetic: activations rounded per 32 to int8 (amax / 127), then exact
+            xb = x.reshape(m, -1, 32)
+            dx = xb.abs().amax(-1, keepdim=True) / 127
+            xq = (torch.round(xb / dx) * dx).reshape(m, -1)
+            exact = (xq.double() @ ref_w.double().T).float()
+            assert float((y - exact).norm() / exact.norm()) < 3e-4, (m, prefill)
+            if fmt.group_size != 16:  # no per-group fp16 layout holds scales per 16
+                y_flat = flat(x)
+                assert float((y - y_flat).norm() / y_flat.norm()) < 2e-3, (m, prefill)
     rl.amx.cache_clear()
+    # prefill's dequantize-to-bf16 (for AMX, where the CPU has it): bit-equal to the weight rounded to bf16
+    if lin.kind in ("q4", "q6"):
+        w = torch.empty(64, 1024, dtype=torch.bfloat16)
+        library().dequant_bf16(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(), lin._mn_ptr, 64, 1024, lin.group,
+                               lin._lut_ptr, lin.sb, lin.low, w.data_ptr(), 1)
+        assert torch.equal(w, ref_w.bfloat16())

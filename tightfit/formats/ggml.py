@@ -10,7 +10,8 @@ Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scale and min codes for 8 groups of 3
       32 bytes hold groups 2i (low nibbles) and 2i+1 (high));                              w = d sc q - dmin m.
 Q5_K: as Q4_K plus 32 bytes qh before the nibbles (bit 2i / 2i+1 of qh[l]: bit 4 of element l of group 2i / 2i+1).
 Q6_K: 128 bytes of low nibbles, 64 bytes of the high 2 bits, 16 int8 scales (one per 16 weights), fp16 d;
-      w = d sc (q - 32).
+      w = d sc (q - 32): sym6-k16 byte for byte (per half of 128: ql[l] holds runs 0 and 2 of 32 at l, ql[32 + l]
+      runs 1 and 3, qh[l] the high bits of all four at bit 2r).
 Non-uniform 4-bit (codes index the 16 levels of kvalues_iq4nl):
 IQ4_NL: fp16 d, 16 nibble bytes as Q4_0 (no offset: the nibble is the index);            w = d level[q].
 IQ4_XS: per 256: fp16 d, u16 scales_h (2 high bits of group g at bits 2g), 4 bytes scales_l (low 4 bits, group
@@ -69,7 +70,8 @@ def _k_blocks(qw, ggml: str) -> np.ndarray:
                              (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
         hi = c >> 4
         qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
-        scales = np.repeat(sc.reshape(-1, 8), 2, axis=1).astype(np.int8).view(np.uint8)
+        per = 256 // qw.fmt.group_size  # sym6-k16 holds Q6_K's 16 codes; sym6-k32's 8 each cover two sub-blocks
+        scales = np.repeat(sc.reshape(-1, per), 16 // per, axis=1).astype(np.int8).view(np.uint8)
         return np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), scales, d], axis=1)
     c = u.reshape(-1, 4, 2, 32)  # four pairs of groups
     qs = ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(-1, 128).astype(np.uint8)
@@ -127,6 +129,19 @@ def from_k_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
     scales = (d * sc.astype(np.float32)).reshape(rows, groups)
     mins = -(dmin * m.astype(np.float32)).reshape(rows, groups)
     return u.reshape(rows, cols), scales, mins
+
+
+def from_q6_blocks(raw: np.ndarray, rows: int, cols: int):
+    """Q6_K blocks -> (codes int16 [rows, cols] in -32..31, effective scales fp32 [rows, cols / 16]: d * sc), exactly
+    as ggml dequantizes them (sym6-k16's codes)."""
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, 210)
+    ql = b[:, :128].reshape(-1, 2, 64).astype(np.int16)  # per half of 128: 64 bytes, runs 0/2 and 1/3
+    qh = b[:, 128:192].reshape(-1, 2, 32).astype(np.int16)
+    sc = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)
+    low = [ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
+    u = np.stack([low[r] | (((qh >> (2 * r)) & 3) << 4) for r in range(4)], axis=2)  # [blocks, half, run, 32]
+    return (u - 32).reshape(rows, cols), (d * sc).reshape(rows, cols // 16)
 
 
 def from_iq4_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):

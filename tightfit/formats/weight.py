@@ -31,7 +31,7 @@ import torch
 from ..errors import FormatError
 
 BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128, 0)  # 0: one group per output row (per-channel)
+GROUP_SIZES = (16, 32, 64, 128, 0)  # 0: one group per output row (per-channel); 16: Q6_K's sub-blocks
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPER_BLOCK = 256  # weights per super-block of the "k" formats (llama.cpp's QK_K)
 SUPER_CODE_MAX = {False: 63, True: 127}  # largest scale code: 6 bits unsigned (asymmetric), int8 (symmetric)
@@ -63,12 +63,16 @@ class WeightFormat:
         if self.bits not in BITS:
             raise FormatError(f"unsupported bits {self.bits}: choose one of {list(BITS)}")
         if self.group_size not in GROUP_SIZES:
-            raise FormatError(f"unsupported group size {self.group_size}: choose one of 32, 64, 128, or 0 for "
+            raise FormatError(f"unsupported group size {self.group_size}: choose one of 16, 32, 64, 128, or 0 for "
                               "per-channel")
         if self.scale_dtype not in SCALE_DTYPES:
             raise FormatError(f"unsupported scale dtype {self.scale_dtype!r}: choose one of {list(SCALE_DTYPES)}")
-        if self.superblock and (self.group_size != 32 or self.scale_dtype != "float16"):
-            raise FormatError("super-block formats have groups of 32 under fp16 super-scales: e.g. 'asym4-k32'")
+        if self.superblock and (self.group_size not in (16, 32) or self.scale_dtype != "float16"):
+            raise FormatError("super-block formats have groups of 32 (or 16) under fp16 super-scales: e.g. "
+                              "'asym4-k32', 'sym6-k16'")
+        if self.superblock and self.group_size == 16 and not (self.symmetric and self.grid == "uniform"):
+            raise FormatError("groups of 16 under super-blocks take int8 scale codes and no min: 'sym6-k16' "
+                              "(llama.cpp's Q6_K), not 'asym'/'nl'")
 
     @property
     def name(self) -> str:
@@ -141,7 +145,7 @@ class WeightFormat:
         if self.superblock and in_f % SUPER_BLOCK:
             raise FormatError(
                 f"{self.name} needs rows of a multiple of {SUPER_BLOCK} weights (its super-blocks); {name}'s input "
-                f"dimension is {in_f}: use {self.flat().name} for it (llama.cpp's K-quants fall back likewise)")
+                f"dimension is {in_f}: use {self.for_shape(shape).name} for it (llama.cpp's K-quants fall back likewise)")
         if (in_f * self.bits) % 8:
             raise FormatError(f"{name}: {in_f} codes of {self.bits} bits do not fill whole bytes per row")
 
@@ -170,8 +174,13 @@ class WeightFormat:
             if self.superblock else self
 
     def for_shape(self, shape: tuple[int, int]) -> WeightFormat:
-        """self, or flat() where the rows do not fill whole super-blocks."""
-        return self.flat() if self.superblock and shape[1] % SUPER_BLOCK else self
+        """self, or flat() where the rows do not fill whole super-blocks (groups of 16 then become 32, the
+        kernels' smallest plain group)."""
+        if not self.superblock or shape[1] % SUPER_BLOCK == 0:
+            return self
+        flat = self.flat()
+        return WeightFormat(flat.bits, 32, flat.symmetric, flat.scale_dtype, grid=flat.grid) if flat.group_size == 16 \
+            else flat
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return self.nbytes(shape) * 8 / (shape[0] * shape[1])

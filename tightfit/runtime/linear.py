@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..quant.core import QuantizedWeight, weight_error
 
 KERNEL_GROUPS = (32, 64, 128, 256)
+VNNI_KINDS = ("q4", "q6", "q8")  # tightfit's own kernel, by code width
 AMX_MIN_ROWS = 64  # rows from which a 4-bit product runs as dequantize + bf16 GEMM where the CPU has AMX
 
 
@@ -36,12 +37,12 @@ def amx() -> bool:
 
 @dataclass
 class RuntimeLinear:
-    """One linear layer as the runtime holds it: y = x @ W.T (+ bias). q4/q8 take and give fp32 (activations
+    """One linear layer as the runtime holds it: y = x @ W.T (+ bias). q4/q6/q8 take and give fp32 (activations
     quantized to int8 per 32 inside the kernel, as llama.cpp does); the torch kinds compute in bf16."""
 
-    kind: str  # "q4"/"q8" (tightfit's VNNI kernel), "int4"/"int4x2" (torch's int4 op, 1 or 2 pieces), "bf16"
-    weight: torch.Tensor  # q4/q8: uint8 [N, K*bits/8]; int4: torch-packed uint8 [N, K*pieces/2]; bf16 [N, K]
-    scales_zeros: torch.Tensor | None  # q4/q8: fp16 [2, N, K/32] (scale, min), super-blocks fp16 [1-2, N, K/256]
+    kind: str  # "q4"/"q6"/"q8" (tightfit's VNNI kernel), "int4"/"int4x2" (torch's int4 op, 1 or 2 pieces), "bf16"
+    weight: torch.Tensor  # q4/q6/q8: uint8 [N, K*bits/8]; int4: torch-packed uint8 [N, K*pieces/2]; bf16 [N, K]
+    scales_zeros: torch.Tensor | None  # q*: fp16 [2, N, K/32] (scale, min), super-blocks fp16 [1-2, N, K/256]
     #                                    (d, dmin); int4: bf16 [K*pieces/group, N, 2]
     group: int
     out_features: int
@@ -50,13 +51,24 @@ class RuntimeLinear:
     perm: torch.Tensor | None = None  # input column permutation (act-order g_idx)
     added_error: dict | None = None  # vs the source weight, from the bf16 rounding of scales/zeros
     lut: torch.Tensor | None = None  # q4 on a non-uniform grid: uint8 [16], each code's level + 128
-    scale_codes: torch.Tensor | None = None  # super-blocks: uint8 [1-2, N, K/32], int8 scale codes (, min codes)
+    scale_codes: torch.Tensor | None = None  # super-blocks: uint8 [1-2, N, K/32], int8 scale codes (, min codes);
+    #                                          Q6_K's per-16 codes: [1, N, K/16]
     low: int = 0  # super-blocks: m = dmin * min code + low * scale (the codes' offset)
 
     @property
     def sb(self) -> int:
-        """The kernel's scale layout: 0 fp16 per group, 1 super-blocks with mins, 2 without (qgemm.cpp)."""
-        return 0 if self.scale_codes is None else 1 if self.scale_codes.shape[0] == 2 else 2
+        """The kernel's scale layout: 0 fp16 per group, 1 super-blocks with mins, 2 without, 3 without and with a
+        scale code per 16 weights (qgemm.cpp)."""
+        if self.scale_codes is None:
+            return 0
+        if self.scale_codes.shape[0] == 2:
+            return 1
+        return 3 if self.scale_codes.shape[-1] == self.in_features // 16 else 2
+
+    @property
+    def scale_group(self) -> int:
+        """Weights per scale in the kernel's layout."""
+        return 16 if self.sb == 3 else 32
 
     @property
     def _mn_ptr(self) -> int:
@@ -68,7 +80,7 @@ class RuntimeLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.kind in ("q4", "q8"):
+        if self.kind in VNNI_KINDS:
             return self._vnni(x)
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
@@ -89,12 +101,12 @@ class RuntimeLinear:
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
         sz = self.scales_zeros.data_ptr()
-        if self.kind == "q4" and m >= AMX_MIN_ROWS and amx():
+        if self.kind in ("q4", "q6") and m >= AMX_MIN_ROWS and amx():
             # many rows (prefill): the weight back in bf16 (2.3 ms for 1536 x 8960 on 2 cores) and one bf16 GEMM
             # on AMX tiles: 5x the int8 kernel at 512 rows there; 0.6-0.9x at 32 rows, 1.8-2.3x at 128
             w = torch.empty(n, k, dtype=torch.bfloat16)
-            library().dequant4_bf16(self.weight.data_ptr(), sz, self._mn_ptr, n, k, self._lut_ptr, self.sb, self.low,
-                                    w.data_ptr(), torch.get_num_threads())
+            library().dequant_bf16(self.weight.data_ptr(), sz, self._mn_ptr, n, k, self.group, self._lut_ptr, self.sb,
+                                   self.low, w.data_ptr(), torch.get_num_threads())
             # rows padded to a multiple of 64: oneDNN keeps a primitive per distinct shape, and a server seeing
             # every prompt length grew by ~50 MB per 64 requests until its cache filled (bench/stress.py)
             xb = x2.to(torch.bfloat16)
@@ -112,10 +124,10 @@ class RuntimeLinear:
         return y if self.bias is None else y + self.bias
 
     def group_scales(self, r0: int, r1: int) -> torch.Tensor:
-        """fp32 [2, r1 - r0, K/32]: each group's scale and m, as the kernel computes them, for rows r0..r1."""
+        """fp32 [2, r1 - r0, K/scale_group]: each group's scale and m, as the kernel computes them, rows r0..r1."""
         if self.scale_codes is None:
             return self.scales_zeros[:, r0:r1].float()
-        d = self.scales_zeros[:, r0:r1].float().repeat_interleave(8, 2)
+        d = self.scales_zeros[:, r0:r1].float().repeat_interleave(256 // self.scale_group, 2)
         scale = d[0] * self.scale_codes[0, r0:r1].view(torch.int8).float()
         m = self.low * scale
         if self.sb == 1:
@@ -153,9 +165,15 @@ def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> RuntimeLine
 
 def pack_blocks(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp). 4-bit: per 32-block, byte j = u_j | u_{j+16}
-    << 4. 8-bit: blocks in quads, [first halves of the 4 | second halves], a last pair likewise."""
+    << 4. 6-bit: the low nibbles as 4-bit codes, then per block 8 bytes of the high 2 bits, byte i = h_i |
+    h_{i+8} << 2 | h_{i+16} << 4 | h_{i+24} << 6. 8-bit: blocks in quads, [first halves of the 4 | second halves],
+    a last pair likewise."""
     n, k = u.shape
     u = u.to(torch.uint8)
+    if bits == 6:
+        h = (u >> 4).reshape(n, k // 32, 4, 8)
+        high = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
+        return torch.cat((pack_blocks(u & 0xF, 4), high.reshape(n, k // 4)), 1).contiguous()
     if bits == 4:
         b = u.reshape(n, k // 32, 2, 16)
         return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
@@ -169,13 +187,16 @@ def pack_blocks(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) -> RuntimeLinear | None:
-    """tightfit's own kernel: codes exact, scales and mins in fp16 per 32 columns; None where it cannot run."""
+    """tightfit's own kernel: codes exact, scales and mins in fp16 per 32 columns or a super-block's own codes;
+    None where it cannot run."""
     from .kernels import library
 
     n, k = qw.shape
     fmt = qw.fmt
     glen = fmt.group_len(k)
-    if library() is None or k % 64 or glen % 32:
+    # scales per 16 (Q6_K) only as super-block codes, which the 6-bit kernel reads (sb 3)
+    per16 = glen == 16 and fmt.bits in (5, 6) and fmt.superblock and qw.g_idx is None
+    if library() is None or k % 64 or (glen % 32 and not per16):
         return None
     codes, perm = qw.codes, None  # int16
     if qw.g_idx is not None:
@@ -187,13 +208,15 @@ def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) ->
     lut = None if fmt.levels is None else (fmt.levels + 128).to(torch.uint8)
     low = -128 if lut is not None else fmt.qmin
     m = (qw.mins.float() if qw.mins is not None else torch.zeros_like(d)) + low * d
-    bits = 4 if fmt.bits <= 4 else 8
+    bits = 4 if fmt.bits <= 4 else 6 if fmt.bits <= 6 else 8
     packed = pack_blocks(codes - fmt.qmin, bits)
     supers = _super_scales(qw) if perm is None else None
     if supers is not None:  # the super-blocks' own codes: exact, and 0.3-0.6 bits per weight less than fp16 per group
         sz, scale_codes = supers
         lin = RuntimeLinear(f"q{bits}", packed, sz, bits, n, k, None if bias is None else bias.float(), None, lut=lut,
                             scale_codes=scale_codes, low=low)
+    elif per16:
+        return None
     else:
         d16, m16 = d.half(), m.half()
         if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
@@ -203,7 +226,7 @@ def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) ->
                             bits, n, k, None if bias is None else bias.float(), perm, lut=lut)
     if check:
         def rows(r0, r1):
-            g = lin.group_scales(r0, r1).repeat_interleave(32, 2)
+            g = lin.group_scales(r0, r1).repeat_interleave(lin.scale_group, 2)
             u = codes[r0:r1] - fmt.qmin
             w = (u.float() if lut is None else lut[u.long()].float()) * g[0] + g[1]
             return w if perm is None else w[:, torch.argsort(perm)]

@@ -31,6 +31,7 @@ GGUF_CODES = {gguf.GGMLQuantizationType.Q8_0: WeightFormat(8, 32, True),
               gguf.GGMLQuantizationType.Q5_1: WeightFormat(5, 32, False),
               gguf.GGMLQuantizationType.Q4_K: WeightFormat(4, 32, False, superblock=True),
               gguf.GGMLQuantizationType.Q5_K: WeightFormat(5, 32, False, superblock=True),
+              gguf.GGMLQuantizationType.Q6_K: WeightFormat(6, 16, True, superblock=True),
               gguf.GGMLQuantizationType.IQ4_NL: WeightFormat(4, 32, True, grid="nl"),
               gguf.GGMLQuantizationType.IQ4_XS: WeightFormat(4, 32, True, superblock=True, grid="nl")}
 
@@ -41,12 +42,17 @@ REQUANT = WeightFormat(8, 32, True)
 
 
 def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> QuantizedWeight | None:
-    """The codes of a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/IQ4_NL/IQ4_XS GGUF tensor as a QuantizedWeight (bit-exact), or None for other
+    """The codes of a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS GGUF tensor as a QuantizedWeight (bit-exact), or None for other
     types. shape: (rows, columns) of `data` where it is one slice of the tensor (an expert of a stacked 3-D tensor)."""
     fmt = GGUF_CODES.get(t.tensor_type)
     if fmt is None:
         return None
     n, k = shape or (int(s) for s in reversed(t.shape.tolist()))
+    if fmt.bits == 6:
+        from ..formats.ggml import from_q6_blocks
+
+        codes, scales = from_q6_blocks(t.data if data is None else data, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), None)
     if fmt.grid == "nl":
         from ..formats.ggml import from_iq4_blocks
 
@@ -124,7 +130,7 @@ def _gguf_source(path: Path):
             w = lazy.loaders[name]()
             if t.tensor_type in DENSE_GGUF or w.ndim != 2 or not REQUANT.fits(tuple(w.shape)):
                 return w
-            # a lossy type the kernels do not hold (Q6_K, Q2_K, Q3_K, IQ1-IQ3): 8-bit codes of the file's own grid
+            # a lossy type the kernels do not hold (Q2_K, Q3_K, IQ1-IQ3): 8-bit codes of the file's own grid
             # run on the int8 kernel, where the dense bf16 weight read twice the bytes per token
             qw = rtn(w.float(), REQUANT)
             requantized[name] = {"type": t.tensor_type.name, "sqnr_db": qw.error["sqnr_db"]}
@@ -286,15 +292,24 @@ def _moe_block(fam, config, i: int, p: str, get, group):
 
 
 def resident_estimate(kind: str, path: Path) -> int:
-    """Bytes the runtime will hold for a source's weights: GGUF tensors whose codes it runs and artifacts as
-    stored, other quantized GGUF types (5-bit ones too) at 8.5 bits per weight, everything else in bf16."""
+    """Bytes the runtime will hold for a source's weights: GGUF tensors in the kernel's layout (4-, 6- or 8-bit
+    codes, an fp16 scale and m per 32, or a super-block's own codes), other quantized GGUF types re-quantized to 8
+    bits, float ones in bf16; artifacts as stored; everything else in bf16."""
     if kind == "gguf":
         from ..models.gguf_file import open_gguf
 
-        def held(t) -> int:  # 5-bit codes run on the int8 kernel, a byte per weight
-            if t.tensor_type in GGUF_CODES and GGUF_CODES[t.tensor_type].bits <= 4:
-                return int(t.n_bytes)
-            return int(t.n_elements) * 2 if t.tensor_type in DENSE_GGUF else int(t.n_elements) * 17 // 16
+        def held(t) -> int:
+            n = int(t.n_elements)
+            if t.tensor_type in DENSE_GGUF:
+                return n * 2
+            fmt = GGUF_CODES.get(t.tensor_type, REQUANT)
+            code_bits = 4 if fmt.bits <= 4 else 6 if fmt.bits <= 6 else 8
+            if fmt.superblock:  # int8 scale (and min) codes per group, fp16 d (and dmin) per 256
+                per = 1 if fmt.symmetric else 2
+                scale_bits = per * 8 / fmt.group_size + per * 16 / 256
+            else:
+                scale_bits = 32 / 32
+            return int(n * (code_bits + scale_bits) / 8)
 
         return sum(held(t) for t in open_gguf(path).tensors)
     files = sorted(path.glob("*.safetensors"))

@@ -16,7 +16,7 @@ from ..errors import ContextError
 from ..models.families import embed_scale_value, family_of
 from ..quant.core import QuantizedWeight
 from .kv import KVCache
-from .linear import RuntimeLinear
+from .linear import VNNI_KINDS, RuntimeLinear
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Engine:
         # activations between matmuls: fp32 when every linear runs on tightfit's kernel (it takes fp32),
         # else bf16 (torch's int4 op takes bf16 only)
         kinds = {lin.kind for L in layers for lin in L.linears() for lin in getattr(lin, "parts", [lin])}
-        self.act_dtype = torch.float32 if kinds <= {"q4", "q8"} else torch.bfloat16
+        self.act_dtype = torch.float32 if kinds <= set(VNNI_KINDS) else torch.bfloat16
         # per layer type: cos/sin [max_ctx, 1, rot_dim]; each layer's own pair in self.rope
         self.tables = {k: tuple(t.to(self.act_dtype) for t in v) for k, v in rotary.items()}
         self.rope = [self.tables[k] for k in args.layer_types]
@@ -181,7 +181,7 @@ class Engine:
         lib = library()
         has_moe = any(L.moe is not None for L in self.layers)
         ok = (lib is not None and not self.args.qk_norm_full and not (has_moe and self.streamer is not None)
-              and all(isinstance(lin, RuntimeLinear) and lin.kind in ("q4", "q8") and lin.perm is None
+              and all(isinstance(lin, RuntimeLinear) and lin.kind in VNNI_KINDS and lin.perm is None
                       for L in self.layers for lin in L.linears()))
         if not ok:
             return None

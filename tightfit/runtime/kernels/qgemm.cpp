@@ -12,6 +12,12 @@
 // dmin when SB == 1) and Mn the bytes [2, N, K/32]: int8 scale codes sc, then (SB == 1) unsigned min codes mc;
 // block b's scale is d sc_b and its m is dmin mc_b + low * scale (low: the code offset, -8 for sym4, -128 on
 // the table grid; SB == 2 has no mins). Both are exact in fp32, and resident in 0.3-0.6 bits per weight less.
+// 6-bit codes (5-bit ones too, which fit): a row holds its K/2 bytes of low nibbles, laid out as 4-bit codes, then
+// K/4 bytes of the high 2 bits, 8 per block: byte i = h_i | h_{i+8} << 2 | h_{i+16} << 4 | h_{i+24} << 6, so
+// llama.cpp's Q6_K runs in 6.5 bits per weight and Q5 types in 6-6.5 where 8-bit codes took 8.5-9.
+// SB == 3 (Q6_K: int8 scale codes per 16 weights under one fp16 d per 256): Mn holds the codes [N, K/16] (block
+// b's halves at 2b, 2b+1), and each half-block keeps its own dot product and scale; its m is low * scale,
+// applied through XSL, the activation sums over each block's first half. Needs K % 256 == 0.
 // Non-uniform 4-bit grids (IQ4_NL's table): a 16-byte table lut maps each nibble to u = level + 128 (one
 // vpshufb per 64 codes), the block's m is -128 d, and the product is the same as for plain 4-bit codes.
 #include <immintrin.h>
@@ -32,6 +38,32 @@ static inline __m512i unpack4(const uint8_t* p) {
     const __m256i lo = _mm256_and_si256(raw, mask);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// 6-bit codes: the high 2 bits of each byte's code, moved to bits 4-5 (v: the high-bit bytes, qword-shuffled)
+static inline __m512i high2(__m512i v, __m512i shifts) {
+    return _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(v, shifts), _mm512_set1_epi8(3)), 4);
+}
+
+// a quad (blocks b..b+3) of 6-bit codes as its first halves (lo) and second halves (hi), 64 bytes each, in the
+// activations' order: 128-bit lane j holds block b+j, whose 8 high-bit bytes go to both of its qwords
+static inline void six_quad(const uint8_t* w, int K, int b, __m512i* lo, __m512i* hi) {
+    const __m512i raw = _mm512_loadu_si512((const void*)(w + b * 16));
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512i v = _mm512_permutexvar_epi64(
+        _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3),
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w + K / 2 + b * 8))));
+    *lo = _mm512_or_si512(_mm512_and_si512(raw, mask), high2(v, _mm512_setr_epi64(0, 2, 0, 2, 0, 2, 0, 2)));
+    *hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
+                          high2(v, _mm512_setr_epi64(4, 6, 4, 6, 4, 6, 4, 6)));
+}
+
+// a tail pair (blocks b, b+1) of 6-bit codes in the activations' pair order [b lo | b+1 lo | b hi | b+1 hi]
+static inline __m512i six_pair(const uint8_t* w, int K, int b) {
+    const __m512i v = _mm512_permutexvar_epi64(
+        _mm512_setr_epi64(0, 0, 1, 1, 0, 0, 1, 1),
+        _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(w + K / 2 + b * 8))));
+    return _mm512_or_si512(unpack4(w + b * 16), high2(v, _mm512_setr_epi64(0, 2, 0, 2, 4, 6, 4, 6)));
 }
 
 // Lane patterns of a unit's 16 int32 dot products. A quad (4 blocks): lanes 4j..4j+3 hold block j. The tail
@@ -82,8 +114,23 @@ static inline void block_scales(const uint16_t* D, const uint16_t* Mn, int N, in
     }
 }
 
+// SB 3: the scales of the two halves of blocks c..c+15 of row n
+static inline void half_scales(const uint16_t* D, const uint16_t* Mn, int nb, int n, int c, __mmask16 km,
+                               __m512* dlo, __m512* dhi) {
+    const int ns = nb / 8;
+    const __mmask16 k2 = (km >> 8) ? 3 : 1;
+    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512 d = _mm512_permutexvar_ps(sel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k2, D + (size_t)n * ns + c / 8)));
+    // 16 int16 words, each a block's two int8 codes (first half low)
+    const __m256i pairs = _mm256_maskz_loadu_epi16(km, (const uint8_t*)Mn + ((size_t)n * nb + c) * 2);
+    const __m512i lo = _mm512_cvtepi16_epi32(_mm256_srai_epi16(_mm256_slli_epi16(pairs, 8), 8));
+    const __m512i hi = _mm512_cvtepi16_epi32(_mm256_srai_epi16(pairs, 8));
+    *dlo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo));
+    *dhi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi));
+}
+
 template <int BITS, bool NL>
-static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad, __m512i lut) {
+static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad, __m512i lut, int K) {
     if (quad) {
         const __m512i xlo = _mm512_loadu_si512((const void*)(x + b * 32));
         const __m512i xhi = _mm512_loadu_si512((const void*)(x + b * 32 + 64));
@@ -97,21 +144,32 @@ static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool qu
                 lo = _mm512_shuffle_epi8(lut, lo);
                 hi = _mm512_shuffle_epi8(lut, hi);
             }
+        } else if (BITS == 6) {
+            six_quad(w, K, b, &lo, &hi);
         } else {
             lo = _mm512_loadu_si512((const void*)(w + b * 32));
             hi = _mm512_loadu_si512((const void*)(w + b * 32 + 64));
         }
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
     }
-    __m512i wv = BITS == 4 ? unpack4(w + b * 16) : _mm512_loadu_si512((const void*)(w + b * 32));
+    __m512i wv = BITS == 4 ? unpack4(w + b * 16) : BITS == 6 ? six_pair(w, K, b)
+                                                 : _mm512_loadu_si512((const void*)(w + b * 32));
     if (NL) wv = _mm512_shuffle_epi8(lut, wv);
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void*)(x + b * 32)));
 }
 
+// SB 3: a quad's first-half and second-half dot products apart (6-bit codes)
+static inline void half_dots(const uint8_t* w, const int8_t* x, int b, int K, __m512i* dlo, __m512i* dhi) {
+    __m512i lo, hi;
+    six_quad(w, K, b, &lo, &hi);
+    *dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)(x + b * 32)));
+    *dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512((const void*)(x + b * 32 + 64)));
+}
+
 template <int BITS, int TILE, bool NL, int SB>
 static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n0, int n1, int K,
-                      const int8_t* XQ, const float* DX, const float* XS, int t0, float* Y, int N, __m512i lut,
-                      float low) {
+                      const int8_t* XQ, const float* DX, const float* XS, const float* XSL, int t0, float* Y, int N,
+                      __m512i lut, float low) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
@@ -121,9 +179,33 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
         for (int c = 0; c < nb; c += 16) {  // a chunk of up to 16 blocks
             const int cb = nb - c < 16 ? nb - c : 16;
             const __mmask16 km = (__mmask16)((1u << cb) - 1);
+            __m512 ds[TILE], dh[TILE];
+            if constexpr (SB == 3) {
+                __m512 dlo, dhi;
+                half_scales(D, Mn, nb, n, c, km, &dlo, &dhi);
+                const __m512 mh = _mm512_mul_ps(_mm512_set1_ps(low), dhi);
+                const __m512 ml = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dlo), mh);
+                for (int t = 0; t < TILE; t++) {
+                    const size_t o = (size_t)(t0 + t) * nb + c;
+                    const __m512 dx = _mm512_maskz_loadu_ps(km, DX + o);
+                    ds[t] = _mm512_mul_ps(dlo, dx);
+                    dh[t] = _mm512_mul_ps(dhi, dx);
+                    acc[t] = _mm512_fmadd_ps(mh, _mm512_maskz_loadu_ps(km, XS + o), acc[t]);
+                    acc[t] = _mm512_fmadd_ps(ml, _mm512_maskz_loadu_ps(km, XSL + o), acc[t]);
+                }
+                for (int j = 0; j < cb; j += 4) {
+                    const __m512i ix = quad_index(j);
+                    for (int t = 0; t < TILE; t++) {
+                        __m512i dl, du;
+                        half_dots(w, XQ + (size_t)(t0 + t) * K, c + j, K, &dl, &du);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(du), _mm512_permutexvar_ps(ix, dh[t]), acc[t]);
+                    }
+                }
+                continue;
+            }
             __m512 dw, mw;
             block_scales<SB>(D, Mn, N, nb, n, c, km, low, &dw, &mw);
-            __m512 ds[TILE];
             for (int t = 0; t < TILE; t++) {
                 ds[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(km, DX + (size_t)(t0 + t) * nb + c));
                 acc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + (size_t)(t0 + t) * nb + c), acc[t]);
@@ -132,7 +214,7 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
                 const bool quad = j + 4 <= cb;
                 const __m512i ix = quad ? quad_index(j) : pair_index(j);
                 for (int t = 0; t < TILE; t++) {
-                    const __m512i dot = unit_dot<BITS, NL>(w, XQ + (size_t)(t0 + t) * K, c + j, quad, lut);
+                    const __m512i dot = unit_dot<BITS, NL>(w, XQ + (size_t)(t0 + t) * K, c + j, quad, lut, K);
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
                 }
             }
@@ -145,7 +227,7 @@ static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
 // weights stream from memory, and each activation vector is loaded once for four rows.
 template <int BITS, bool NL, int SB>
 static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n, int K, const int8_t* XQ,
-                       const float* DX, const float* XS, float* Y, __m512i lut, int N, float low) {
+                       const float* DX, const float* XS, const float* XSL, float* Y, __m512i lut, int N, float low) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     const uint8_t* group = W + (size_t)n * row_bytes;
@@ -158,12 +240,25 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
         const __m512 dx = _mm512_maskz_loadu_ps(km, DX + c);
         const __m512 xs = _mm512_maskz_loadu_ps(km, XS + c);
-        __m512 ds[4];
-        for (int r = 0; r < 4; r++) {
-            __m512 dw, mw;
-            block_scales<SB>(D, Mn, N, nb, n + r, c, km, low, &dw, &mw);
-            ds[r] = _mm512_mul_ps(dw, dx);
-            acc[r] = _mm512_fmadd_ps(mw, xs, acc[r]);
+        __m512 ds[4], dh[4];
+        if constexpr (SB == 3) {
+            const __m512 xl = _mm512_maskz_loadu_ps(km, XSL + c);
+            for (int r = 0; r < 4; r++) {
+                __m512 dlo, dhi;
+                half_scales(D, Mn, nb, n + r, c, km, &dlo, &dhi);
+                const __m512 mh = _mm512_mul_ps(_mm512_set1_ps(low), dhi);
+                const __m512 ml = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dlo), mh);
+                ds[r] = _mm512_mul_ps(dlo, dx);
+                dh[r] = _mm512_mul_ps(dhi, dx);
+                acc[r] = _mm512_fmadd_ps(ml, xl, _mm512_fmadd_ps(mh, xs, acc[r]));
+            }
+        } else {
+            for (int r = 0; r < 4; r++) {
+                __m512 dw, mw;
+                block_scales<SB>(D, Mn, N, nb, n + r, c, km, low, &dw, &mw);
+                ds[r] = _mm512_mul_ps(dw, dx);
+                acc[r] = _mm512_fmadd_ps(mw, xs, acc[r]);
+            }
         }
         for (int j = 0; j < cb; j += 4) {
             const int u = (c + j) / 4;
@@ -173,8 +268,16 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
             const bool quad = j + 4 <= cb;
             const __m512i ix = quad ? quad_index(j) : pair_index(j);
             for (int r = 0; r < 4; r++) {
-                const __m512i dot = unit_dot<BITS, NL>(W + (size_t)(n + r) * row_bytes, XQ, c + j, quad, lut);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
+                const uint8_t* w = W + (size_t)(n + r) * row_bytes;
+                if constexpr (SB == 3) {
+                    __m512i dl, du;
+                    half_dots(w, XQ, c + j, K, &dl, &du);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(du), _mm512_permutexvar_ps(ix, dh[r]), acc[r]);
+                } else {
+                    const __m512i dot = unit_dot<BITS, NL>(w, XQ, c + j, quad, lut, K);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
+                }
             }
         }
     }
@@ -183,7 +286,8 @@ static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, 
 
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-                 const float* DX, const float* XS, int M, float* Y, int threads, const uint8_t* lut16, float low) {
+                 const float* DX, const float* XS, const float* XSL, int M, float* Y, int threads,
+                 const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
     // rows split across threads; tokens in tiles of 4 reuse each unpacked weight vector
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -191,20 +295,21 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
         if (M == 1) {
             int n = n0;
-            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL, SB>(W, D, Mn, n, K, XQ, DX, XS, Y, lut, N, low);
-            if (n < n1) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n, n1, K, XQ, DX, XS, 0, Y, N, lut, low);
+            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL, SB>(W, D, Mn, n, K, XQ, DX, XS, XSL, Y, lut, N, low);
+            if (n < n1) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n, n1, K, XQ, DX, XS, XSL, 0, Y, N, lut, low);
             continue;
         }
         int t = 0;
-        for (; t + 4 <= M; t += 4) gemm_rows<BITS, 4, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut, low);
-        for (; t < M; t++) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, t, Y, N, lut, low);
+        for (; t + 4 <= M; t += 4)
+            gemm_rows<BITS, 4, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, XSL, t, Y, N, lut, low);
+        for (; t < M; t++) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, XSL, t, Y, N, lut, low);
     }
 }
 
 extern "C" {
 
-// x: fp32 [M, K] -> xq int8 [M, K] (pair order), dx and xs fp32 [M, K/32]
-void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, int threads) {
+// x: fp32 [M, K] -> xq int8 [M, K] (pair order), dx, xs and xsl (xs over each block's first 16) fp32 [M, K/32]
+void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int threads) {
     const int nb = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
     for (int t = 0; t < M; t++) {
@@ -225,44 +330,52 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
             _mm_storeu_si128((__m128i*)lo, _mm512_cvtsepi32_epi8(q0));
             _mm_storeu_si128((__m128i*)hi, _mm512_cvtsepi32_epi8(q1));
             dx[(size_t)t * nb + b] = d;
-            xs[(size_t)t * nb + b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            const int s0 = _mm512_reduce_add_epi32(q0);
+            xs[(size_t)t * nb + b] = d * (float)(s0 + _mm512_reduce_add_epi32(q1));
+            xsl[(size_t)t * nb + b] = d * (float)s0;
         }
     }
 }
 
-// 4-bit weights back to bf16 (round to nearest even), for prefill's large-M products, which run faster as a bf16
-// GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m (u through
-// lut where it is given).
-void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const uint8_t* lut,
-                   int sb, int low, uint16_t* out, int threads) {
+// 4- and 6-bit weights back to bf16 (round to nearest even), for prefill's large-M products, which run faster as
+// a bf16 GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m (u
+// through lut where it is given).
+void dequant_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int bits, const uint8_t* lut,
+                  int sb, int low, uint16_t* out, int threads) {
     const int nb = K / 32, ns = nb / 8;
     const uint8_t* codes = (const uint8_t*)Mn;
+    const size_t row_bytes = (size_t)K * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
-        const uint8_t* w = W + (size_t)n * (K / 2);
+        const uint8_t* w = W + (size_t)n * row_bytes;
         uint16_t* o = out + (size_t)n * K;
         for (int b = 0; b < nb; b++) {
-            float d, m;
+            float d[2], m[2];
             if (sb == 0) {
-                d = _cvtsh_ss(D[(size_t)n * nb + b]);
-                m = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+                d[0] = _cvtsh_ss(D[(size_t)n * nb + b]);
+                m[0] = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+            } else if (sb == 3) {
+                const float s = _cvtsh_ss(D[(size_t)n * ns + b / 8]);
+                for (int h = 0; h < 2; h++) d[h] = s * (float)(int8_t)codes[((size_t)n * nb + b) * 2 + h];
             } else {
-                d = _cvtsh_ss(D[(size_t)n * ns + b / 8]) * (float)(int8_t)codes[(size_t)n * nb + b];
-                m = (float)low * d;
+                d[0] = _cvtsh_ss(D[(size_t)n * ns + b / 8]) * (float)(int8_t)codes[(size_t)n * nb + b];
+                m[0] = (float)low * d[0];
                 if (sb == 1)
-                    m += _cvtsh_ss(D[(size_t)N * ns + (size_t)n * ns + b / 8]) *
-                         (float)codes[(size_t)N * nb + (size_t)n * nb + b];
+                    m[0] += _cvtsh_ss(D[(size_t)N * ns + (size_t)n * ns + b / 8]) *
+                            (float)codes[(size_t)N * nb + (size_t)n * nb + b];
             }
+            if (sb == 3) { m[0] = (float)low * d[0]; m[1] = (float)low * d[1]; }
+            else { d[1] = d[0]; m[1] = m[0]; }
             const uint8_t* p = w + b * 16;
+            const uint8_t* hb = w + K / 2 + b * 8;  // 6-bit: the high 2 bits
             uint16_t* q = o + b * 32;
-            for (int j = 0; j < 16; j++) {
-                const int a4 = p[j] & 15, c4 = p[j] >> 4;
-                float lo = (float)(lut ? lut[a4] : a4) * d + m, hi = (float)(lut ? lut[c4] : c4) * d + m;
-                uint32_t a, c;
-                memcpy(&a, &lo, 4);
-                memcpy(&c, &hi, 4);
+            for (int j = 0; j < 32; j++) {
+                int u = j < 16 ? p[j] & 15 : p[j - 16] >> 4;
+                if (bits == 6) u |= ((hb[j & 7] >> (2 * (j >> 3))) & 3) << 4;
+                const float v = (float)(lut ? lut[u] : u) * d[j >> 4] + m[j >> 4];
+                uint32_t a;
+                memcpy(&a, &v, 4);
                 q[j] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
-                q[16 + j] = (uint16_t)((c + 0x7FFFu + ((c >> 16) & 1u)) >> 16);
             }
         }
     }
@@ -272,14 +385,14 @@ void dequant4_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int 
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
             const uint8_t* lut, int sb, int low, float* Y, int threads) {
     thread_local std::vector<int8_t> xq;
-    thread_local std::vector<float> dx, xs;
+    thread_local std::vector<float> dx, xs, xsl;
     const size_t nb = (size_t)M * (K / 32);
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
-    if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); }
-    quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), threads);
+    if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); }
+    quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), threads);
     const int8_t* q = xq.data();
-    const float *a = dx.data(), *c = xs.data(), lw = (float)low;
-#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, M, Y, threads, NL ? lut : nullptr, lw)
+    const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
+#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, M, Y, threads, NL ? lut : nullptr, lw)
     if (bits == 4 && lut) {
         if (sb == 2) TF_GEMM(4, true, 2);
         else TF_GEMM(4, true, 0);
@@ -287,6 +400,11 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
         if (sb == 1) TF_GEMM(4, false, 1);
         else if (sb == 2) TF_GEMM(4, false, 2);
         else TF_GEMM(4, false, 0);
+    } else if (bits == 6) {
+        if (sb == 1) TF_GEMM(6, false, 1);
+        else if (sb == 2) TF_GEMM(6, false, 2);
+        else if (sb == 3) TF_GEMM(6, false, 3);
+        else TF_GEMM(6, false, 0);
     } else {
         if (sb == 1) TF_GEMM(8, false, 1);
         else if (sb == 2) TF_GEMM(8, false, 2);

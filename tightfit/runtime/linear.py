@@ -164,26 +164,26 @@ def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> RuntimeLine
 
 
 def pack_blocks(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp). 4-bit: per 32-block, byte j = u_j | u_{j+16}
-    << 4. 6-bit: the low nibbles as 4-bit codes, then per block 8 bytes of the high 2 bits, byte i = h_i |
-    h_{i+8} << 2 | h_{i+16} << 4 | h_{i+24} << 6. 8-bit: blocks in quads, [first halves of the 4 | second halves],
-    a last pair likewise."""
+    """Unsigned codes [N, K] -> the kernel's byte order (qgemm.cpp): chunks of 16 blocks of 32 (the last one the
+    cb blocks left), each as slices: slice i lane b = elements 4i..4i+3 of block b. 8-bit: the 8 slices in order.
+    4-bit: 4 vectors, byte t of lane b of vector j = u[4j+t] | u[16+4j+t] << 4. 6-bit: the 4-bit layout of the low
+    nibbles, then per chunk 2 vectors of the high 2 bits, vector h lane b byte t = sum_j hi(u[16h+4j+t]) << 2j."""
     n, k = u.shape
     u = u.to(torch.uint8)
-    if bits == 6:
-        h = (u >> 4).reshape(n, k // 32, 4, 8)
-        high = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
-        return torch.cat((pack_blocks(u & 0xF, 4), high.reshape(n, k // 4)), 1).contiguous()
-    if bits == 4:
-        b = u.reshape(n, k // 32, 2, 16)
-        return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     nb = k // 32
-    tail0 = nb // 4 * 4
-    b = u.reshape(n, nb, 2, 16)
-    parts = [b[:, :tail0].reshape(n, nb // 4, 4, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, -1)]
-    if tail0 < nb:
-        parts.append(b[:, tail0:].permute(0, 2, 1, 3).reshape(n, -1))
-    return torch.cat(parts, 1).contiguous()
+    low, high = [], []
+    for c0 in range(0, nb, 16):
+        cb = min(16, nb - c0)
+        s = u[:, c0 * 32:(c0 + cb) * 32].reshape(n, cb, 8, 4).transpose(1, 2)  # [n, slice, block, 4]
+        if bits == 8:
+            low.append(s.reshape(n, -1))
+            continue
+        nib = s & 0xF
+        low.append((nib[:, :4] | (nib[:, 4:] << 4)).reshape(n, -1))
+        if bits == 6:
+            h = (s >> 4).reshape(n, 2, 4, cb, 4)
+            high.append((h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)).reshape(n, -1))
+    return torch.cat(low + high, 1).contiguous()
 
 
 def _vnni_linear(qw: QuantizedWeight, bias: torch.Tensor | None, check: bool) -> RuntimeLinear | None:

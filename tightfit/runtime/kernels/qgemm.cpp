@@ -4,20 +4,24 @@
 // byte; 8-bit: 0..255), d and m fp16 per block. Activations: per token, blocks of 32 quantized to int8 with a
 // float scale dx (llama.cpp's Q8 activations), plus xs = dx * sum(xq) per block for the m term:
 //   y[t, n] = sum_b d[n,b] dx[t,b] sum_j u[n,b,j] xq[t,b,j] + m[n,b] xs[t,b]
-// Byte order: blocks go in quads of 4, each [first halves (elements 0-15) of the 4 | second halves (16-31)]
-// for activations and 8-bit weights; 4-bit weights are plain blocks (byte j = u_j | u_{j+16} << 4), which is
-// the same order once split into low and high nibbles. When K/32 is not a multiple of 4, the last two blocks
-// form a pair [b: 0-15 | b+1: 0-15 | b: 16-31 | b+1: 16-31]. Requires K % 64 == 0.
+// Byte order: a row is cut into chunks of 16 blocks (the last one: the cb blocks left; K % 64 == 0 keeps cb even).
+// Within a chunk, slice i (0..7) is a vector of cb lanes of 4 bytes, lane b holding elements 4i..4i+3 of block b,
+// so one vpdpbusd of a weight slice and an activation slice adds 4 products into each block's own lane, and the
+// 8 slices leave the chunk's 16 block dots in 16 lanes, scaled by the 16 block scales with no shuffle (the row
+// interleaving that llama.cpp's repacked Q4_0 GEMM and ik_llama.cpp do, here inside each row). Activations and
+// 8-bit weights: the 8 slices in order, cb * 32 bytes a chunk. 4-bit weights: 4 vectors, byte t of lane b of
+// vector j = u[4j+t] | u[16+4j+t] << 4 (slices j and 4+j), cb * 16 bytes a chunk.
 // Super-block scales (SB, the "k" formats: llama.cpp's K-quants and IQ4_XS): D holds fp16 [2, N, K/256] (d, then
 // dmin when SB == 1) and Mn the bytes [2, N, K/32]: int8 scale codes sc, then (SB == 1) unsigned min codes mc;
 // block b's scale is d sc_b and its m is dmin mc_b + low * scale (low: the code offset, -8 for sym4, -128 on
 // the table grid; SB == 2 has no mins). Both are exact in fp32, and resident in 0.3-0.6 bits per weight less.
 // 6-bit codes (5-bit ones too, which fit): a row holds its K/2 bytes of low nibbles, laid out as 4-bit codes, then
-// K/4 bytes of the high 2 bits, 8 per block: byte i = h_i | h_{i+8} << 2 | h_{i+16} << 4 | h_{i+24} << 6, so
-// llama.cpp's Q6_K runs in 6.5 bits per weight and Q5 types in 6-6.5 where 8-bit codes took 8.5-9.
+// K/4 bytes of the high 2 bits, per chunk 2 vectors: byte t of lane b of vector h holds the high bits of
+// u[16h+4j+t] at bits 2j (j = 0..3), so llama.cpp's Q6_K runs in 6.56 bits per weight and the 5-bit types in
+// 6.6-7 where 8-bit codes took 8.5-9.
 // SB == 3 (Q6_K: int8 scale codes per 16 weights under one fp16 d per 256): Mn holds the codes [N, K/16] (block
-// b's halves at 2b, 2b+1), and each half-block keeps its own dot product and scale; its m is low * scale,
-// applied through XSL, the activation sums over each block's first half. Needs K % 256 == 0.
+// b's halves at 2b, 2b+1), and each half-block (slices 0-3, 4-7) keeps its own dot and scale; its m is
+// low * scale, applied through XSL, the activation sums over each block's first half. Needs K % 256 == 0.
 // Non-uniform 4-bit grids (IQ4_NL's table): a 16-byte table lut maps each nibble to u = level + 128 (one
 // vpshufb per 64 codes), the block's m is -128 d, and the product is the same as for plain 4-bit codes.
 #include <immintrin.h>
@@ -32,56 +36,11 @@
 #define PREFETCH 8192
 #endif
 
-static inline __m512i unpack4(const uint8_t* p) {
-    const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(raw, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
+static inline __m512i ldm(const void* p, __mmask64 m) { return _mm512_maskz_loadu_epi8(m, p); }
 
-// 6-bit codes: the high 2 bits of each byte's code, moved to bits 4-5 (v: the high-bit bytes, qword-shuffled)
-static inline __m512i high2(__m512i v, __m512i shifts) {
-    return _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(v, shifts), _mm512_set1_epi8(3)), 4);
-}
+// the bytes of a chunk's slice vectors present (cb blocks of 4 bytes each)
+static inline __mmask64 lanes_mask(int cb) { return cb >= 16 ? ~0ULL : ((1ULL << (cb * 4)) - 1); }
 
-// a quad (blocks b..b+3) of 6-bit codes as its first halves (lo) and second halves (hi), 64 bytes each, in the
-// activations' order: 128-bit lane j holds block b+j, whose 8 high-bit bytes go to both of its qwords
-static inline void six_quad(const uint8_t* w, int K, int b, __m512i* lo, __m512i* hi) {
-    const __m512i raw = _mm512_loadu_si512((const void*)(w + b * 16));
-    const __m512i mask = _mm512_set1_epi8(0x0F);
-    const __m512i v = _mm512_permutexvar_epi64(
-        _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3),
-        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w + K / 2 + b * 8))));
-    *lo = _mm512_or_si512(_mm512_and_si512(raw, mask), high2(v, _mm512_setr_epi64(0, 2, 0, 2, 0, 2, 0, 2)));
-    *hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
-                          high2(v, _mm512_setr_epi64(4, 6, 4, 6, 4, 6, 4, 6)));
-}
-
-// a tail pair (blocks b, b+1) of 6-bit codes in the activations' pair order [b lo | b+1 lo | b hi | b+1 hi]
-static inline __m512i six_pair(const uint8_t* w, int K, int b) {
-    const __m512i v = _mm512_permutexvar_epi64(
-        _mm512_setr_epi64(0, 0, 1, 1, 0, 0, 1, 1),
-        _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(w + K / 2 + b * 8))));
-    return _mm512_or_si512(unpack4(w + b * 16), high2(v, _mm512_setr_epi64(0, 2, 0, 2, 4, 6, 4, 6)));
-}
-
-// Lane patterns of a unit's 16 int32 dot products. A quad (4 blocks): lanes 4j..4j+3 hold block j. The tail
-// pair (2 blocks): lanes 0-3 and 8-11 hold its first block, lanes 4-7 and 12-15 its second.
-static inline __m512i quad_index(int j0) {
-    return _mm512_setr_epi32(j0, j0, j0, j0, j0 + 1, j0 + 1, j0 + 1, j0 + 1, j0 + 2, j0 + 2, j0 + 2, j0 + 2,
-                             j0 + 3, j0 + 3, j0 + 3, j0 + 3);
-}
-
-static inline __m512i pair_index(int j0) {
-    const int a = j0, b = j0 + 1;
-    return _mm512_setr_epi32(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b);
-}
-
-// Integer dot products of one unit starting at block b of a weight row w and an activation row x.
-// Quad layout (activations; 8-bit weights too): [4 first halves | 4 second halves], 128 bytes; a 4-bit quad
-// is its 4 blocks as stored (byte j of a block: element j low nibble, element j+16 high nibble), so one
-// 64-byte load gives all first halves (& 0x0F) and all second halves (>> 4): 2 vpdpbusd per 128 weights.
 static inline __m512i load_lut(const uint8_t* lut) {
     return lut ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)lut)) : _mm512_setzero_si512();
 }
@@ -129,186 +88,156 @@ static inline void half_scales(const uint16_t* D, const uint16_t* Mn, int nb, in
     *dhi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi));
 }
 
-template <int BITS, bool NL>
-static inline __m512i unit_dot(const uint8_t* w, const int8_t* x, int b, bool quad, __m512i lut, int K) {
-    if (quad) {
-        const __m512i xlo = _mm512_loadu_si512((const void*)(x + b * 32));
-        const __m512i xhi = _mm512_loadu_si512((const void*)(x + b * 32 + 64));
-        __m512i lo, hi;
-        if (BITS == 4) {
-            const __m512i raw = _mm512_loadu_si512((const void*)(w + b * 16));
-            const __m512i mask = _mm512_set1_epi8(0x0F);
-            lo = _mm512_and_si512(raw, mask);
-            hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-            if (NL) {
-                lo = _mm512_shuffle_epi8(lut, lo);
-                hi = _mm512_shuffle_epi8(lut, hi);
-            }
-        } else if (BITS == 6) {
-            six_quad(w, K, b, &lo, &hi);
-        } else {
-            lo = _mm512_loadu_si512((const void*)(w + b * 32));
-            hi = _mm512_loadu_si512((const void*)(w + b * 32 + 64));
+// slice i (0..7) of chunk ci (cb blocks) of weight row w, as unsigned bytes (see the top of this file)
+template <int BITS, bool NL, int I>
+static inline __m512i wslice(const uint8_t* w, int K, int ci, int cb, __mmask64 m, __m512i lut) {
+    if constexpr (BITS == 8) {
+        return ldm(w + (size_t)ci * 512 + I * cb * 4, m);
+    } else {
+        const __m512i raw = ldm(w + (size_t)ci * 256 + (I & 3) * cb * 4, m);
+        __m512i v = _mm512_and_si512(I < 4 ? raw : _mm512_srli_epi16(raw, 4), _mm512_set1_epi8(0x0F));
+        if constexpr (BITS == 6) {
+            const __m512i h = ldm(w + K / 2 + (size_t)ci * 128 + (I >> 2) * cb * 4, m);
+            const __m512i h2 = _mm512_and_si512(_mm512_srli_epi16(h, 2 * (I & 3)), _mm512_set1_epi8(3));
+            v = _mm512_or_si512(v, _mm512_slli_epi16(h2, 4));
         }
-        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
-    }
-    __m512i wv = BITS == 4 ? unpack4(w + b * 16) : BITS == 6 ? six_pair(w, K, b)
-                                                 : _mm512_loadu_si512((const void*)(w + b * 32));
-    if (NL) wv = _mm512_shuffle_epi8(lut, wv);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void*)(x + b * 32)));
-}
-
-// SB 3: a quad's first-half and second-half dot products apart (6-bit codes)
-static inline void half_dots(const uint8_t* w, const int8_t* x, int b, int K, __m512i* dlo, __m512i* dhi) {
-    __m512i lo, hi;
-    six_quad(w, K, b, &lo, &hi);
-    *dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)(x + b * 32)));
-    *dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512((const void*)(x + b * 32 + 64)));
-}
-
-template <int BITS, int TILE, bool NL, int SB>
-static void gemm_rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n0, int n1, int K,
-                      const int8_t* XQ, const float* DX, const float* XS, const float* XSL, int t0, float* Y, int N,
-                      __m512i lut, float low) {
-    const int nb = K / 32;
-    const size_t row_bytes = (size_t)K * BITS / 8;
-    for (int n = n0; n < n1; n++) {
-        const uint8_t* w = W + (size_t)n * row_bytes;
-        __m512 acc[TILE];
-        for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
-        for (int c = 0; c < nb; c += 16) {  // a chunk of up to 16 blocks
-            const int cb = nb - c < 16 ? nb - c : 16;
-            const __mmask16 km = (__mmask16)((1u << cb) - 1);
-            __m512 ds[TILE], dh[TILE];
-            if constexpr (SB == 3) {
-                __m512 dlo, dhi;
-                half_scales(D, Mn, nb, n, c, km, &dlo, &dhi);
-                const __m512 mh = _mm512_mul_ps(_mm512_set1_ps(low), dhi);
-                const __m512 ml = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dlo), mh);
-                for (int t = 0; t < TILE; t++) {
-                    const size_t o = (size_t)(t0 + t) * nb + c;
-                    const __m512 dx = _mm512_maskz_loadu_ps(km, DX + o);
-                    ds[t] = _mm512_mul_ps(dlo, dx);
-                    dh[t] = _mm512_mul_ps(dhi, dx);
-                    acc[t] = _mm512_fmadd_ps(mh, _mm512_maskz_loadu_ps(km, XS + o), acc[t]);
-                    acc[t] = _mm512_fmadd_ps(ml, _mm512_maskz_loadu_ps(km, XSL + o), acc[t]);
-                }
-                for (int j = 0; j < cb; j += 4) {
-                    const __m512i ix = quad_index(j);
-                    for (int t = 0; t < TILE; t++) {
-                        __m512i dl, du;
-                        half_dots(w, XQ + (size_t)(t0 + t) * K, c + j, K, &dl, &du);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(du), _mm512_permutexvar_ps(ix, dh[t]), acc[t]);
-                    }
-                }
-                continue;
-            }
-            __m512 dw, mw;
-            block_scales<SB>(D, Mn, N, nb, n, c, km, low, &dw, &mw);
-            for (int t = 0; t < TILE; t++) {
-                ds[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(km, DX + (size_t)(t0 + t) * nb + c));
-                acc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + (size_t)(t0 + t) * nb + c), acc[t]);
-            }
-            for (int j = 0; j < cb; j += 4) {
-                const bool quad = j + 4 <= cb;
-                const __m512i ix = quad ? quad_index(j) : pair_index(j);
-                for (int t = 0; t < TILE; t++) {
-                    const __m512i dot = unit_dot<BITS, NL>(w, XQ + (size_t)(t0 + t) * K, c + j, quad, lut, K);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[t]), acc[t]);
-                }
-            }
-        }
-        for (int t = 0; t < TILE; t++) Y[(size_t)(t0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]);
+        if constexpr (NL) v = _mm512_shuffle_epi8(lut, v);
+        return v;
     }
 }
 
-// One token, four rows at a time: independent accumulators keep the FMA and load units busy while the
-// weights stream from memory, and each activation vector is loaded once for four rows.
-template <int BITS, bool NL, int SB>
-static void gemv_rows4(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int n, int K, const int8_t* XQ,
-                       const float* DX, const float* XS, const float* XSL, float* Y, __m512i lut, int N, float low) {
+// R weight rows (from n) x T tokens (from t0): every chunk's 8 slices into per-block integer dots, then scaled once
+// per chunk. SB 3 keeps each block's two halves (slices 0-3, 4-7) apart.
+template <int BITS, bool NL, int SB, int R, int T, int I>
+static inline void slice_step(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
+                              __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+    __m512i wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) wv[r] = wslice<BITS, NL, I>(wr[r], K, ci, cb, m, lut);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+        const __m512i xv = ldm(xr[t] + (size_t)ci * 512 + I * cb * 4, m);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            if (SB == 3 && I >= 4) doth[r][t] = _mm512_dpbusd_epi32(doth[r][t], wv[r], xv);
+            else dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv[r], xv);
+        }
+    }
+}
+
+template <int BITS, bool NL, int SB, int R, int T>
+static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n,
+                        const int8_t* XQ, const float* DX, const float* XS, const float* XSL, int t0, float* Y,
+                        __m512i lut, float low, bool prefetch) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
-    const uint8_t* group = W + (size_t)n * row_bytes;
-    const int units = (nb + 3) / 4;
-    const int lpu = (int)((4 * row_bytes / 64 + units - 1) / units);  // cache lines to prefetch per unit
-    __m512 acc[4];
-    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
-    for (int c = 0; c < nb; c += 16) {
-        const int cb = nb - c < 16 ? nb - c : 16;
+    const uint8_t* wr[R];
+    const int8_t* xr[T];
+    for (int r = 0; r < R; r++) wr[r] = W + (size_t)(n + r) * row_bytes;
+    for (int t = 0; t < T; t++) xr[t] = XQ + (size_t)(t0 + t) * K;
+    const int chunks = (nb + 15) / 16;
+    const int lpc = (int)((R * row_bytes / 64 + chunks - 1) / chunks);  // cache lines to prefetch per chunk
+    __m512 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int ci = 0; ci < chunks; ci++) {
+        const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
-        const __m512 dx = _mm512_maskz_loadu_ps(km, DX + c);
-        const __m512 xs = _mm512_maskz_loadu_ps(km, XS + c);
-        __m512 ds[4], dh[4];
-        if constexpr (SB == 3) {
-            const __m512 xl = _mm512_maskz_loadu_ps(km, XSL + c);
-            for (int r = 0; r < 4; r++) {
-                __m512 dlo, dhi;
-                half_scales(D, Mn, nb, n + r, c, km, &dlo, &dhi);
-                const __m512 mh = _mm512_mul_ps(_mm512_set1_ps(low), dhi);
-                const __m512 ml = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dlo), mh);
-                ds[r] = _mm512_mul_ps(dlo, dx);
-                dh[r] = _mm512_mul_ps(dhi, dx);
-                acc[r] = _mm512_fmadd_ps(ml, xl, _mm512_fmadd_ps(mh, xs, acc[r]));
-            }
-        } else {
-            for (int r = 0; r < 4; r++) {
-                __m512 dw, mw;
+        const __mmask64 m = lanes_mask(cb);
+        if (prefetch)  // PREFETCH bytes ahead: one thread alone keeps too few loads in flight otherwise
+            for (int l = 0; l < lpc; l++) _mm_prefetch((const char*)(wr[0] + PREFETCH + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
+        __m512i dot[R][T], doth[R][T];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
+        slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 3>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 4>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 5>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 6>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            __m512 dw, mw, dh = _mm512_setzero_ps(), ml = _mm512_setzero_ps();
+            if constexpr (SB == 3) {
+                half_scales(D, Mn, nb, n + r, c, km, &dw, &dh);
+                mw = _mm512_mul_ps(_mm512_set1_ps(low), dh);  // low * (second-half scale) over the whole block
+                ml = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dw), mw);  // the first half's difference
+            } else {
                 block_scales<SB>(D, Mn, N, nb, n + r, c, km, low, &dw, &mw);
-                ds[r] = _mm512_mul_ps(dw, dx);
-                acc[r] = _mm512_fmadd_ps(mw, xs, acc[r]);
             }
-        }
-        for (int j = 0; j < cb; j += 4) {
-            const int u = (c + j) / 4;
-            // prefetch PREFETCH bytes ahead: one thread alone keeps too few loads in flight otherwise
-            for (int l = 0; l < lpu; l++)
-                _mm_prefetch((const char*)(group + PREFETCH + (size_t)(u * lpu + l) * 64), _MM_HINT_T0);
-            const bool quad = j + 4 <= cb;
-            const __m512i ix = quad ? quad_index(j) : pair_index(j);
-            for (int r = 0; r < 4; r++) {
-                const uint8_t* w = W + (size_t)(n + r) * row_bytes;
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                const size_t o = (size_t)(t0 + t) * nb + c;
+                const __m512 dx = _mm512_maskz_loadu_ps(km, DX + o);
+                __m512 a = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + o), acc[r][t]);
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dw, dx), a);
                 if constexpr (SB == 3) {
-                    __m512i dl, du;
-                    half_dots(w, XQ, c + j, K, &dl, &du);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(du), _mm512_permutexvar_ps(ix, dh[r]), acc[r]);
-                } else {
-                    const __m512i dot = unit_dot<BITS, NL>(w, XQ, c + j, quad, lut, K);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, ds[r]), acc[r]);
+                    a = _mm512_fmadd_ps(ml, _mm512_maskz_loadu_ps(km, XSL + o), a);
+                    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(doth[r][t]), _mm512_mul_ps(dh, dx), a);
                 }
+                acc[r][t] = a;
             }
         }
     }
-    for (int r = 0; r < 4; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
+
+#ifndef TOKEN_BLOCK
+#define TOKEN_BLOCK 128
+#endif
 
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
                  const float* DX, const float* XS, const float* XSL, int M, float* Y, int threads,
                  const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
-    // rows split across threads; tokens in tiles of 4 reuse each unpacked weight vector
+    constexpr int RR = SB == 3 ? 2 : 3;  // rows per tile: the accumulators fill the 32 vector registers
+#define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, t, Y, lut, low, pf)
+    if (M == 1) {  // decode: four rows at a time, the weights streamed with prefetch (bandwidth-bound)
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
-        const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
-        if (M == 1) {
+        for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
+            const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
             int n = n0;
-            for (; n + 4 <= n1; n += 4) gemv_rows4<BITS, NL, SB>(W, D, Mn, n, K, XQ, DX, XS, XSL, Y, lut, N, low);
-            if (n < n1) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n, n1, K, XQ, DX, XS, XSL, 0, Y, N, lut, low);
-            continue;
+            for (; n + 4 <= n1; n += 4) TF_TILE(4, 1, n, 0, true);
+            for (; n < n1; n++) TF_TILE(1, 1, n, 0, false);
         }
-        int t = 0;
-        for (; t + 4 <= M; t += 4)
-            gemm_rows<BITS, 4, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, XSL, t, Y, N, lut, low);
-        for (; t < M; t++) gemm_rows<BITS, 1, NL, SB>(W, D, Mn, n0, n1, K, XQ, DX, XS, XSL, t, Y, N, lut, low);
+        return;
     }
+    // more tokens: tiles of RR rows x 4 tokens, over blocks of TOKEN_BLOCK tokens whose activations stay in L2
+    // while each thread's rows pass over them
+    for (int tb = 0; tb < M; tb += TOKEN_BLOCK) {
+        const int te = tb + TOKEN_BLOCK < M ? tb + TOKEN_BLOCK : M;
+        // a few tokens (the server's batched decode): each weight is read once, from memory, so prefetch it as
+        // decode does (without, 9 GB/s here against 45)
+        const bool pf = te - tb <= 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int chunk = 0; chunk < (N + 17) / 18; chunk++) {  // 18 rows: a multiple of 2 and 3
+            const int n0 = chunk * 18, n1 = n0 + 18 < N ? n0 + 18 : N;
+            int n = n0;
+            for (; n + RR <= n1; n += RR) {
+                int t = tb;
+                for (; t + 4 <= te; t += 4) TF_TILE(RR, 4, n, t, pf);
+                if (t + 2 <= te) { TF_TILE(RR, 2, n, t, pf); t += 2; }
+                if (t < te) TF_TILE(RR, 1, n, t, pf);
+            }
+            for (; n < n1; n++) {
+                int t = tb;
+                for (; t + 4 <= te; t += 4) TF_TILE(1, 4, n, t, false);
+                if (t + 2 <= te) { TF_TILE(1, 2, n, t, false); t += 2; }
+                if (t < te) TF_TILE(1, 1, n, t, false);
+            }
+        }
+    }
+#undef TF_TILE
 }
 
 extern "C" {
 
-// x: fp32 [M, K] -> xq int8 [M, K] (pair order), dx, xs and xsl (xs over each block's first 16) fp32 [M, K/32]
+// x: fp32 [M, K] -> xq int8 [M, K] (slice order, see the top of this file), dx, xs and xsl (xs over each block's
+// first 16) fp32 [M, K/32]
 void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int threads) {
     const int nb = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
@@ -321,14 +250,12 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
             const float id = d > 0 ? 1.0f / d : 0.0f;
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-            // quads: [4 first halves | 4 second halves]; the tail pair: [b0 | b1 | b0' | b1']
-            const int tail0 = nb / 4 * 4;
-            int8_t* row = xq + (size_t)t * K;
-            int8_t *lo, *hi;
-            if (b < tail0) { lo = row + (b / 4) * 128 + (b % 4) * 16; hi = lo + 64; }
-            else { lo = row + tail0 * 32 + (b - tail0) * 16; hi = lo + 32; }
-            _mm_storeu_si128((__m128i*)lo, _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i*)hi, _mm512_cvtsepi32_epi8(q1));
+            alignas(16) int8_t q[32];
+            _mm_store_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q0));
+            _mm_store_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q1));
+            const int c = b / 16, cb = nb - c * 16 < 16 ? nb - c * 16 : 16;
+            int8_t* base = xq + (size_t)t * K + (size_t)c * 512 + (b % 16) * 4;
+            for (int i = 0; i < 8; i++) memcpy(base + i * cb * 4, q + 4 * i, 4);
             dx[(size_t)t * nb + b] = d;
             const int s0 = _mm512_reduce_add_epi32(q0);
             xs[(size_t)t * nb + b] = d * (float)(s0 + _mm512_reduce_add_epi32(q1));
@@ -366,16 +293,19 @@ void dequant_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N
             }
             if (sb == 3) { m[0] = (float)low * d[0]; m[1] = (float)low * d[1]; }
             else { d[1] = d[0]; m[1] = m[0]; }
-            const uint8_t* p = w + b * 16;
-            const uint8_t* hb = w + K / 2 + b * 8;  // 6-bit: the high 2 bits
+            const int c = b / 16, cb = nb - c * 16 < 16 ? nb - c * 16 : 16, bl = b % 16;
+            const uint8_t* p = w + (size_t)c * 256 + bl * 4;                // 4-bit vectors j: + j * cb * 4
+            const uint8_t* hb = w + K / 2 + (size_t)c * 128 + bl * 4;      // 6-bit high vectors h: + h * cb * 4
             uint16_t* q = o + b * 32;
-            for (int j = 0; j < 32; j++) {
-                int u = j < 16 ? p[j] & 15 : p[j - 16] >> 4;
-                if (bits == 6) u |= ((hb[j & 7] >> (2 * (j >> 3))) & 3) << 4;
-                const float v = (float)(lut ? lut[u] : u) * d[j >> 4] + m[j >> 4];
+            for (int e = 0; e < 32; e++) {
+                const int half = e >> 4, j = (e & 15) >> 2, t = e & 3;
+                const uint8_t byte = p[j * cb * 4 + t];
+                int u = half ? byte >> 4 : byte & 15;
+                if (bits == 6) u |= ((hb[half * cb * 4 + t] >> (2 * j)) & 3) << 4;
+                const float v = (float)(lut ? lut[u] : u) * d[half] + m[half];
                 uint32_t a;
                 memcpy(&a, &v, 4);
-                q[j] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+                q[e] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
             }
         }
     }

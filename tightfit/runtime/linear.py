@@ -134,6 +134,22 @@ class RuntimeLinear:
             m = m + d[1] * self.scale_codes[1, r0:r1].float()
         return torch.stack((scale, m))
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(idx), K]: rows idx of the weight, exactly as the kernel holds them (q4/q6/q8; a tied
+        embedding reads its tokens' rows here rather than keep a second copy of the table)."""
+        from .kernels import library
+
+        idx = idx.reshape(-1).long()
+        n, k = len(idx), self.in_features
+        w = self.weight.index_select(0, idx).contiguous()
+        sz = self.scales_zeros.index_select(1, idx).contiguous()
+        codes = None if self.scale_codes is None else self.scale_codes.index_select(1, idx).contiguous()
+        mn = codes.data_ptr() if codes is not None else sz.data_ptr() + n * (k // 32) * 2
+        out = torch.empty(n, k)
+        library().dequant_f32(w.data_ptr(), sz.data_ptr(), mn, n, k, self.group, self._lut_ptr, self.sb, self.low,
+                              out.data_ptr(), 1 if n < 64 else torch.get_num_threads())
+        return out
+
     @property
     def _lut_ptr(self) -> int:
         return 0 if self.lut is None else self.lut.data_ptr()

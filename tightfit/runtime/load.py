@@ -17,7 +17,7 @@ from ..formats.weight import WeightFormat
 from ..models import resolve_source
 from ..models.arch import hf_to_gguf_names, unpermute_qk
 from ..quant.core import QuantizedWeight, rtn
-from .linear import RuntimeLinear, from_dense, from_quantized
+from .linear import VNNI_KINDS, RuntimeLinear, from_dense, from_quantized
 from .model import Embedding, Engine, Layer, ModelArgs
 
 Weight = QuantizedWeight | torch.Tensor
@@ -267,7 +267,13 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         head = _linear(head_w, kernel)
         if head.added_error:
             errs["lm_head"] = head.added_error
-        embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight) else embed_w.to(torch.bfloat16))
+        if args.tied and isinstance(head, RuntimeLinear) and head.kind in VNNI_KINDS and head.perm is None \
+                and head.bias is None and head.added_error and head.added_error["sqnr_db"] > 100:
+            embed = Embedding(head)  # the tied table once: its rows read back from the head's exact codes
+        else:
+            embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight)
+                              else embed_w.to(torch.bfloat16))
+        del embed_w, head_w
     info = dict(info or {})
     info["runtime_added_error"] = errs
     engine = Engine(config, args, embed, layers, gain("model.norm.weight"), head,

@@ -53,13 +53,16 @@ class ModelArgs:
 
 
 class Embedding:
-    """Token rows read from the stored codes (quantized) or a float table."""
+    """Token rows read from the stored codes (quantized), a float table, or a tied head's own kernel weight (one
+    copy of the table for both ends of the model)."""
 
-    def __init__(self, table: QuantizedWeight | torch.Tensor):
+    def __init__(self, table: QuantizedWeight | torch.Tensor | RuntimeLinear):
         self.table = table
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.table
+        if isinstance(t, RuntimeLinear):
+            return t.rows(tokens).view(*tokens.shape, -1)
         if isinstance(t, torch.Tensor):
             return t[tokens].float()
         flat = tokens.reshape(-1)
@@ -70,6 +73,8 @@ class Embedding:
     @property
     def nbytes(self) -> int:
         t = self.table
+        if isinstance(t, RuntimeLinear):
+            return 0  # the head's bytes, counted there
         parts = [t] if isinstance(t, torch.Tensor) else [x for x in (t.data, t.scales, t.mins, t.g_idx) if x is not None]
         return sum(x.numel() * x.element_size() for x in parts)
 

@@ -164,6 +164,7 @@ def library() -> ctypes.CDLL | None:
     return _library(SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
                     {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_bf16": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
+                     "dequant_f32": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
                      "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
                      "decode_rows": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _i, _i, _i], None),
                      "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},

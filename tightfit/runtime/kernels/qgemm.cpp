@@ -234,6 +234,63 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #undef TF_TILE
 }
 
+// Weights back to floats: bf16 (round to nearest even) for prefill's large-M products, which run faster as a bf16
+// GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products, and fp32 (exact) for a tied embedding's rows:
+// out[n, k] = u[n, k] * d + m (u through lut where it is given).
+template <typename OutT>
+static void dequant_t(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int bits,
+                      const uint8_t* lut, int sb, int low, OutT* out, int threads) {
+    const int nb = K / 32, ns = nb / 8;
+    const uint8_t* codes = (const uint8_t*)Mn;
+    const size_t row_bytes = (size_t)K * bits / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t* w = W + (size_t)n * row_bytes;
+        OutT* o = out + (size_t)n * K;
+        for (int b = 0; b < nb; b++) {
+            float d[2], m[2];
+            if (sb == 0) {
+                d[0] = _cvtsh_ss(D[(size_t)n * nb + b]);
+                m[0] = _cvtsh_ss(Mn[(size_t)n * nb + b]);
+            } else if (sb == 3) {
+                const float s = _cvtsh_ss(D[(size_t)n * ns + b / 8]);
+                for (int h = 0; h < 2; h++) d[h] = s * (float)(int8_t)codes[((size_t)n * nb + b) * 2 + h];
+            } else {
+                d[0] = _cvtsh_ss(D[(size_t)n * ns + b / 8]) * (float)(int8_t)codes[(size_t)n * nb + b];
+                m[0] = (float)low * d[0];
+                if (sb == 1)
+                    m[0] += _cvtsh_ss(D[(size_t)N * ns + (size_t)n * ns + b / 8]) *
+                            (float)codes[(size_t)N * nb + (size_t)n * nb + b];
+            }
+            if (sb == 3) { m[0] = (float)low * d[0]; m[1] = (float)low * d[1]; }
+            else { d[1] = d[0]; m[1] = m[0]; }
+            const int c = b / 16, cb = nb - c * 16 < 16 ? nb - c * 16 : 16, bl = b % 16;
+            const uint8_t* p = w + (size_t)c * (bits == 8 ? 512 : 256) + bl * 4;  // vector j: + j * cb * 4
+            const uint8_t* hb = w + K / 2 + (size_t)c * 128 + bl * 4;            // 6-bit high vectors h: + h * cb * 4
+            OutT* q = o + b * 32;
+            for (int e = 0; e < 32; e++) {
+                const int half = e >> 4, j = (e & 15) >> 2, t = e & 3;
+                int u;
+                if (bits == 8) {
+                    u = p[(e >> 2) * cb * 4 + t];
+                } else {
+                    const uint8_t byte = p[j * cb * 4 + t];
+                    u = half ? byte >> 4 : byte & 15;
+                    if (bits == 6) u |= ((hb[half * cb * 4 + t] >> (2 * j)) & 3) << 4;
+                }
+                const float v = (float)(lut ? lut[u] : u) * d[half] + m[half];
+                if constexpr (sizeof(OutT) == 4) {
+                    q[e] = v;
+                } else {
+                    uint32_t a;
+                    memcpy(&a, &v, 4);
+                    q[e] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+                }
+            }
+        }
+    }
+}
+
 extern "C" {
 
 // x: fp32 [M, K] -> xq int8 [M, K] (slice order, see the top of this file), dx, xs and xsl (xs over each block's
@@ -264,51 +321,14 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
     }
 }
 
-// 4- and 6-bit weights back to bf16 (round to nearest even), for prefill's large-M products, which run faster as
-// a bf16 GEMM on AMX tiles (oneDNN, through torch) than as int8 dot products: out[n, k] = u[n, k] * d + m (u
-// through lut where it is given).
 void dequant_bf16(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int bits, const uint8_t* lut,
                   int sb, int low, uint16_t* out, int threads) {
-    const int nb = K / 32, ns = nb / 8;
-    const uint8_t* codes = (const uint8_t*)Mn;
-    const size_t row_bytes = (size_t)K * bits / 8;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint8_t* w = W + (size_t)n * row_bytes;
-        uint16_t* o = out + (size_t)n * K;
-        for (int b = 0; b < nb; b++) {
-            float d[2], m[2];
-            if (sb == 0) {
-                d[0] = _cvtsh_ss(D[(size_t)n * nb + b]);
-                m[0] = _cvtsh_ss(Mn[(size_t)n * nb + b]);
-            } else if (sb == 3) {
-                const float s = _cvtsh_ss(D[(size_t)n * ns + b / 8]);
-                for (int h = 0; h < 2; h++) d[h] = s * (float)(int8_t)codes[((size_t)n * nb + b) * 2 + h];
-            } else {
-                d[0] = _cvtsh_ss(D[(size_t)n * ns + b / 8]) * (float)(int8_t)codes[(size_t)n * nb + b];
-                m[0] = (float)low * d[0];
-                if (sb == 1)
-                    m[0] += _cvtsh_ss(D[(size_t)N * ns + (size_t)n * ns + b / 8]) *
-                            (float)codes[(size_t)N * nb + (size_t)n * nb + b];
-            }
-            if (sb == 3) { m[0] = (float)low * d[0]; m[1] = (float)low * d[1]; }
-            else { d[1] = d[0]; m[1] = m[0]; }
-            const int c = b / 16, cb = nb - c * 16 < 16 ? nb - c * 16 : 16, bl = b % 16;
-            const uint8_t* p = w + (size_t)c * 256 + bl * 4;                // 4-bit vectors j: + j * cb * 4
-            const uint8_t* hb = w + K / 2 + (size_t)c * 128 + bl * 4;      // 6-bit high vectors h: + h * cb * 4
-            uint16_t* q = o + b * 32;
-            for (int e = 0; e < 32; e++) {
-                const int half = e >> 4, j = (e & 15) >> 2, t = e & 3;
-                const uint8_t byte = p[j * cb * 4 + t];
-                int u = half ? byte >> 4 : byte & 15;
-                if (bits == 6) u |= ((hb[half * cb * 4 + t] >> (2 * j)) & 3) << 4;
-                const float v = (float)(lut ? lut[u] : u) * d[half] + m[half];
-                uint32_t a;
-                memcpy(&a, &v, 4);
-                q[e] = (uint16_t)((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
-            }
-        }
-    }
+    dequant_t<uint16_t>(W, D, Mn, N, K, bits, lut, sb, low, out, threads);
+}
+
+void dequant_f32(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int bits, const uint8_t* lut,
+                 int sb, int low, float* out, int threads) {
+    dequant_t<float>(W, D, Mn, N, K, bits, lut, sb, low, out, threads);
 }
 
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.

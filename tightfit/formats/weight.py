@@ -240,15 +240,31 @@ def super_codes(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightForm
     rows, groups = scales.shape
     per = SUPER_BLOCK // fmt.group_size
     top = fmt.super_code_max
+    # signed codes span [-(top + 1), top]: tightfit's quantizer gives the largest scale the code top, llama.cpp's
+    # Q6_K and IQ4_XS give it -(top + 1) (d = -max / 128, negative where the max is positive), so each is tried,
+    # per super-block
+    signed = fmt.symmetric
 
     def split(v: torch.Tensor):
         v = v.float().reshape(rows, groups // per, per)
-        d = v.abs().amax(-1) / top
-        codes = torch.round(v / d.clamp_min(2.0**-24)[..., None])
-        codes = torch.where(d[..., None] > 0, codes, 0.0)
-        low = -top if fmt.symmetric else 0
-        if not (torch.equal(d.half().float(), d) and torch.equal(d[..., None] * codes, v)
-                and bool(((codes >= low) & (codes <= top)).all())):
+        low = -(top + 1) if signed else 0
+        amax = v.abs().amax(-1)
+        found = None
+        for t in ((top, top + 1, -(top + 1)) if signed else (top,)):  # -: llama.cpp's d < 0 (a positive max)
+            d = amax / t
+            live = amax > 2.0**-24
+            d = torch.where(live, d, 0.0)
+            codes = torch.where(live[..., None], torch.round(v / torch.where(live, d, 1.0)[..., None]), 0.0)
+            ok = ((d.half().float() == d) & (d[..., None] * codes == v).all(-1)
+                  & ((codes >= low) & (codes <= top)).all(-1))
+            if found is None:
+                found = (d, codes, ok)
+            else:
+                d0, c0, ok0 = found
+                use = ~ok0 & ok
+                found = (torch.where(use, d, d0), torch.where(use[..., None], codes, c0), ok0 | ok)
+        d, codes, ok = found
+        if not bool(ok.all()):
             raise FormatError(f"{fmt.name}: these scales are not fp16 super-scales times integer codes (they were "
                               "not made by the super-block quantizer); quantize the tensor again")
         return d.half(), codes.reshape(rows, groups).to(torch.int16)
@@ -256,6 +272,7 @@ def super_codes(scales: torch.Tensor, mins: torch.Tensor | None, fmt: WeightForm
     d, sc = split(scales)
     if fmt.symmetric:
         return d, sc, None, None
+    signed = False
     dmin, m = split(-mins.float())
     return d, sc, dmin, m
 

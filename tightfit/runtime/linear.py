@@ -351,3 +351,19 @@ def _chunked_error(qw: QuantizedWeight, runtime_rows, rows: int = 1024) -> dict:
         den += float((w.double() ** 2).sum())
     rel = num / max(den, 1e-30)
     return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+
+
+class Concat:
+    def __init__(self, parts: list[RuntimeLinear], bias: torch.Tensor | None):
+        self.parts, self.bias = parts, None if bias is None else bias.to(torch.bfloat16)
+        self.out_features = sum(p.out_features for p in parts)
+        errs = [p.added_error for p in parts if p.added_error]
+        self.added_error = errs[0] if errs else None
+
+    def __call__(self, x):
+        y = torch.cat([p(x) for p in self.parts], -1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 2)

@@ -17,7 +17,7 @@ from ..formats.weight import WeightFormat
 from ..models import resolve_source
 from ..models.arch import hf_to_gguf_names, unpermute_qk
 from ..quant.core import QuantizedWeight, rtn
-from .linear import VNNI_KINDS, RuntimeLinear, from_dense, from_quantized
+from .linear import VNNI_KINDS, Concat, RuntimeLinear, from_dense, from_quantized
 from .model import Embedding, Engine, Layer, ModelArgs
 
 Weight = QuantizedWeight | torch.Tensor
@@ -187,22 +187,6 @@ def fuse(parts: list[Weight], biases: list[torch.Tensor | None] | None = None, k
     return Concat([_linear(p, kernel) for p in parts], bias)
 
 
-class Concat:
-    def __init__(self, parts: list[RuntimeLinear], bias: torch.Tensor | None):
-        self.parts, self.bias = parts, None if bias is None else bias.to(torch.bfloat16)
-        self.out_features = sum(p.out_features for p in parts)
-        errs = [p.added_error for p in parts if p.added_error]
-        self.added_error = errs[0] if errs else None
-
-    def __call__(self, x):
-        y = torch.cat([p(x) for p in self.parts], -1)
-        return y if self.bias is None else y + self.bias
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 2)
-
-
 def _linear(w: Weight, kernel: str = "auto", bias: torch.Tensor | None = None) -> RuntimeLinear:
     return from_quantized(w, bias, kernel=kernel) if isinstance(w, QuantizedWeight) else from_dense(w, bias)
 
@@ -267,9 +251,12 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
         head = _linear(head_w, kernel)
         if head.added_error:
             errs["lm_head"] = head.added_error
-        if args.tied and isinstance(head, RuntimeLinear) and head.kind in VNNI_KINDS and head.perm is None \
-                and head.bias is None and head.added_error and head.added_error["sqnr_db"] > 100:
-            embed = Embedding(head)  # the tied table once: its rows read back from the head's exact codes
+        # a quantized table on the kernel (tied: the head itself, held once), its rows read back exactly, in the
+        # kernel's compact layout (Q4_K: 4.6 bits per weight where the codes and fp32 scales took 6)
+        table = head if args.tied else _linear(embed_w, kernel) if isinstance(embed_w, QuantizedWeight) else None
+        if isinstance(table, RuntimeLinear) and table.kind in VNNI_KINDS and table.perm is None \
+                and table.bias is None and table.added_error and table.added_error["sqnr_db"] > 100:
+            embed = Embedding(table, head)
         else:
             embed = Embedding(embed_w.compact() if isinstance(embed_w, QuantizedWeight)
                               else embed_w.to(torch.bfloat16))

@@ -16,7 +16,7 @@ from ..errors import ContextError
 from ..models.families import embed_scale_value, family_of
 from ..quant.core import QuantizedWeight
 from .kv import KVCache
-from .linear import VNNI_KINDS, RuntimeLinear
+from .linear import VNNI_KINDS, Concat, RuntimeLinear
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class Embedding:
     """Token rows read from the stored codes (quantized), a float table, or a tied head's own kernel weight (one
     copy of the table for both ends of the model)."""
 
-    def __init__(self, table: QuantizedWeight | torch.Tensor | RuntimeLinear):
-        self.table = table
+    def __init__(self, table: QuantizedWeight | torch.Tensor | RuntimeLinear, head=None):
+        self.table, self.head = table, head
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.table
@@ -74,7 +74,7 @@ class Embedding:
     def nbytes(self) -> int:
         t = self.table
         if isinstance(t, RuntimeLinear):
-            return 0  # the head's bytes, counted there
+            return 0 if t is self.head else t.nbytes  # a tied head's bytes are counted there
         parts = [t] if isinstance(t, torch.Tensor) else [x for x in (t.data, t.scales, t.mins, t.g_idx) if x is not None]
         return sum(x.numel() * x.element_size() for x in parts)
 
@@ -186,23 +186,35 @@ class Engine:
         lib = library()
         has_moe = any(L.moe is not None for L in self.layers)
         ok = (lib is not None and not self.args.qk_norm_full and not (has_moe and self.streamer is not None)
-              and all(isinstance(lin, RuntimeLinear) and lin.kind in VNNI_KINDS and lin.perm is None
-                      for L in self.layers for lin in L.linears()))
+              and all(isinstance(part, RuntimeLinear) and part.kind in VNNI_KINDS and part.perm is None
+                      for L in self.layers for lin in L.linears() for part in getattr(lin, "parts", [lin])))
         if not ok:
             return None
+        keep = []  # ctypes arrays and tensors the structs point into
 
-        def q(lin):
+        def q(lin, bias=None):
             if lin is None:
                 return QLin()
+            if isinstance(lin, Concat):  # parts of mixed formats: a chain, the concatenation's bias split over it
+                b = None if lin.bias is None else lin.bias.float()
+                keep.append(b)
+                chain, off = None, lin.out_features
+                for part in reversed(lin.parts):
+                    off -= part.out_features
+                    s = q(part, None if b is None else b[off:off + part.out_features])
+                    if chain is not None:
+                        keep.append(chain)
+                        s.next = ctypes.pointer(chain)
+                    chain = s
+                return chain
+            b = lin.bias if bias is None else bias
             return QLin(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(),
-                        0 if lin.bias is None else lin.bias.data_ptr(), 0 if lin.lut is None else lin.lut.data_ptr(),
+                        0 if b is None else b.data_ptr(), 0 if lin.lut is None else lin.lut.data_ptr(),
                         lin.out_features, lin.in_features, lin.group,
                         0 if lin.scale_codes is None else lin.scale_codes.data_ptr(), lin.sb, lin.low)
 
         def ptr(t):
             return 0 if t is None else t.data_ptr()
-
-        keep = []  # ctypes arrays the structs point into
 
         def moe_args(m):
             if m is None:

@@ -28,7 +28,7 @@ def _size(n: int) -> str:
 def tensor_slots(obj) -> list[tuple[object, str]]:
     """(owner, attribute) of every tensor a runtime unit holds (a Layer, a RuntimeLinear or a Concat)."""
     from .linear import RuntimeLinear
-    from .load import Concat
+    from .linear import Concat
     from .model import Layer
 
     if isinstance(obj, Layer):  # an MoE layer's routed experts are units of their own (Streamer.store_layer)

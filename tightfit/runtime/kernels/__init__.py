@@ -172,9 +172,12 @@ def library() -> ctypes.CDLL | None:
 
 
 class QLin(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lut", ctypes.c_void_p),
-                ("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int), ("codes", ctypes.c_void_p),
-                ("sb", ctypes.c_int), ("low", ctypes.c_int)]
+    """qgemm.cpp's QLin: one linear on the kernel; `next` chains the parts of a linear of mixed formats."""
+
+
+QLin._fields_ = [("w", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lut", ctypes.c_void_p),
+                 ("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int), ("codes", ctypes.c_void_p),
+                 ("sb", ctypes.c_int), ("low", ctypes.c_int), ("next", ctypes.POINTER(QLin))]
 
 
 class LayerArgs(ctypes.Structure):

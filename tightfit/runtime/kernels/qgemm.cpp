@@ -375,6 +375,8 @@ struct QLin {
     int n, k, bits;
     const uint8_t* codes;  // super-blocks: the scale (and min) codes [2, n, k/32], or null
     int sb, low;
+    const QLin* next;  // a linear of several formats (a GGUF's q, k in Q4_K and v in Q6_K): its next part's
+                       // outputs follow this one's, or null
 };
 
 // the variants of a decoder layer: a null norm is one the family lacks (q/k norms: Qwen3, Gemma 3; the norms on
@@ -444,6 +446,7 @@ static void run_linear(const QLin& L, const float* x, float* y, int threads) {
            L.lut, L.sb, L.low, y, threads);
     if (L.bias)
         for (int i = 0; i < L.n; i++) y[i] += L.bias[i];
+    if (L.next) run_linear(*L.next, x, y + L.n, threads);
 }
 
 // the new key and value of one token into a cache laid out as keys [kv, hd, cap] (transposed), values [kv, cap, hd]
@@ -621,12 +624,29 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe
 }
 
 // y [M, n] = x [M, k] W^T (+ bias) for M rows at once: the weights are read once for all of them
-static void run_linear_rows(const QLin& L, const float* x, int M, float* y, int threads) {
+static void run_part_rows(const QLin& L, const float* x, int M, float* y, int threads) {
     linear(x, M, L.k, L.w, L.sz, L.sb ? (const uint16_t*)L.codes : L.sz + (size_t)L.n * (L.k / 32), L.n, L.bits,
            L.lut, L.sb, L.low, y, threads);
     if (L.bias)
         for (int r = 0; r < M; r++)
             for (int i = 0; i < L.n; i++) y[(size_t)r * L.n + i] += L.bias[i];
+}
+
+static void run_linear_rows(const QLin& L, const float* x, int M, float* y, int threads) {
+    if (!L.next) {
+        run_part_rows(L, x, M, y, threads);
+        return;
+    }
+    int total = 0;
+    for (const QLin* p = &L; p; p = p->next) total += p->n;
+    std::vector<float> part;
+    int off = 0;
+    for (const QLin* p = &L; p; p = p->next) {  // each part on its own, its columns into y's rows
+        part.resize((size_t)M * p->n);
+        run_part_rows(*p, x, M, part.data(), threads);
+        for (int r = 0; r < M; r++) memcpy(y + (size_t)r * total + off, part.data() + (size_t)r * p->n, p->n * 4);
+        off += p->n;
+    }
 }
 
 // one decoder layer for B sequences, one new token each, each at its own position in its own cache (the server's

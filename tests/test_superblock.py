@@ -327,3 +327,55 @@ def test_the_kernel_reads_super_block_codes_as_stored(name, monkeypatch):
         library().dequant_bf16(lin.weight.data_ptr(), lin.scales_zeros.data_ptr(), lin._mn_ptr, 64, 1024, lin.group,
                                lin._lut_ptr, lin.sb, lin.low, w.data_ptr(), 1)
         assert torch.equal(w, ref_w.bfloat16())
+
+
+def test_a_q4_k_m_like_gguf_decodes_in_c_at_its_file_size(wide_model, tmp_path):
+    """llama.cpp's Q4_K_M mixes types inside one fused projection (q, k in Q4_K, v in Q6_K) and keeps ffn_down in
+    Q6_K: every tensor runs from its codes (nothing re-quantized), the mixed q/k/v chain runs in the one-call C
+    decode step with the same logits as the per-op path, and the weights are held at about the file's size."""
+    from tightfit.export.gguf_quant import export_gguf
+    from tightfit.quant.api import quantize
+    from tightfit.quant.config import QuantConfig
+    from tightfit.runtime import load_runtime
+    from tightfit.runtime.linear import Concat
+
+    q6 = WeightFormat.parse("sym6-k16")
+    six = {f"model.layers.{i}.{n}.weight": q6 for i in range(2) for n in ("self_attn.v_proj", "mlp.down_proj")}
+    quantize(wide_model, QuantConfig(method="rtn", fmt=WeightFormat.parse("asym4-k32"), embed_fmt=q6,
+                                     tensor_formats=six, calib_generated=0.0), tmp_path / "a")
+    export_gguf(tmp_path / "a", tmp_path / "m.gguf", strict=True)
+    e = load_runtime(tmp_path / "m.gguf").model
+    assert not e.info.get("gguf_requantized")
+    qkv = e.layers[0].qkv
+    assert isinstance(qkv, Concat) and [p.kind for p in qkv.parts] == ["q4", "q4", "q6"]
+    assert e.layers[0].down.kind == "q6" and e.layers[0].down.sb == 3
+    assert e.fused() is not None  # the chain runs in C
+    w = e.weight_bytes()
+    tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors)
+    assert w["layers"] + w["head"] + w["embedding"] + w["norms"] < 1.06 * tensor_bytes
+    ids = torch.arange(5, 25).tolist()
+
+    def steps(fused: bool) -> torch.Tensor:
+        if not fused:
+            e._fused = None
+        else:
+            e.__dict__.pop("_fused", None)
+        c, out = e.new_cache(1, 64), []
+        e.forward(torch.tensor([ids[:10]]), 0, c)
+        for p in range(10, 20):
+            out.append(e.forward(torch.tensor([[ids[p]]]), p, c)[0, -1].float())
+        return torch.log_softmax(torch.stack(out), -1)
+
+    a, b = steps(True), steps(False)
+    assert float((a.exp() * (a - b)).sum(-1).max()) < 1e-3
+    # the batched C step (the server's) through the same chain: two rows against each alone
+    e.__dict__.pop("_fused", None)
+    caches = [e.new_cache(1, 64) for _ in range(2)]
+    for c, n in zip(caches, (6, 13)):
+        e.forward(torch.tensor([ids[:n]]), 0, c)
+    rows = torch.log_softmax(e.decode_rows([7, 8], [6, 13], caches).float(), -1)
+    for r, n in enumerate((6, 13)):
+        c = e.new_cache(1, 64)
+        e.forward(torch.tensor([ids[:n]]), 0, c)
+        alone = torch.log_softmax(e.forward(torch.tensor([[7 + r]]), n, c)[0, -1].float(), -1)
+        assert float((alone.exp() * (alone - rows[r])).sum()) < 1e-4

@@ -148,7 +148,7 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
         const __mmask64 m = lanes_mask(cb);
-        if (prefetch)  // PREFETCH bytes ahead: one thread alone keeps too few loads in flight otherwise
+        if (prefetch)  // whole tiles ahead: one thread alone keeps too few loads in flight otherwise
             for (int l = 0; l < lpc; l++) _mm_prefetch((const char*)(wr[0] + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)

@@ -24,6 +24,11 @@
 // low * scale, applied through XSL, the activation sums over each block's first half. Needs K % 256 == 0.
 // Non-uniform 4-bit grids (IQ4_NL's table): a 16-byte table lut maps each nibble to u = level + 128 (one
 // vpshufb per 64 codes), the block's m is -128 d, and the product is the same as for plain 4-bit codes.
+// Decode (one token, or a few) streams the weights once from memory in tiles of 4 rows (tile()). Prefill (M > 16)
+// holds a panel of rows in L2 and passes every 4-token tile of activations, in L1, over it (ptile()), with the
+// panel's scales decoded once into fp32 (row_scales()); there the float multiplies that apply each block's scales
+// share the two vector pipes that run vpdpbusd on this CPU (Zen 5; adds, logic and conversions run beside them), so
+// the formats without mins (SB 2, 3) fold their low * sum(x) term into the integer dot.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -31,6 +36,7 @@
 #include <string.h>
 
 #include <vector>
+
 
 #ifndef PREFETCH
 #define PREFETCH 8192
@@ -189,13 +195,194 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
         for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-#ifndef TOKEN_BLOCK
-#define TOKEN_BLOCK 128
-#endif
+// Prefill's inner loop: one full chunk (16 blocks) of R rows x T tokens into integer dots. Slices j and 4 + j of
+// a 4- or 6-bit row share their bytes (one load); each activation slice is loaded once into a register and used
+// by the R rows (folded into each product as a memory operand, the loads ran R times and bounded the loop).
+template <int BITS, bool NL, int SB, int R, int T>
+static inline void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K, const uint8_t* hi, __m512i lut,
+                              __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+    if constexpr (BITS == 8) {
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            __m512i wv[R];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                wv[r] = _mm512_loadu_si512(w + r * rb + i * 64);
+                __asm__("" : "+v"(wv[r]));
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                __m512i xv = _mm512_loadu_si512(x + t * K + i * 64);
+                __asm__("" : "+v"(xv));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv[r], xv);
+            }
+        }
+    } else {
+        const __m512i nib = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            __m512i lo[R], up[R];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m512i raw = _mm512_loadu_si512(w + r * rb + j * 64);
+                lo[r] = _mm512_and_si512(raw, nib);
+                up[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+                if constexpr (BITS == 6) {  // the pair of high bits of slice j (and 4 + j) to bits 4..5
+                    const int sh = 4 - 2 * j;
+                    const __m512i h0 = _mm512_loadu_si512(hi + r * rb), h1 = _mm512_loadu_si512(hi + r * rb + 64);
+                    const __m512i s0 = sh > 0 ? _mm512_slli_epi16(h0, sh) : sh < 0 ? _mm512_srli_epi16(h0, -sh) : h0;
+                    const __m512i s1 = sh > 0 ? _mm512_slli_epi16(h1, sh) : sh < 0 ? _mm512_srli_epi16(h1, -sh) : h1;
+                    lo[r] = _mm512_ternarylogic_epi32(lo[r], s0, _mm512_set1_epi8(0x30), 0xF8);  // lo | (s0 & 0x30)
+                    up[r] = _mm512_ternarylogic_epi32(up[r], s1, _mm512_set1_epi8(0x30), 0xF8);
+                }
+                if constexpr (NL) {
+                    lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+                    up[r] = _mm512_shuffle_epi8(lut, up[r]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                __m512i xv = _mm512_loadu_si512(x + t * K + j * 64);
+                __asm__("" : "+v"(xv));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo[r], xv);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                __m512i xv = _mm512_loadu_si512(x + t * K + (4 + j) * 64);
+                __asm__("" : "+v"(xv));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    if constexpr (SB == 3) doth[r][t] = _mm512_dpbusd_epi32(doth[r][t], up[r], xv);
+                    else dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], up[r], xv);
+                }
+            }
+        }
+    }
+}
+
+// A row's block scales as fp32 vectors, one per chunk (16 blocks; SB 3: its two halves): written once per row and
+// read by every tile of tokens that passes over it, where tile() decodes them again for each.
+template <int SB>
+static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int nb, int n, float low, float* out) {
+    const int chunks = (nb + 15) / 16;
+    for (int ci = 0; ci < chunks; ci++) {
+        const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
+        const __mmask16 km = (__mmask16)((1u << cb) - 1);
+        float* o = out + (size_t)ci * (SB == 3 ? 64 : 32);
+        if constexpr (SB == 3) {
+            __m512 dw, dh;
+            half_scales(D, Mn, nb, n, c, km, &dw, &dh);
+            const __m512 mw = _mm512_mul_ps(_mm512_set1_ps(low), dh);  // low * (second-half scale), whole block
+            _mm512_storeu_ps(o, dw);
+            _mm512_storeu_ps(o + 16, dh);
+            _mm512_storeu_ps(o + 32, mw);
+            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dw), mw));  // first half's rest
+        } else {
+            __m512 dw, mw;
+            block_scales<SB>(D, Mn, N, nb, n, c, km, low, &dw, &mw);
+            _mm512_storeu_ps(o, dw);
+            _mm512_storeu_ps(o + 16, mw);
+        }
+    }
+}
+
+// Prefill's tile: R rows x T tokens over the whole row, like tile() (whose generic code still takes a row's last,
+// partial chunk), with the rows' scales from row_scales() (SC: per row, its chunks' vectors) and the float sums
+// kept in memory so that the registers hold the integer dots.
+template <int BITS, bool NL, int SB, int R, int T>
+static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n, const int8_t* XQ, const float* DX,
+                         const float* XS, const float* XSL, const int32_t* SI, int t0, float* Y, __m512i lut, float low) {
+    const int nb = K / 32, chunks = (nb + 15) / 16;
+    constexpr int SV = SB == 3 ? 64 : 32;  // scale floats per chunk
+    const size_t rb = (size_t)K * BITS / 8, cw = BITS == 8 ? 512 : 256;
+    const uint8_t* w0 = W + (size_t)n * rb;
+    const int8_t* x0 = XQ + (size_t)t0 * K;
+    const uint8_t* wr[R];
+    const int8_t* xr[T];
+    for (int r = 0; r < R; r++) wr[r] = w0 + r * rb;
+    for (int t = 0; t < T; t++) xr[t] = x0 + (size_t)t * K;
+    alignas(64) float acc[R][T][16];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) _mm512_store_ps(acc[r][t], _mm512_setzero_ps());
+    for (int ci = 0; ci < chunks; ci++) {
+        const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
+        const __mmask16 km = (__mmask16)((1u << cb) - 1);
+        __m512i dot[R][T], doth[R][T];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
+        if (cb == 16) {
+            chunk_dots<BITS, NL, SB, R, T>(w0 + (size_t)ci * cw, rb, x0 + (size_t)ci * 512, K,
+                                            w0 + K / 2 + (size_t)ci * 128, lut, dot, doth);
+        } else {
+            const __mmask64 m = lanes_mask(cb);
+            slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 3>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 4>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 5>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 6>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        }
+        const float* dx0 = DX + (size_t)t0 * nb + c;
+        if constexpr (SB >= 2) {
+            // no mins (m = low * scale): the low * sum(x) term joins the integer dot, which leaves 2 (SB 3: 3)
+            // float multiplies per row and token where there were 3 (6)
+            const int32_t* si0 = SI + (size_t)t0 * 2 * nb + c;
+            const __m512i lw = _mm512_set1_epi32((int)low);
+            __m512i ls[T], lsh[T];
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                const __m512i all = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb);
+                const __m512i first = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb + nb);
+                ls[t] = _mm512_mullo_epi32(lw, SB == 3 ? first : all);
+                lsh[t] = _mm512_mullo_epi32(lw, _mm512_sub_epi32(all, first));
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const float* sc = SC + (size_t)r * chunks * SV + (size_t)ci * SV;
+                const __m512 dw = _mm512_loadu_ps(sc);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    const __m512 dx = _mm512_maskz_loadu_ps(km, dx0 + (size_t)t * nb);
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][t], ls[t]));
+                    __m512 a = _mm512_load_ps(acc[r][t]);
+                    if constexpr (SB == 3) {
+                        const __m512 hi = _mm512_cvtepi32_ps(_mm512_add_epi32(doth[r][t], lsh[t]));
+                        const __m512 v = _mm512_fmadd_ps(hi, _mm512_loadu_ps(sc + 16), _mm512_mul_ps(lo, dw));
+                        a = _mm512_fmadd_ps(v, dx, a);
+                    } else {
+                        a = _mm512_fmadd_ps(lo, _mm512_mul_ps(dw, dx), a);
+                    }
+                    _mm512_store_ps(acc[r][t], a);
+                }
+            }
+            continue;
+        }
+        const float* xs0 = XS + (size_t)t0 * nb + c;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const float* sc = SC + (size_t)r * chunks * SV + (size_t)ci * SV;
+            const __m512 dw = _mm512_loadu_ps(sc), mw = _mm512_loadu_ps(sc + 16);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                const __m512 dx = _mm512_maskz_loadu_ps(km, dx0 + (size_t)t * nb);
+                __m512 a = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, xs0 + (size_t)t * nb), _mm512_load_ps(acc[r][t]));
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dw, dx), a);
+                _mm512_store_ps(acc[r][t], a);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][t]));
+}
+
 
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-                 const float* DX, const float* XS, const float* XSL, int M, float* Y, int threads,
+                 const float* DX, const float* XS, const float* XSL, const int32_t* SI, int M, float* Y, int threads,
                  const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
     constexpr int RR = SB == 3 ? 2 : 3;  // rows per tile: the accumulators fill the 32 vector registers
@@ -210,29 +397,57 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         }
         return;
     }
-    // more tokens: tiles of RR rows x 4 tokens, over blocks of TOKEN_BLOCK tokens whose activations stay in L2
-    // while each thread's rows pass over them
-    for (int tb = 0; tb < M; tb += TOKEN_BLOCK) {
-        const int te = tb + TOKEN_BLOCK < M ? tb + TOKEN_BLOCK : M;
-        // a few tokens (the server's batched decode): each weight is read once, from memory, so prefetch it as
-        // decode does (without, 9 GB/s here against 45)
-        const bool pf = te - tb <= 16;
+    const int nb = K / 32, chunks = (nb + 15) / 16, sv = SB == 3 ? 64 : 32;
+    if (M > 16) {
+        // prefill: panels of rows whose weights stay in L2 while every 4-token tile of activations, in L1, passes
+        // over them (activations streamed from L2 past each row tile instead took as many bytes as the products
+        // could use: 8-bit activations weigh twice the 4-bit weights)
+        int nc = (int)((512 * 1024) / (K * BITS / 8)) / 6 * 6;
+        nc = nc < 24 ? 24 : nc > 192 ? 192 : nc;
+        while (nc > 24 && (N + nc - 1) / nc < 2 * threads) nc -= 6;  // enough panels for the threads
+        const int panels = (N + nc - 1) / nc, m4 = M / 4 * 4;
+#pragma omp parallel num_threads(threads)
+        {
+            thread_local std::vector<float> scb;
+            if (scb.size() < (size_t)nc * chunks * sv) scb.resize((size_t)nc * chunks * sv);
+            float* sc = scb.data();
+#pragma omp for schedule(dynamic, 1)
+            for (int p = 0; p < panels; p++) {
+                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / RR * RR;
+                for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * sv);
+                for (int t = 0; t < m4; t += 4) {
+                    int n = n0;
+                    for (; n < n0 + nr; n += RR)
+                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL, SI, t, Y, lut, low);
+                    for (; n < n1; n++)
+                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL, SI, t, Y, lut, low);
+                }
+                for (int n = n0; n < n1; n++) {  // the last M % 4 tokens
+                    int t = m4;
+                    if (t + 2 <= M) { TF_TILE(1, 2, n, t, false); t += 2; }
+                    if (t < M) TF_TILE(1, 1, n, t, false);
+                }
+            }
+        }
+        return;
+    }
+    // a few tokens (the server's batched decode): each weight is read once, from memory, so prefetch it as decode
+    // does (without, 9 GB/s here against 45)
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int chunk = 0; chunk < (N + 17) / 18; chunk++) {  // 18 rows: a multiple of 2 and 3
-            const int n0 = chunk * 18, n1 = n0 + 18 < N ? n0 + 18 : N;
-            int n = n0;
-            for (; n + RR <= n1; n += RR) {
-                int t = tb;
-                for (; t + 4 <= te; t += 4) TF_TILE(RR, 4, n, t, pf);
-                if (t + 2 <= te) { TF_TILE(RR, 2, n, t, pf); t += 2; }
-                if (t < te) TF_TILE(RR, 1, n, t, pf);
-            }
-            for (; n < n1; n++) {
-                int t = tb;
-                for (; t + 4 <= te; t += 4) TF_TILE(1, 4, n, t, false);
-                if (t + 2 <= te) { TF_TILE(1, 2, n, t, false); t += 2; }
-                if (t < te) TF_TILE(1, 1, n, t, false);
-            }
+    for (int chunk = 0; chunk < (N + 17) / 18; chunk++) {  // 18 rows: a multiple of 2 and 3
+        const int n0 = chunk * 18, n1 = n0 + 18 < N ? n0 + 18 : N;
+        int n = n0;
+        for (; n + RR <= n1; n += RR) {
+            int t = 0;
+            for (; t + 4 <= M; t += 4) TF_TILE(RR, 4, n, t, true);
+            if (t + 2 <= M) { TF_TILE(RR, 2, n, t, true); t += 2; }
+            if (t < M) TF_TILE(RR, 1, n, t, true);
+        }
+        for (; n < n1; n++) {
+            int t = 0;
+            for (; t + 4 <= M; t += 4) TF_TILE(1, 4, n, t, false);
+            if (t + 2 <= M) { TF_TILE(1, 2, n, t, false); t += 2; }
+            if (t < M) TF_TILE(1, 1, n, t, false);
         }
     }
 #undef TF_TILE
@@ -299,7 +514,7 @@ extern "C" {
 
 // x: fp32 [M, K] -> xq int8 [M, K] (slice order, see the top of this file), dx, xs and xsl (xs over each block's
 // first 16) fp32 [M, K/32]
-void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int threads) {
+void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int32_t* si, int threads) {
     const int nb = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
     for (int t = 0; t < M; t++) {
@@ -321,6 +536,9 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
             const int s0 = _mm512_reduce_add_epi32(q0);
             xs[(size_t)t * nb + b] = d * (float)(s0 + _mm512_reduce_add_epi32(q1));
             xsl[(size_t)t * nb + b] = d * (float)s0;
+            const int s1 = _mm512_reduce_add_epi32(q1);
+            si[(size_t)t * 2 * nb + b] = s0 + s1;  // the integer sums: the block's, then its first half's
+            si[(size_t)t * 2 * nb + nb + b] = s0;
         }
     }
 }
@@ -340,13 +558,14 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
             const uint8_t* lut, int sb, int low, float* Y, int threads) {
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> dx, xs, xsl;
+    thread_local std::vector<int32_t> si;
     const size_t nb = (size_t)M * (K / 32);
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
-    if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); }
-    quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), threads);
+    if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); si.resize(2 * nb); }
+    quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), threads);
     const int8_t* q = xq.data();
     const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
-#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, M, Y, threads, NL ? lut : nullptr, lw)
+#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, si.data(), M, Y, threads, NL ? lut : nullptr, lw)
     if (bits == 4 && lut) {
         if (sb == 2) TF_GEMM(4, true, 2);
         else TF_GEMM(4, true, 0);

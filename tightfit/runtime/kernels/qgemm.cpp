@@ -131,6 +131,20 @@ static inline void slice_step(const uint8_t* const* wr, const int8_t* const* xr,
     }
 }
 
+// the 8 slices of chunk ci (cb blocks) of R rows x T tokens
+template <int BITS, bool NL, int SB, int R, int T>
+static inline void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
+                                __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+    slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 3>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 4>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 5>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 6>(wr, xr, K, ci, cb, m, lut, dot, doth);
+    slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
+}
+
 template <int BITS, bool NL, int SB, int R, int T>
 static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n,
                         const int8_t* XQ, const float* DX, const float* XS, const float* XSL, int t0, float* Y,
@@ -159,14 +173,7 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
-        slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 3>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 4>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 5>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 6>(wr, xr, K, ci, cb, m, lut, dot, doth);
-        slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        chunk_slices<BITS, NL, SB, R, T>(wr, xr, K, ci, cb, m, lut, dot, doth);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             __m512 dw, mw, dh = _mm512_setzero_ps(), ml = _mm512_setzero_ps();
@@ -316,15 +323,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             chunk_dots<BITS, NL, SB, R, T>(w0 + (size_t)ci * cw, rb, x0 + (size_t)ci * 512, K,
                                             w0 + K / 2 + (size_t)ci * 128, lut, dot, doth);
         } else {
-            const __mmask64 m = lanes_mask(cb);
-            slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 3>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 4>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 5>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 6>(wr, xr, K, ci, cb, m, lut, dot, doth);
-            slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
+            chunk_slices<BITS, NL, SB, R, T>(wr, xr, K, ci, cb, lanes_mask(cb), lut, dot, doth);
         }
         const float* dx0 = DX + (size_t)t0 * nb + c;
         if constexpr (SB >= 2) {

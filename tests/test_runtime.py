@@ -51,7 +51,9 @@ def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
         lin = from_quantized(qw)
         assert lin.kind == ("q4" if f.bits <= 4 else "q6" if f.bits <= 6 else "q8")
         assert lin.added_error["sqnr_db"] > 100  # codes, fp16 scales and mins copied exactly
-        for m in (1, 3, 6, 9):  # single tokens, and prefill's tiles of rows x 4 tokens with their tails
+        # single tokens, a few (tiles of rows x 4 tokens streamed once) and prefill (M > 16: panels of rows in
+        # cache under 4-token tiles), each with their tails of rows and tokens
+        for m in (1, 3, 6, 9, 19, 37):
             x = torch.randn(m, k)
             ref = x @ qw.dequantize().T
             # int8 activations per 32 columns (as llama.cpp's): about 0.5% relative output error
@@ -62,6 +64,38 @@ def test_every_format_runs_exactly_on_tightfits_kernel(fmt):
             xq = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)) * dx  # x * (1 / d), as the kernel rounds
             exact = xq.reshape(m, k).double() @ qw.dequantize().double().T
             assert float((lin(x) - exact).norm() / exact.norm()) < 1e-3, (n, k, m)  # a layout slip: ~1
+
+
+@pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")
+def test_prefills_row_ops_in_c_match_torch():
+    """RMSNorm, rotate-half RoPE (in place, on the q and k heads of a qkv row, full and partial rotary) and the
+    gated activations, as prefill runs them in the kernel library."""
+    import torch.nn.functional as F
+
+    lib, g = library(), torch.Generator().manual_seed(3)
+    M, n = 7, 96
+    h, w = torch.randn(M, n, generator=g), torch.randn(n, generator=g)
+    out = torch.empty(M, n)
+    lib.norm_rows(h.data_ptr(), w.data_ptr(), M, n, 1e-6, out.data_ptr(), 2)
+    assert torch.allclose(out, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w, atol=1e-5)
+    B, T, H, KV, hd = 2, 5, 4, 2, 16
+    for rot in (hd, 8):
+        qkv = torch.randn(B, T, H + 2 * KV, hd, generator=g)
+        ang = torch.randn(T, 1, rot // 2, generator=g)
+        cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+        qk = qkv[:, :, : H + KV]
+        r, half = qk[..., :rot], rot // 2
+        ref = torch.cat((r * cos + torch.cat((-r[..., half:], r[..., :half]), -1) * sin, qk[..., rot:]), -1)
+        v = qkv[:, :, H + KV:].clone()
+        lib.rope_rows(qkv.data_ptr(), B * T, qkv.stride(1), H + KV, hd, rot, cos.data_ptr(), sin.data_ptr(), T,
+                      cos.stride(0), 2)
+        assert torch.allclose(qkv[:, :, : H + KV], ref, atol=1e-5), rot
+        assert torch.equal(qkv[:, :, H + KV:], v)  # the v heads untouched
+    gu = torch.randn(M, 2 * n, generator=g) * 4
+    for kind, act in ((0, F.silu), (1, lambda x: F.gelu(x, approximate="tanh"))):
+        out = torch.empty(M, n)
+        lib.gate_rows(kind, gu.data_ptr(), M, n, out.data_ptr(), 2)
+        assert torch.allclose(out, act(gu[:, :n]) * gu[:, n:], atol=1e-4, rtol=1e-4), kind
 
 
 @pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")

@@ -273,8 +273,24 @@ class Engine:
 
     # ---- forward ----
     def rms_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """fp32 RMSNorm -> bf16 (F.rms_norm costs ~17 us per call on a [1, 576] input here; this ~5 us)."""
+        """fp32 RMSNorm -> the activations' dtype (F.rms_norm costs ~17 us per call on a [1, 576] input here; this
+        ~5 us); prefill's rows in one C pass where the kernel is loaded."""
+        lib = self._rows_lib(h, w)
+        if lib is not None:
+            out = torch.empty_like(h)
+            lib.norm_rows(h.data_ptr(), w.data_ptr(), h.numel() // h.shape[-1], h.shape[-1], self.args.norm_eps,
+                          out.data_ptr(), torch.get_num_threads())
+            return out
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.args.norm_eps) * w).to(self.act_dtype)
+
+    def _rows_lib(self, *ts: torch.Tensor):
+        """The kernel library where prefill's row-wise ops can run in it: several fp32 contiguous rows."""
+        if (self.act_dtype != torch.float32 or ts[0].numel() <= ts[0].shape[-1]
+                or not all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)):
+            return None
+        from .kernels import library
+
+        return library()
 
     def _norm32(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         h = h.float()
@@ -299,6 +315,13 @@ class Engine:
             qk = torch.cat((self._norm32(qk[:, :, :H], L.q_norm), self._norm32(qk[:, :, H:], L.k_norm)), 2)
             qk = qk.to(qkv.dtype)
         rot = a.rot_dim
+        lib = self._rows_lib(qkv, cos, sin) if cos.dim() == 3 and qk.stride(2) == a.head_dim else None
+        if lib is not None and (qk.data_ptr() == qkv.data_ptr() or qk.is_contiguous()):
+            # in place: the un-rotated q and k are not read again
+            B, T = qk.shape[:2]
+            lib.rope_rows(qk.data_ptr(), B * T, qk.stride(1), H + a.n_kv_heads, a.head_dim, rot, cos.data_ptr(),
+                          sin.data_ptr(), cos.shape[0], cos.stride(0), torch.get_num_threads())
+            return qk
         if rot == a.head_dim:
             half = rot // 2
             return qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
@@ -309,13 +332,26 @@ class Engine:
     def _act(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return (F.silu(g) if self.args.act == "silu" else F.gelu(g, approximate="tanh")) * u
 
+    def _gated(self, gu: torch.Tensor, ffn: int) -> torch.Tensor:
+        """act(gate) * up of a fused gate/up output [..., 2 ffn]: in one pass in C where the kernel is loaded and
+        the rows are fp32 (prefill), else in torch."""
+        from .kernels import library
+
+        lib = library() if gu.dtype == torch.float32 and gu.is_contiguous() and gu.numel() > 2 * ffn else None
+        if lib is None:
+            g, u = gu.split(ffn, -1)
+            return self._act(g, u)
+        out = torch.empty(*gu.shape[:-1], ffn)
+        lib.gate_rows(0 if self.args.act == "silu" else 1, gu.data_ptr(), gu.numel() // (2 * ffn), ffn,
+                      out.data_ptr(), torch.get_num_threads())
+        return out
+
     def _mlp(self, L: Layer, h: torch.Tensor) -> None:
         """h += the layer's MLP (in place)."""
         if L.moe is not None:
             h += self._moe(L.moe, self._norm32(h, L.mlp_norm))
             return
-        g, u = L.gate_up(self.rms_norm(h, L.mlp_norm)).split(self.args.ffn_dim, -1)
-        d = L.down(self._act(g, u))
+        d = L.down(self._gated(L.gate_up(self.rms_norm(h, L.mlp_norm)), self.args.ffn_dim))
         h += d if L.post_mlp_norm is None else self._norm32(d, L.post_mlp_norm)
 
     def _moe(self, m: MoEBlock, x: torch.Tensor) -> torch.Tensor:
@@ -331,15 +367,13 @@ class Engine:
         out = torch.zeros(flat.shape[0], shape[-1])
         if m.shared is not None:  # first: a streamed expert's weights take the arena the layer's are in
             gate_up, down = m.shared
-            g, u = gate_up(xa).split(m.shared_ffn, -1)
-            out += torch.sigmoid(flat @ m.shared_gate.T) * down(self._act(g, u)).float()
+            out += torch.sigmoid(flat @ m.shared_gate.T) * down(self._gated(gate_up(xa), m.shared_ffn)).float()
         for e in idx.unique().tolist():
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if self.streamer is not None:
                 self.streamer.fetch(("expert", m.index, e))
             gate_up, down = m.experts[e]
-            g, u = gate_up(xa[rows]).split(m.ffn, -1)
-            out.index_add_(0, rows, down(self._act(g, u)).float() * w[rows, slot, None])
+            out.index_add_(0, rows, down(self._gated(gate_up(xa[rows]), m.ffn)).float() * w[rows, slot, None])
         return out.view(shape)
 
     def _attn_out(self, L: Layer, h: torch.Tensor, att: torch.Tensor) -> None:

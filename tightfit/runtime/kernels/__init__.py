@@ -167,7 +167,10 @@ def library() -> ctypes.CDLL | None:
                      "dequant_f32": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
                      "decode_layer": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _i, _i, _i], None),
                      "decode_rows": ([_p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _i, _i, _i], None),
-                     "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None)},
+                     "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None),
+                     "gate_rows": ([_i, _p, _i, _i, _p, _i], None),
+                     "norm_rows": ([_p, _p, _i, _i, _f, _p, _i], None),
+                     "rope_rows": ([_p, _i, _i, _i, _i, _i, _p, _p, _i, _i, _i], None)},
                     "using torch's int4 kernel")
 
 

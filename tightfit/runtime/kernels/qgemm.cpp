@@ -38,6 +38,10 @@
 #include <vector>
 
 
+// the inner loops' pieces, inlined whatever GCC's size heuristics say: one left out of line passes the integer dots
+// through memory (a chunk's slices out of line cost decode ~10%)
+#define TF_INLINE __attribute__((always_inline)) static inline
+
 #ifndef PREFETCH
 #define PREFETCH 8192
 #endif
@@ -115,8 +119,8 @@ static inline __m512i wslice(const uint8_t* w, int K, int ci, int cb, __mmask64 
 // R weight rows (from n) x T tokens (from t0): every chunk's 8 slices into per-block integer dots, then scaled once
 // per chunk. SB 3 keeps each block's two halves (slices 0-3, 4-7) apart.
 template <int BITS, bool NL, int SB, int R, int T, int I>
-static inline void slice_step(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
-                              __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+TF_INLINE void slice_step(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
+                          __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
     __m512i wv[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) wv[r] = wslice<BITS, NL, I>(wr[r], K, ci, cb, m, lut);
@@ -133,8 +137,8 @@ static inline void slice_step(const uint8_t* const* wr, const int8_t* const* xr,
 
 // the 8 slices of chunk ci (cb blocks) of R rows x T tokens
 template <int BITS, bool NL, int SB, int R, int T>
-static inline void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
-                                __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+TF_INLINE void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, int K, int ci, int cb, __mmask64 m,
+                            __m512i lut, __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
     slice_step<BITS, NL, SB, R, T, 0>(wr, xr, K, ci, cb, m, lut, dot, doth);
     slice_step<BITS, NL, SB, R, T, 1>(wr, xr, K, ci, cb, m, lut, dot, doth);
     slice_step<BITS, NL, SB, R, T, 2>(wr, xr, K, ci, cb, m, lut, dot, doth);
@@ -206,8 +210,8 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
 // a 4- or 6-bit row share their bytes (one load); each activation slice is loaded once into a register and used
 // by the R rows (folded into each product as a memory operand, the loads ran R times and bounded the loop).
 template <int BITS, bool NL, int SB, int R, int T>
-static inline void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K, const uint8_t* hi, __m512i lut,
-                              __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K, const uint8_t* hi, __m512i lut,
+                          __m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
     if constexpr (BITS == 8) {
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) {
@@ -300,7 +304,8 @@ static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int 
 // kept in memory so that the registers hold the integer dots.
 template <int BITS, bool NL, int SB, int R, int T>
 static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n, const int8_t* XQ, const float* DX,
-                         const float* XS, const float* XSL, const int32_t* SI, int t0, float* Y, __m512i lut, float low) {
+                         const float* XS, const float* XSL, const int32_t* SI, int t0, float* Y, __m512i lut,
+                         float low) {
     const int nb = K / 32, chunks = (nb + 15) / 16;
     constexpr int SV = SB == 3 ? 64 : 32;  // scale floats per chunk
     const size_t rb = (size_t)K * BITS / 8, cw = BITS == 8 ? 512 : 256;
@@ -368,7 +373,8 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 const __m512 dx = _mm512_maskz_loadu_ps(km, dx0 + (size_t)t * nb);
-                __m512 a = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, xs0 + (size_t)t * nb), _mm512_load_ps(acc[r][t]));
+                const __m512 xs = _mm512_maskz_loadu_ps(km, xs0 + (size_t)t * nb);
+                __m512 a = _mm512_fmadd_ps(mw, xs, _mm512_load_ps(acc[r][t]));
                 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dw, dx), a);
                 _mm512_store_ps(acc[r][t], a);
             }
@@ -417,9 +423,11 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
                 for (int t = 0; t < m4; t += 4) {
                     int n = n0;
                     for (; n < n0 + nr; n += RR)
-                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL, SI, t, Y, lut, low);
+                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL,
+                                                   SI, t, Y, lut, low);
                     for (; n < n1; n++)
-                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL, SI, t, Y, lut, low);
+                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL,
+                                                  SI, t, Y, lut, low);
                 }
                 for (int n = n0; n < n1; n++) {  // the last M % 4 tokens
                     int t = m4;
@@ -512,8 +520,9 @@ static void dequant_t(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, i
 extern "C" {
 
 // x: fp32 [M, K] -> xq int8 [M, K] (slice order, see the top of this file), dx, xs and xsl (xs over each block's
-// first 16) fp32 [M, K/32]
-void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int32_t* si, int threads) {
+// first 16) fp32 [M, K/32], and si int32 [M, 2, K/32]: each block's sum of codes, then its first half's
+void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs, float* xsl, int32_t* si,
+                  int threads) {
     const int nb = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 8)
     for (int t = 0; t < M; t++) {
@@ -564,7 +573,8 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), threads);
     const int8_t* q = xq.data();
     const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
-#define TF_GEMM(B, NL, SB) gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, si.data(), M, Y, threads, NL ? lut : nullptr, lw)
+#define TF_GEMM(B, NL, SB) \
+    gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, si.data(), M, Y, threads, NL ? lut : nullptr, lw)
     if (bits == 4 && lut) {
         if (sb == 2) TF_GEMM(4, true, 2);
         else TF_GEMM(4, true, 0);

@@ -335,9 +335,7 @@ class Engine:
     def _gated(self, gu: torch.Tensor, ffn: int) -> torch.Tensor:
         """act(gate) * up of a fused gate/up output [..., 2 ffn]: in one pass in C where the kernel is loaded and
         the rows are fp32 (prefill), else in torch."""
-        from .kernels import library
-
-        lib = library() if gu.dtype == torch.float32 and gu.is_contiguous() and gu.numel() > 2 * ffn else None
+        lib = self._rows_lib(gu)
         if lib is None:
             g, u = gu.split(ffn, -1)
             return self._act(g, u)

@@ -37,7 +37,6 @@
 
 #include <vector>
 
-
 // the inner loops' pieces, inlined whatever GCC's size heuristics say: one left out of line passes the integer dots
 // through memory (a chunk's slices out of line cost decode ~10%)
 #define TF_INLINE __attribute__((always_inline)) static inline
@@ -273,29 +272,20 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
     }
 }
 
-// A row's block scales as fp32 vectors, one per chunk (16 blocks; SB 3: its two halves): written once per row and
-// read by every tile of tokens that passes over it, where tile() decodes them again for each.
+// A row's block scales as fp32 vectors, two per chunk of 16 blocks (its scales and ms; SB 3: the scales of its
+// blocks' two halves, the ms joining the integer dot): written once per row and read by every tile of tokens that
+// passes over it, where tile() decodes them again for each.
 template <int SB>
 static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int nb, int n, float low, float* out) {
     const int chunks = (nb + 15) / 16;
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
-        float* o = out + (size_t)ci * (SB == 3 ? 64 : 32);
-        if constexpr (SB == 3) {
-            __m512 dw, dh;
-            half_scales(D, Mn, nb, n, c, km, &dw, &dh);
-            const __m512 mw = _mm512_mul_ps(_mm512_set1_ps(low), dh);  // low * (second-half scale), whole block
-            _mm512_storeu_ps(o, dw);
-            _mm512_storeu_ps(o + 16, dh);
-            _mm512_storeu_ps(o + 32, mw);
-            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(low), dw), mw));  // first half's rest
-        } else {
-            __m512 dw, mw;
-            block_scales<SB>(D, Mn, N, nb, n, c, km, low, &dw, &mw);
-            _mm512_storeu_ps(o, dw);
-            _mm512_storeu_ps(o + 16, mw);
-        }
+        __m512 a, b;
+        if constexpr (SB == 3) half_scales(D, Mn, nb, n, c, km, &a, &b);
+        else block_scales<SB>(D, Mn, N, nb, n, c, km, low, &a, &b);
+        _mm512_storeu_ps(out + (size_t)ci * 32, a);
+        _mm512_storeu_ps(out + (size_t)ci * 32 + 16, b);
     }
 }
 
@@ -307,7 +297,6 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
                          const float* XS, const float* XSL, const int32_t* SI, int t0, float* Y, __m512i lut,
                          float low) {
     const int nb = K / 32, chunks = (nb + 15) / 16;
-    constexpr int SV = SB == 3 ? 64 : 32;  // scale floats per chunk
     const size_t rb = (size_t)K * BITS / 8, cw = BITS == 8 ? 512 : 256;
     const uint8_t* w0 = W + (size_t)n * rb;
     const int8_t* x0 = XQ + (size_t)t0 * K;
@@ -336,17 +325,21 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             // float multiplies per row and token where there were 3 (6)
             const int32_t* si0 = SI + (size_t)t0 * 2 * nb + c;
             const __m512i lw = _mm512_set1_epi32((int)low);
-            __m512i ls[T], lsh[T];
+            __m512i ls[T], lsh[T];  // low * the sums over each block (SB 3: over its first and second halves)
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 const __m512i all = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb);
-                const __m512i first = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb + nb);
-                ls[t] = _mm512_mullo_epi32(lw, SB == 3 ? first : all);
-                lsh[t] = _mm512_mullo_epi32(lw, _mm512_sub_epi32(all, first));
+                if constexpr (SB == 3) {
+                    const __m512i first = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb + nb);
+                    ls[t] = _mm512_mullo_epi32(lw, first);
+                    lsh[t] = _mm512_mullo_epi32(lw, _mm512_sub_epi32(all, first));
+                } else {
+                    ls[t] = _mm512_mullo_epi32(lw, all);
+                }
             }
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
-                const float* sc = SC + (size_t)r * chunks * SV + (size_t)ci * SV;
+                const float* sc = SC + (size_t)r * chunks * 32 + (size_t)ci * 32;
                 const __m512 dw = _mm512_loadu_ps(sc);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
@@ -368,7 +361,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
         const float* xs0 = XS + (size_t)t0 * nb + c;
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            const float* sc = SC + (size_t)r * chunks * SV + (size_t)ci * SV;
+            const float* sc = SC + (size_t)r * chunks * 32 + (size_t)ci * 32;
             const __m512 dw = _mm512_loadu_ps(sc), mw = _mm512_loadu_ps(sc + 16);
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
@@ -383,7 +376,6 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][t]));
 }
-
 
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
@@ -402,7 +394,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         }
         return;
     }
-    const int nb = K / 32, chunks = (nb + 15) / 16, sv = SB == 3 ? 64 : 32;
+    const int nb = K / 32, chunks = (nb + 15) / 16;
     if (M > 16) {
         // prefill: panels of rows whose weights stay in L2 while every 4-token tile of activations, in L1, passes
         // over them (activations streamed from L2 past each row tile instead took as many bytes as the products
@@ -414,19 +406,19 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #pragma omp parallel num_threads(threads)
         {
             thread_local std::vector<float> scb;
-            if (scb.size() < (size_t)nc * chunks * sv) scb.resize((size_t)nc * chunks * sv);
+            if (scb.size() < (size_t)nc * chunks * 32) scb.resize((size_t)nc * chunks * 32);
             float* sc = scb.data();
 #pragma omp for schedule(dynamic, 1)
             for (int p = 0; p < panels; p++) {
                 const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / RR * RR;
-                for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * sv);
+                for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32);
                 for (int t = 0; t < m4; t += 4) {
                     int n = n0;
                     for (; n < n0 + nr; n += RR)
-                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL,
+                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, XSL,
                                                    SI, t, Y, lut, low);
                     for (; n < n1; n++)
-                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * sv, N, K, n, XQ, DX, XS, XSL,
+                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, XSL,
                                                   SI, t, Y, lut, low);
                 }
                 for (int n = n0; n < n1; n++) {  // the last M % 4 tokens
@@ -541,10 +533,9 @@ void quantize_act(const float* x, int M, int K, int8_t* xq, float* dx, float* xs
             int8_t* base = xq + (size_t)t * K + (size_t)c * 512 + (b % 16) * 4;
             for (int i = 0; i < 8; i++) memcpy(base + i * cb * 4, q + 4 * i, 4);
             dx[(size_t)t * nb + b] = d;
-            const int s0 = _mm512_reduce_add_epi32(q0);
-            xs[(size_t)t * nb + b] = d * (float)(s0 + _mm512_reduce_add_epi32(q1));
+            const int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
+            xs[(size_t)t * nb + b] = d * (float)(s0 + s1);
             xsl[(size_t)t * nb + b] = d * (float)s0;
-            const int s1 = _mm512_reduce_add_epi32(q1);
             si[(size_t)t * 2 * nb + b] = s0 + s1;  // the integer sums: the block's, then its first half's
             si[(size_t)t * 2 * nb + nb + b] = s0;
         }

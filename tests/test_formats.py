@@ -36,6 +36,25 @@ def test_rtn_error_within_half_a_step(fmt):
     assert qw.error["sqnr_db"] > 5.5 * fmt.bits - 8  # ~6 dB per bit
 
 
+@pytest.mark.parametrize("fmt", ALL, ids=lambda f: f.name)
+def test_fisher_loss_in_c_equals_the_torch_rounding(fmt, monkeypatch):
+    """The sensitivities' sum F (w - RTN(w))^2 from quant.cpp equals rtn_error's, also through zero groups."""
+    from tightfit.quant import core
+
+    g = torch.Generator().manual_seed(fmt.bits)
+    w = torch.randn(12, 512, generator=g) * 0.02
+    w[3, :64] = 0  # whole groups of zeros
+    F = torch.rand(12, 512, generator=g)
+    d = core.rtn_error(w, fmt)
+    want = float((F * d * d).sum(dtype=torch.float64))
+    from tightfit.runtime import kernels
+
+    assert kernels.quant_library() is not None
+    assert core.fisher_loss(w, F, fmt) == pytest.approx(want, rel=1e-6)
+    monkeypatch.setattr(kernels, "quant_library", lambda: None)  # the fallback without a compiler
+    assert core.fisher_loss(w, F, fmt) == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("name,bpw", [("Q4_0", 4.5), ("Q4_1", 5.0), ("Q5_0", 5.5), ("Q5_1", 6.0), ("Q8_0", 8.5)])
 def test_ggml_exact_formats_copy_bit_exactly(name, bpw):
     fmt = next(f for f in ALL if f.group_size == 32 and f.ggml_type == name)

@@ -228,6 +228,28 @@ def rtn_error(w: torch.Tensor, fmt: WeightFormat, clip=1.0) -> torch.Tensor:
     return (wg - dequantize_codes(quantize_codes(wg, fmt, scale, mn), scale, mn, fmt)).reshape(w.shape)
 
 
+def fisher_loss(w: torch.Tensor, F: torch.Tensor, fmt: WeightFormat) -> float:
+    """sum F (w - RTN(w))^2 in fp64: rtn_error's rounding weighted by F, in one pass through quant.cpp where it
+    is compiled (the group parameters still come from torch), else through rtn_error."""
+    from ..runtime.kernels import quant_library
+
+    lib = quant_library()
+    if lib is None:
+        d = rtn_error(w, fmt)
+        return float((F * d * d).sum(dtype=torch.float64))
+    w = w.float().contiguous()
+    F = F.float().contiguous()
+    wg = grouped(w, fmt)
+    scale, mn = minmax_params(wg, fmt)
+    S = scale.float().contiguous()
+    M = None if mn is None else mn.float().contiguous()
+    lv = fmt.levels if fmt.grid != "uniform" else None
+    return lib.fisher_loss(w.data_ptr(), F.data_ptr(), S.numel(), wg.shape[-1], S.data_ptr(),
+                           0 if M is None else M.data_ptr(), float(fmt.qmin), float(fmt.qmax),
+                           0 if lv is None else lv.data_ptr(), 0 if lv is None else len(lv),
+                           torch.get_num_threads())
+
+
 def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
     """tr(d H d^T): the squared output error a weight error d [out, in] makes on inputs with E[x x^T] = H.
 

@@ -22,7 +22,7 @@ from ..models.layered import check_layered, drop_layer, final_norm, head_weight,
     run_layer
 from .calibrate import RoutedInputs, gram, quantize_one, tied_hessian
 from .config import GPTQ_METHODS, QuantConfig
-from .core import rtn, rtn_error, weight_error
+from .core import fisher_loss, rtn, weight_error
 from .gptq import gptq_errors
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -82,8 +82,7 @@ def tensor_losses(w: torch.Tensor, F: torch.Tensor, formats, ratios: dict[str, f
         rows = max(1, (1 << 23) // w.shape[1])  # row blocks: a 1.5B embedding is 233M weights
         total = 0.0
         for i in range(0, w.shape[0], rows):
-            d = rtn_error(w[i : i + rows], fmt)
-            total += float((F[i : i + rows] * d * d).sum(dtype=torch.float64))
+            total += fisher_loss(w[i : i + rows], F[i : i + rows], fmt)
         loss[j] = 0.5 * total * (ratios or {}).get(fmt.name, 1.0)
         nbytes[j] = fmt.nbytes(tuple(w.shape))
     return loss, nbytes, w.numel()

@@ -4,8 +4,9 @@
 - `library()` (qgemm.cpp): low-bit weights x int8 activations with AVX-512 VNNI, the runtime's decode step.
   Where there is no compiler or the CPU lacks AVX-512 VNNI it returns None and the runtime uses torch's int4
   kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
-- `quant_library()` (quant.cpp): GPTQ's column loop and the clip search of group parameters, portable C++.
-  Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and both run in torch.
+- `quant_library()` (quant.cpp): GPTQ's column loop, the clip search of group parameters and the
+  sensitivities' Fisher-weighted rounding loss, portable C++.
+  Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and they run in torch.
 - `gram_library()` (gram.cpp): H += X^T X for bf16 activations on AMX tiles with fp32 sums (the calibration's
   Hessians), where the CPU has AMX and Linux grants it; else None and the Hessians are fp32 GEMMs.
 """
@@ -108,7 +109,8 @@ def quant_library() -> ctypes.CDLL | None:
     # no -ffast-math, no FMA contraction: every operation rounds as torch's do (bit-equal results)
     return _library(QUANT_SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++17"],
                     {"gptq_block": ([_p] * 6 + [_i, _p] + [_i] * 4 + [_p, _p, _i], None),
-                     "search_clips": ([_p, _i, _i, _i, _p, _p, _i, _p, _f, _f, _p, _i, _p, _i], None)},
+                     "search_clips": ([_p, _i, _i, _i, _p, _p, _i, _p, _f, _f, _p, _i, _p, _i], None),
+                     "fisher_loss": ([_p, _p, ctypes.c_int64, _i, _p, _p, _f, _f, _p, _i, _i], ctypes.c_double)},
                     "GPTQ's column loop and the clip search run in torch")
 
 

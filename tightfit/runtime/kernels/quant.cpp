@@ -17,7 +17,7 @@
 // below v, ties to the lower level (core.nearest_level: torch.bucketize on the same fp32 midpoints).
 static inline float nearest_level(float v, const float* levels, int n) {
     int i = 0;
-    while (i < n - 1 && (levels[i] + levels[i + 1]) / 2 < v) i++;
+    for (int k = 0; k < n - 1; k++) i += (levels[k] + levels[k + 1]) / 2 < v;  // ascending: no branch, vectorizes
     return (float)i;
 }
 
@@ -118,6 +118,43 @@ void search_clips(const float* wg, int rows, int G, int gl, const float* S, cons
         delete[] d;
         delete[] t;
     }
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// The mixed-precision proxy's loss of one format (sensitivity.tensor_losses): sum F (w - RTN(w))^2 over a block
+// of weights, fused into one pass where torch's rtn_error made a tensor-sized temporary at each of its 8 steps
+// (with ~24 formats per tensor that was half of the sensitivities' time at 1.5B). w, F: [groups, gl] fp32; S, M:
+// [groups] each group's scale and min (M null: symmetric), already in the format's scale dtype; codes as in
+// search_clips. Sums in double per thread.
+double fisher_loss(const float* w, const float* F, int64_t groups, int gl, const float* S, const float* M,
+                   float qlo, float qhi, const float* levels, int nlev, int threads) {
+    double total = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : total)
+    for (int64_t g = 0; g < groups; g++) {
+        const float* x = w + g * gl;
+        const float* f = F + g * gl;
+        const float s = S[g], m = M ? M[g] : 0.0f;
+        double sum = 0.0;
+        for (int i0 = 0; i0 < gl; i0 += 64) {  // terms into a buffer first, so the compiler vectorizes their loop
+            const int n = gl - i0 < 64 ? gl - i0 : 64;
+            float t[64];
+            for (int i = 0; i < n; i++) {
+                const float xi = x[i0 + i], v0 = M ? xi - m : xi;
+                float v;
+                code_of(s != 0.0f ? v0 / s : 0.0f, qlo, qhi, levels, nlev, &v);
+                const float d = xi - (M ? v * s + m : v * s);
+                t[i] = f[i0 + i] * d * d;
+            }
+            float part = 0.0f;
+            for (int i = 0; i < n; i++) part += t[i];
+            sum += part;
+        }
+        total += sum;
+    }
+    return total;
 }
 
 }  // extern "C"

@@ -182,29 +182,34 @@ def layerwise_sensitivities(lazy, ids: torch.Tensor, cfg: QuantConfig, formats, 
         bar.update()
 
     norm = final_norm(lazy)
-    head = head_weight(lazy).requires_grad_(True)
+    head = head_weight(lazy)
     H_head = SplitHessian(config.hidden_size)
     F_head = torch.zeros_like(head)
+    gh = torch.empty_like(head)  # one window's head gradient, reused
     grad = torch.empty_like(x)
     tied_rows = []
+    rows_t = torch.arange(T - 1)
     for w in range(n_win):  # the head: per-window gradients with labels sampled from the model itself
         xw = x[w : w + 1].clone().requires_grad_(True)
         h = norm(xw)
-        H_head(None, (h.detach(),))
-        logits = h[0, :-1] @ head.T
-        with torch.no_grad():
-            y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g_labels)[:, 0]
-        logp = torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum()
-        head.grad = None
-        logp.backward()
-        F_head += head.grad**2 / (T - 1)
-        if tied:
-            uniq, inv = ids[w].unique(return_inverse=True)
-            tied_rows.append((uniq, inv, head.grad[uniq].clone()))
+        hd = h.detach()[0]
+        H_head(None, (hd[None],))
+        with torch.no_grad():  # d/dlogits of sum_t log p(y_t) is onehot(y) - softmax: by hand, without autograd's
+            p = torch.softmax(hd[:-1] @ head.T, -1)  # copies of the [T, vocab] logits
+            y = torch.multinomial(p, 1, generator=g_labels)[:, 0]
+            p.neg_()
+            p[rows_t, y] += 1
+            torch.mm(p.T, hd[:-1], out=gh)
+            F_head.addcmul_(gh, gh, value=1 / (T - 1))
+            if tied:
+                uniq, inv = ids[w].unique(return_inverse=True)
+                tied_rows.append((uniq, inv, gh[uniq].clone()))
+            gx = torch.zeros_like(hd)
+            torch.mm(p, head, out=gx[:-1])
+        h.backward(gx[None])
         grad[w] = xw.grad[0]
-        del logits, logp, h
-    head.grad = None
-    head = head.detach()
+        del p, h, gx
+    del gh
     lazy.skeleton.model.norm.to("meta")
     H_fit, H_test = H_head.fit_test()
     head_item = EMBED if tied else HEAD

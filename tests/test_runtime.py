@@ -224,6 +224,26 @@ def test_eval_of_an_artifact_runs_the_runtime_and_kv_formats_cost_quality(artifa
     assert runs["int4"]["kld_mean"] > runs["int8"]["kld_mean"]
 
 
+def test_top_p_from_the_largest_candidates_keeps_what_a_full_sort_keeps():
+    """The nucleus found among the top TOP_P_CANDIDATES equals the full sort's; rows whose nucleus is wider
+    (flat logits) take the full sort."""
+    from tightfit.runtime import sampling
+
+    def full_sort(x, top_p):
+        sx, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sx, -1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        return x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 4.0, 12.0):  # nucleus wider than the candidates, within them, a few tokens
+        x = torch.randn(3, 20000, generator=g) * scale
+        for top_p in (0.3, 0.9, 0.99):
+            kept = sampling._top_p(x, top_p)
+            assert torch.equal(torch.isinf(kept), torch.isinf(full_sort(x, top_p)))
+            assert torch.equal(kept[~torch.isinf(kept)], x[~torch.isinf(kept)])
+
+
 def test_sampling_functions():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
     assert sample(logits, SamplingParams()) == 1

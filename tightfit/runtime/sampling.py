@@ -74,11 +74,29 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(x, -1)
         x = x.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        cum = torch.softmax(sorted_x, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        x = _top_p(x, p.top_p)
     return x
+
+
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """x with every token outside the smallest prefix (by probability) that reaches top_p set to -inf. The prefix
+    is looked for among the row's TOP_P_CANDIDATES largest first (a partial sort: sorting a 152k vocabulary took
+    10 ms a row, more than a 1.5B model's batched decode step), and the whole row is sorted only where those do
+    not reach top_p."""
+    k = min(x.shape[-1], TOP_P_CANDIDATES)
+    vals, order = torch.topk(x, k)
+    probs = torch.exp(vals - torch.logsumexp(x, -1, keepdim=True))
+    cum = probs.cumsum(-1)
+    if k == x.shape[-1] or bool((cum[..., -1] >= top_p).all()):
+        keep = cum - probs < top_p  # the smallest prefix reaching top_p
+        return torch.full_like(x, float("-inf")).scatter(-1, order, vals.masked_fill(~keep, float("-inf")))
+    sorted_x, order = torch.sort(x, descending=True)
+    probs = torch.softmax(sorted_x, -1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    return x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,

@@ -109,8 +109,10 @@ def run(cmd: list[str], log: Path) -> dict:
             peak = max(peak, tree_rss(ps))
             time.sleep(0.1)
     status = proc.returncode
+    lines = [ln for ln in log.read_text().replace("\r", "\n").splitlines() if ln.strip()]
     return {"seconds": round(time.time() - t0, 1), "peak_rss_gb": round(peak / 1e9, 3),
-            "rc": status, "log_tail": log.read_text()[-400:] if status else ""}
+            "rc": status, "log_tail": log.read_text()[-400:] if status else "",
+            "last_line": lines[-1][-300:] if lines else ""}  # fit: its predicted and measured figures
 
 
 def size_of(path: Path) -> int:

@@ -63,15 +63,20 @@ def checkpoint(shape: str, cache: Path) -> Path:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     g = torch.Generator().manual_seed(0)
-    shards: dict[str, dict] = {}
-    for name, p in skeleton.state_dict().items():
+    shards: dict[str, list[str]] = {}  # shard key -> tensor names; each shard is made and written on its own
+    state = skeleton.state_dict()
+    for name in state:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        key = name.split(".")[2] if name.startswith("model.layers.") else "rest"
-        t = torch.ones(p.shape) if p.ndim == 1 and "norm" in name else torch.randn(p.shape, generator=g) * 0.02
-        shards.setdefault(key, {})[name] = t.bfloat16()
-    for i, (key, tensors) in enumerate(shards.items()):
+        shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "rest", []).append(name)
+    for i, names in enumerate(shards.values()):  # one shard in memory at a time: a 7B shape is 15 GB in bf16
+        tensors = {}
+        for name in names:
+            shape = state[name].shape
+            t = torch.ones(shape) if len(shape) == 1 and "norm" in name else torch.randn(shape, generator=g) * 0.02
+            tensors[name] = t.bfloat16()
         save_file(tensors, tmp / f"model-{i:05d}.safetensors", metadata={"format": "pt"})
+        del tensors
     config.save_pretrained(tmp)
     tightfit.load("smollm2-135m").tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)

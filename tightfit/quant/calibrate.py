@@ -310,7 +310,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
                 guard["tensors"] += 1
                 if fell:
                     guard["rtn_fallbacks"].append(name)
-                state[name] = qw.dequantize()
+                if xs is not None:  # the next layer's inputs come through the quantized weights
+                    state[name] = qw.dequantize()
                 weights[name] = qw
         del hessians, held
         if moe_layer:

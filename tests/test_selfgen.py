@@ -57,7 +57,7 @@ def test_generated_windows_are_cached_per_source(tiny_models, monkeypatch, _cali
     def no_engine(*a, **k):
         raise AssertionError("the cached windows were not reused")
 
-    monkeypatch.setattr("tightfit.runtime.load.build_engine", no_engine)
+    monkeypatch.setattr("tightfit.runtime.load.load_engine", no_engine)
     assert torch.equal(selfgen.generated_windows(tiny_models["llama"], 2, CTX, seed=1), first)
     with pytest.raises(AssertionError, match="not reused"):  # another seed is another entry
         selfgen.generated_windows(tiny_models["llama"], 2, CTX, seed=2)

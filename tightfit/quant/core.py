@@ -243,7 +243,7 @@ def fisher_loss(w: torch.Tensor, F: torch.Tensor, fmt: WeightFormat) -> float:
     scale, mn = minmax_params(wg, fmt)
     S = scale.float().contiguous()
     M = None if mn is None else mn.float().contiguous()
-    lv = fmt.levels if fmt.grid != "uniform" else None
+    lv = fmt.levels
     return lib.fisher_loss(w.data_ptr(), F.data_ptr(), S.numel(), wg.shape[-1], S.data_ptr(),
                            0 if M is None else M.data_ptr(), float(fmt.qmin), float(fmt.qmax),
                            0 if lv is None else lv.data_ptr(), 0 if lv is None else len(lv),

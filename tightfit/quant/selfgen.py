@@ -6,9 +6,9 @@ generates covers the distribution it is deployed on (LLM-QAT's data-free generat
 self-generated calibration of several GPTQ/AWQ recipes). Each window is packed from whole conversations: a short
 instruction from a fixed, domain-diverse list through the model's chat template, then the model's own sampled
 answer (temperature 1, top-p 0.95); when an answer ends, the next conversation starts in the same window. All
-windows are generated together, one token per window per step, on tightfit's runtime (an HF folder's layers
-rounded to 8-bit codes, a GGUF's own codes), so the cost is `ctx` batched decode steps. Results are cached per
-source file, window count, length and seed under ~/.cache/tightfit/calib.
+windows are generated together, one token per window per step, on tightfit's runtime (float layers rounded to
+8-bit codes as they load, a GGUF's quantized ones as they are), so the cost is `ctx` batched decode steps.
+Results are cached per source file, window count, length and seed under ~/.cache/tightfit/calib.
 """
 
 from __future__ import annotations
@@ -134,29 +134,9 @@ def _weight_budget(kind: str, path: Path) -> int | None:
     return None if resident_estimate(kind, path) <= half else half
 
 
-def _int8_engine(path: Path, progress: bool, max_memory: int | None):
-    """The runtime on an HF folder with its decoder layers' linears rounded to 8-bit codes (sym8-g32, llama.cpp's
-    Q8_0 grid) as they load: a batched decode step on the int8 kernel instead of bf16 GEMMs (text sampled at
-    temperature 1 does not feel an error 8-bit rounding leaves: SQNR ~40 dB)."""
-    from ..formats.weight import WeightFormat
-    from ..runtime.load import _hf_source, build_engine
-    from .core import rtn
-
-    config, tokenizer, get, names, _ = _hf_source(path)
-    fmt = WeightFormat.parse("sym8-g32")
-
-    def rounded(name: str):
-        w = get(name)
-        if name.startswith("model.layers.") and w.ndim == 2 and w.shape[1] % 32 == 0 and "norm" not in name:
-            return rtn(w, fmt, report=False)
-        return w
-
-    return build_engine(config, rounded, names, progress=progress, max_memory=max_memory,
-                        info={"source": str(path), "kind": "hf", "path": path}), tokenizer
-
-
 def generated_windows(source, n: int, ctx: int, seed: int = 0, progress: bool = False) -> torch.Tensor:
     """`n` generated windows of `ctx` tokens for a model source (cached; generated on first use)."""
+    from ..formats.weight import WeightFormat
     from ..io import atomic_path, write_json
     from ..models import resolve_source
     from ..runtime.load import load_engine
@@ -172,10 +152,10 @@ def generated_windows(source, n: int, ctx: int, seed: int = 0, progress: bool = 
                 return ids
         except (OSError, RuntimeError, EOFError):
             pass  # a corrupt cache entry is regenerated
-    if kind == "hf":
-        engine, tokenizer = _int8_engine(path, progress, _weight_budget(kind, path))
-    else:
-        engine, tokenizer, _, _ = load_engine(source, progress=progress, max_memory=_weight_budget(kind, path))
+    # float layers (an HF folder, a float GGUF) on 8-bit codes (llama.cpp's Q8_0 grid): a batched step on the int8
+    # kernel, not bf16 GEMMs; text sampled at temperature 1 does not feel the error 8-bit rounding leaves (~40 dB)
+    engine, tokenizer, _, _ = load_engine(source, progress=progress, max_memory=_weight_budget(kind, path),
+                                          round_dense=WeightFormat.parse("sym8-g32"))
     ids = generate_windows(engine, tokenizer, n, ctx, seed, progress)
     del engine
     with atomic_path(file, directory=False, force=True) as tmp:

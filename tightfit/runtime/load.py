@@ -192,9 +192,12 @@ def _linear(w: Weight, kernel: str = "auto", bias: torch.Tensor | None = None) -
 
 
 def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress: bool = False,
-                 info: dict | None = None, max_memory: int | None = None, kernel: str = "auto") -> Engine:
+                 info: dict | None = None, max_memory: int | None = None, kernel: str = "auto",
+                 round_dense: WeightFormat | None = None) -> Engine:
     """Turn per-tensor weights (quantized or float, read one layer at a time through `get`) into an Engine.
-    With max_memory, weights beyond the budget are streamed from a scratch file every token."""
+    With max_memory, weights beyond the budget are streamed from a scratch file every token. round_dense: the
+    decoder layers' float linears are rounded to this format (RTN) as they load, to run on the int8/int4 kernel
+    instead of bf16 GEMMs; quantized ones, norms, routers, the embedding and the head stay as they are."""
     from ..io import release_freed_memory_eagerly, return_free_heap
     from .stream import DiskEmbedding, StreamedHead, Streamer
 
@@ -215,6 +218,9 @@ def build_engine(config, get, names: set[str], kv_format: str = "bf16", progress
 
         def group(ns):
             ws = [get(f"{p}{n}.weight") for n in ns]
+            if round_dense is not None:
+                ws = [rtn(w, round_dense, report=False)
+                      if isinstance(w, torch.Tensor) and round_dense.fits(tuple(w.shape)) else w for w in ws]
             bs = [f"{p}{n}.bias" for n in ns]
             if not any(b in names for b in bs):
                 return fuse(ws, None, kernel)
@@ -314,8 +320,9 @@ def resident_estimate(kind: str, path: Path) -> int:
 
 
 def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bool = False,
-                max_memory: int | None = None, kernel: str = "auto"):
-    """(engine, tokenizer, kind, manifest) for an artifact, a GGUF file, a HF folder or a known model name."""
+                max_memory: int | None = None, kernel: str = "auto", round_dense: WeightFormat | None = None):
+    """(engine, tokenizer, kind, manifest) for an artifact, a GGUF file, a HF folder or a known model name
+    (round_dense: see build_engine)."""
     from .kv import kv_format as check_kv
 
     check_kv(kv_format)
@@ -331,7 +338,7 @@ def load_engine(source: str | os.PathLike, kv_format: str = "bf16", progress: bo
                 f"Pass --max-memory SIZE (e.g. --max-memory {max(need // 3, 1 << 28) / 1e9:.1f}GB) to keep that "
                 "much resident and stream the other layers from disk each token.")
     engine = build_engine(config, get, names, kv_format, progress,
-                          {"source": os.fspath(source), "kind": kind, "path": path}, max_memory, kernel)
+                          {"source": os.fspath(source), "kind": kind, "path": path}, max_memory, kernel, round_dense)
     requantized = getattr(get, "requantized", None)
     if requantized:
         engine.info["gguf_requantized"] = requantized

@@ -142,3 +142,29 @@ def test_runtime_budget_bounds_peak_rss_for_a_model_several_times_larger(big_mod
     overhead = grown_full - weights_full
     assert grown < overhead + budget + 40_000_000, f"grew {grown / 1e6:.0f} MB; overhead {overhead / 1e6:.0f} MB"
     assert toks == toks_full  # streamed weights compute the same tokens
+
+
+def test_streamed_safetensors_reads_back_exactly(tmp_path):
+    """write_safetensors (no bytes copy of the whole dict, unlike save_file) writes what safetensors reads back:
+    every dtype the artifacts use, a non-contiguous tensor, an empty one, a scalar, and the metadata."""
+    from safetensors import safe_open
+
+    from tightfit.io import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.qweight": torch.randint(0, 255, (7, 12), dtype=torch.uint8, generator=g),
+               "w.scales": torch.randn(7, 3, generator=g).bfloat16(), "h": torch.randn(5, 4, generator=g).half(),
+               "f": torch.randn(3, 6, generator=g).t(), "g_idx": torch.arange(12, dtype=torch.int32),
+               "i64": torch.arange(3), "empty": torch.zeros(0, 4), "s": torch.tensor(2.5), "b": torch.tensor([True, False]),
+               "i8": torch.tensor([-3, 4], dtype=torch.int8)}
+    write_safetensors(tensors, tmp_path / "a.safetensors", metadata={"format": "tightfit", "n": 3})
+    header_len = int.from_bytes((tmp_path / "a.safetensors").read_bytes()[:8], "little")
+    assert (8 + header_len) % 8 == 0  # the data starts aligned, as save_file writes it
+    with safe_open(tmp_path / "a.safetensors", framework="pt") as h:
+        assert h.metadata() == {"format": "tightfit", "n": "3"}
+        assert set(h.keys()) == set(tensors)
+        for k, t in tensors.items():
+            got = h.get_tensor(k)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+    with pytest.raises(TypeError, match="complex64"):
+        write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")

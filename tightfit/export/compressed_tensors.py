@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, UnsupportedArchitectureError
-from ..io import atomic_path
+from ..io import atomic_path, write_safetensors
 from ..quant.core import QuantizedWeight, weight_error
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,6 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
     report: per-tensor exactness or added error, and warnings about vLLM kernels and tensor parallelism."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
     from ..quant.artifact import load_quantized
@@ -204,8 +203,7 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, *, strict: 
     for w in warnings:
         log.warning(w)
     with atomic_path(out, directory=True, force=force) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         cfg = config.to_dict()
         if not cfg.get("architectures"):  # a config rebuilt from a GGUF has none; vLLM picks its model class by it
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -14,12 +14,11 @@ from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import save_file
 
 from ..errors import ArtifactError, FormatError
 from ..formats.size import bits_per_weight
 from ..formats.weight import WeightFormat, decode_scales, encode_scales
-from ..io import atomic_path
+from ..io import atomic_path, write_safetensors
 from ..models.hf import save_tokenizer
 from .calibrate import QuantizedModel
 from .core import QuantizedWeight
@@ -84,7 +83,8 @@ def save_artifact(out: str | Path, qm: QuantizedModel, lazy, *, calibration: dic
         **(extra or {}),
     }
     with atomic_path(out, directory=True, force=force) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "tightfit", "format_version": str(FORMAT_VERSION)})
+        write_safetensors(tensors, tmp / WEIGHTS,
+                          metadata={"format": "tightfit", "format_version": str(FORMAT_VERSION)})
         lazy.config.save_pretrained(tmp)
         save_tokenizer(lazy.tokenizer, lazy.format, lazy.path, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a folder with a manifest is complete

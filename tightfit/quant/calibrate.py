@@ -106,10 +106,12 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 class _Parts:
-    """One candidate's row blocks (packed) and its error sums over them."""
+    """One candidate's row blocks (packed), copied into one tensor of all rows as they come (no list of parts
+    concatenated at the end: that held a 7B head's 0.6 GB twice), and its error sums over them."""
 
-    def __init__(self):
-        self.parts: list[QuantizedWeight] = []
+    def __init__(self, rows: int):
+        self.rows, self.done = rows, 0
+        self.parts: list[QuantizedWeight] = []  # one: the whole weight, its tensors filled up to row `done`
         self.sums = torch.zeros(5, dtype=torch.float64)  # |d|^2, |w|^2, d H d, w H w, d H_hold d
 
     def add(self, w: torch.Tensor, qw: QuantizedWeight, H, H_hold, w_err: float = 0.0) -> None:
@@ -122,17 +124,26 @@ class _Parts:
             self.sums[3] += w_err
         if H_hold is not None:
             self.sums[4] += output_error(d, H_hold)
-        self.parts.append(qw.compact())
+        qw.compact()
+        r0, r1 = self.done, self.done + qw.data.shape[0]
+        self.done = r1
+        if r0 == 0 and r1 == self.rows:
+            self.parts.append(qw)
+            return
+        if r0 == 0:
+            def whole(t):
+                return None if t is None else t.new_empty((self.rows, *t.shape[1:]))
+            self.parts.append(QuantizedWeight(qw.fmt, whole(qw.data), whole(qw.scales), whole(qw.mins),
+                                              g_idx=qw.g_idx, in_features=qw.in_features, packed=True))
+        whole = self.parts[0]
+        whole.data[r0:r1] = qw.data
+        whole.scales[r0:r1] = qw.scales
+        if qw.mins is not None:
+            whole.mins[r0:r1] = qw.mins
 
     def result(self, in_features: int, with_H: bool) -> QuantizedWeight:
-        if len(self.parts) == 1:
-            qw = self.parts[0]
-        else:
-            first = self.parts[0]
-            qw = QuantizedWeight(first.fmt, torch.cat([p.data for p in self.parts]),
-                                 torch.cat([p.scales for p in self.parts]),
-                                 None if first.mins is None else torch.cat([p.mins for p in self.parts]),
-                                 g_idx=first.g_idx, in_features=in_features, packed=True)
+        assert self.done == self.rows, (self.done, self.rows)
+        qw = self.parts[0]
         rel = float(self.sums[0] / self.sums[1].clamp_min(1e-30))
         qw.error = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
         if with_H:
@@ -150,7 +161,7 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
     fmt = fmt.for_shape(tuple(w.shape))
     fmt.check_shape(tuple(w.shape), name)
     check = H_hold is not None and cfg.method != "rtn"
-    method, plain = _Parts(), _Parts()
+    method, plain = _Parts(w.shape[0]), _Parts(w.shape[0])
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     Hb = None if H is None else H.bfloat16()  # the error products' operand, converted once
     Hb_hold = None if H_hold is None else H_hold.bfloat16()
@@ -258,12 +269,12 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     weights: dict[str, QuantizedWeight] = {}
     kept: dict[str, torch.Tensor] = {}
     extra: dict = {"awq_scales": {}} if cfg.method in SCALED else {}
-    table = lazy.get("model.embed_tokens.weight")
-
+    # the embedding and the head are read when needed, as stored (bf16: half of fp32), and dropped after use:
+    # at a 7B shape each is 2.2 GB in fp32, and holding them through the layers set the quantize's peak
     xs = pe = None
     n_fit = 0
     if calib is not None:
-        xs = embed(lazy, calib, cfg.calib_torch_dtype, table)  # [samples, ctx, hidden]
+        xs = embed(lazy, calib, cfg.calib_torch_dtype, lazy.get_stored("model.embed_tokens.weight"))
         pe = rotary(lazy, calib.shape[1], xs.dtype)
         n_fit = calib.shape[0] - cfg.held_out_windows(calib.shape[0])
     guard = {"held_out_windows": 0 if xs is None else xs.shape[0] - n_fit, "tensors": 0, "rtn_fallbacks": [],
@@ -356,12 +367,13 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
 
     if config.tie_word_embeddings:
         tie = (lambda H: None if H is None else tied_hessian(H))
-        weights[head_name] = head_tensor(table, fmt, tie(H_head), tie(H_head_hold))
+        weights[head_name] = head_tensor(lazy.get_stored(head_name), fmt, tie(H_head), tie(H_head_hold))
     else:
         e_fmt = cfg.format_for("model.embed_tokens.weight")
-        weights["model.embed_tokens.weight"] = guarded(table, e_fmt, replace(cfg, method="rtn"), None, None,
+        weights["model.embed_tokens.weight"] = guarded(lazy.get_stored("model.embed_tokens.weight"), e_fmt,
+                                                       replace(cfg, method="rtn"), None, None,
                                                        "model.embed_tokens.weight")[0] if e_fmt else None
-        weights[head_name] = head_tensor(lazy.get("lm_head.weight"), fmt, H_head, H_head_hold)
+        weights[head_name] = head_tensor(lazy.get_stored("lm_head.weight"), fmt, H_head, H_head_hold)
     if fam.moe is not None:
         extra["experts"] = {"fallbacks": guard.pop("expert_fallbacks"), "min_tokens": "the expert's input width",
                             "fallback": "fitted on every token entering the layer's MoE block"}
@@ -371,6 +383,6 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         if qw is not None:
             qw.compact()
     for k in [k for k, v in weights.items() if v is None]:
-        kept[k] = table if k == "model.embed_tokens.weight" else lazy.get(k)
+        kept[k] = lazy.get(k)
         del weights[k]
     return QuantizedModel(weights, kept, cfg, extra)

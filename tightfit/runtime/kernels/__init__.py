@@ -172,7 +172,8 @@ def library() -> ctypes.CDLL | None:
                      "attend_rows": ([_i, _i, _i, _i, _f, _p, _p, _p, _p, _i, _i, _i, _p, _i], None),
                      "gate_rows": ([_i, _p, _i, _i, _p, _i], None),
                      "norm_rows": ([_p, _p, _i, _i, _f, _p, _i], None),
-                     "rope_rows": ([_p, _i, _i, _i, _i, _i, _p, _p, _i, _i, _i], None)},
+                     "rope_rows": ([_p, _i, _i, _i, _i, _i, _p, _p, _i, _i, _i], None),
+                     "repack_codes": ([_p, _i, _i, _i, _i, _p, _i], None)},
                     "using torch's int4 kernel")
 
 

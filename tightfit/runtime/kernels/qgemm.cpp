@@ -1001,3 +1001,64 @@ void attend_rows(int B, int H, int KV, int hd, float scale, const float* qkv, vo
 }
 
 }
+
+// ---- load: an artifact's packed codes straight into the kernel's layout (runtime/linear.py pack_blocks) ----
+
+// Row r of src holds K unsigned codes of src_bits each: 2, 4 or 8 bits whole per byte (lowest first), else a
+// little-endian bit stream (formats/weight.py pack). dst gets the kernel's bytes of dst_bits (4, 6 or 8) codes.
+static inline void unpack_row(const uint8_t* s, int K, int bits, uint8_t* u) {
+    if (bits == 8) { memcpy(u, s, K); return; }
+    if (bits == 4 || bits == 2) {
+        const int per = 8 / bits, mask = (1 << bits) - 1;
+        for (int i = 0; i < K; i++) u[i] = (s[i / per] >> ((i % per) * bits)) & mask;
+        return;
+    }
+    const int mask = (1 << bits) - 1;
+    const size_t nbytes = ((size_t)K * bits + 7) / 8;
+    for (int i = 0; i < K; i++) {
+        const size_t bit = (size_t)i * bits, byte = bit >> 3;
+        unsigned v = s[byte] | (byte + 1 < nbytes ? (unsigned)s[byte + 1] << 8 : 0u);
+        u[i] = (v >> (bit & 7)) & mask;
+    }
+}
+
+static inline void pack_row(const uint8_t* u, int K, int bits, uint8_t* d) {
+    const int nb = K / 32;
+    uint8_t* hi = d + K / 2;  // 6-bit: every chunk's low nibbles first, then every chunk's high bits
+    for (int c0 = 0; c0 < nb; c0 += 16) {
+        const int cb = nb - c0 < 16 ? nb - c0 : 16;
+        const uint8_t* b0 = u + (size_t)c0 * 32;
+        if (bits == 8) {
+            for (int i = 0; i < 8; i++)
+                for (int b = 0; b < cb; b++)
+                    for (int t = 0; t < 4; t++) *d++ = b0[b * 32 + 4 * i + t];
+            continue;
+        }
+        for (int j = 0; j < 4; j++)
+            for (int b = 0; b < cb; b++)
+                for (int t = 0; t < 4; t++)
+                    *d++ = (b0[b * 32 + 4 * j + t] & 15) | (b0[b * 32 + 16 + 4 * j + t] & 15) << 4;
+        if (bits == 6)
+            for (int h = 0; h < 2; h++)
+                for (int b = 0; b < cb; b++)
+                    for (int t = 0; t < 4; t++) {
+                        uint8_t v = 0;
+                        for (int j = 0; j < 4; j++) v |= (b0[b * 32 + 16 * h + 4 * j + t] >> 4) << (2 * j);
+                        *hi++ = v;
+                    }
+    }
+}
+
+extern "C" void repack_codes(const uint8_t* src, int src_bits, int N, int K, int dst_bits, uint8_t* dst,
+                             int threads) {
+    const size_t sstride = ((size_t)K * src_bits + 7) / 8, dstride = (size_t)K * dst_bits / 8;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<uint8_t> u(K);
+#pragma omp for schedule(static)
+        for (int r = 0; r < N; r++) {
+            unpack_row(src + r * sstride, K, src_bits, u.data());
+            pack_row(u.data(), K, dst_bits, dst + r * dstride);
+        }
+    }
+}

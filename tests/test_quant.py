@@ -258,7 +258,13 @@ def test_large_tensors_quantize_in_row_blocks_with_the_same_result(monkeypatch, 
     cfg = QuantConfig(method=method, fmt=F3)
     whole, _ = calibrate.guarded(w, F3, cfg, H, H, "w")
     monkeypatch.setattr(calibrate, "CHUNK_ELEMENTS", 128 * 64)  # 5 blocks of 64 rows, the last one short
+    import tightfit.quant.gptq as gptq_module
+
+    factorizations = []
+    real = gptq_module.inverse_upper_cholesky
+    monkeypatch.setattr(gptq_module, "inverse_upper_cholesky", lambda *a, **k: factorizations.append(1) or real(*a, **k))
     blocks, _ = calibrate.guarded(w, F3, cfg, H, H, "w")
+    assert len(factorizations) == (1 if method == "gptq" else 0)  # the blocks share one factor of H
     assert blocks.packed and blocks.shape == (300, 128)
     assert torch.equal(whole.dequantize(), blocks.dequantize())
     for key in ("weight_rel_mse", "output_sq_err", "output_rel_err"):

@@ -18,6 +18,7 @@ from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
 from .core import QuantizedWeight, output_error, rtn
 from .equivalence import check_rescalable
+from .gptq import factor as gptq_factor
 from .gptq import gptq
 from .hqq import hqq
 
@@ -41,12 +42,13 @@ class QuantizedModel:
 
 
 def quantize_one(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, name: str,
-                 report: bool = True) -> QuantizedWeight:
-    """report: the result measures its own error (through H); False where the caller measures it."""
+                 report: bool = True, factored=None) -> QuantizedWeight:
+    """report: the result measures its own error (through H); False where the caller measures it. factored:
+    GPTQ's factor of H (gptq.factor), shared by the row blocks of one tensor."""
     fmt.check_shape(tuple(w.shape), name)
     if cfg.method in GPTQ_METHODS and H is not None:
         return gptq(w, H, fmt, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
-                    clip_search=cfg.clip_search, report=report)
+                    clip_search=cfg.clip_search, report=report, factored=factored)
     if cfg.method == "awq":
         return awq_clip(w, fmt, H, report=report)
     if cfg.method == "hqq":
@@ -103,6 +105,9 @@ class HessianHook:
 # weights per quantizer call: a tensor with more (a 151936 x 1536 embedding, a 7B down_proj) is quantized in row
 # blocks - every method here treats rows independently given H - so its fp32 temporaries stay near 128 MB each
 CHUNK_ELEMENTS = 1 << 25
+# the embedding and head come last, when the rest of the artifact is held: smaller blocks there (their H, when
+# any, is hidden-wide, so more blocks cost little) took ~0.5 GB off a 7B shape's peak
+HEAD_CHUNK_ELEMENTS = 1 << 23
 
 
 class _Parts:
@@ -153,7 +158,7 @@ class _Parts:
 
 
 def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_hold: torch.Tensor | None,
-            name: str) -> tuple[QuantizedWeight, bool]:
+            name: str, chunk: int | None = None) -> tuple[QuantizedWeight, bool]:
     """cfg.method's tensor (packed), unless round-to-nearest's output error on the held-out windows is smaller:
     then RTN's (a calibrated method must never return a tensor worse than plain rounding). Large tensors go
     through in row blocks. A super-block format on rows that are not a multiple of 256 becomes its plain form
@@ -162,13 +167,15 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
     fmt.check_shape(tuple(w.shape), name)
     check = H_hold is not None and cfg.method != "rtn"
     method, plain = _Parts(w.shape[0]), _Parts(w.shape[0])
-    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    rows = max(1, (chunk or CHUNK_ELEMENTS) // w.shape[1])
     Hb = None if H is None else H.bfloat16()  # the error products' operand, converted once
     Hb_hold = None if H_hold is None else H_hold.bfloat16()
+    factored = gptq_factor(H, cfg.act_order, cfg.damp) \
+        if cfg.method in GPTQ_METHODS and H is not None and rows < w.shape[0] else None
     for i in range(0, w.shape[0], rows):
         wc = w[i : i + rows].float()
         w_err = 0.0 if H is None else output_error(wc, Hb)
-        method.add(wc, quantize_one(wc, fmt, cfg, H, name, report=False), Hb, Hb_hold, w_err)
+        method.add(wc, quantize_one(wc, fmt, cfg, H, name, report=False, factored=factored), Hb, Hb_hold, w_err)
         if check:
             plain.add(wc, rtn(wc, fmt, report=False), Hb, Hb_hold, w_err)
     qw = method.result(w.shape[1], H is not None)
@@ -359,7 +366,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
     def head_tensor(w, fmt, H, H_hold):
         if fmt is None:
             return None
-        qw, fell = guarded(w, fmt, cfg, H, H_hold, head_name)
+        qw, fell = guarded(w, fmt, cfg, H, H_hold, head_name, chunk=HEAD_CHUNK_ELEMENTS)
         guard["tensors"] += 1
         if fell:
             guard["rtn_fallbacks"].append(head_name)
@@ -372,7 +379,8 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         e_fmt = cfg.format_for("model.embed_tokens.weight")
         weights["model.embed_tokens.weight"] = guarded(lazy.get_stored("model.embed_tokens.weight"), e_fmt,
                                                        replace(cfg, method="rtn"), None, None,
-                                                       "model.embed_tokens.weight")[0] if e_fmt else None
+                                                       "model.embed_tokens.weight", HEAD_CHUNK_ELEMENTS)[0] \
+            if e_fmt else None
         weights[head_name] = head_tensor(lazy.get_stored("lm_head.weight"), fmt, H_head, H_head_hold)
     if fam.moe is not None:
         extra["experts"] = {"fallbacks": guard.pop("expert_fallbacks"), "min_tokens": "the expert's input width",

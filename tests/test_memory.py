@@ -168,3 +168,16 @@ def test_streamed_safetensors_reads_back_exactly(tmp_path):
             assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
     with pytest.raises(TypeError, match="complex64"):
         write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+
+
+def test_import_turns_on_torchs_huge_pages_unless_the_user_chose():
+    """torch reads THP_MEM_ALLOC_ENABLE once, when it loads: `import tightfit` sets it first (half of a quantize's
+    time was page faults of 4 KiB pages), and leaves a user's own setting alone."""
+    import os
+
+    code = "import os, tightfit, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = (lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+    assert run(env) == "1"
+    assert run(env | {"THP_MEM_ALLOC_ENABLE": "0"}) == "0"

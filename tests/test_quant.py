@@ -320,8 +320,25 @@ def test_compiled_quant_kernels_equal_the_torch_loops(monkeypatch, fmt):
     assert not torch.equal(ref[0], core.minmax_params(wg, fmt)[0])
 
 
+@pytest.mark.parametrize("kernel", ["amx", "avx"])
+def test_bf16_hessian_kernels_equal_the_fp32_gemm(kernel):
+    """Each bf16 Hessian kernel this CPU runs sums exactly what an fp32 GEMM of the same bf16 inputs sums (up to
+    fp32's order of summation): an odd token count, passes of 1024 tokens, the triangle's edge blocks."""
+    from tightfit.runtime.kernels import gram_avx_library, gram_into, gram_library
+
+    lib = gram_library() if kernel == "amx" else gram_avx_library()
+    if lib is None:
+        pytest.skip(f"no {kernel} bf16 kernel on this CPU")
+    x = torch.randn(2101, 320, generator=torch.Generator().manual_seed(0)).bfloat16()
+    H = torch.full((320, 320), 0.5)  # sums into what is there
+    gram_into(lib, H, x)
+    ref = x.float().T @ x.float() + 0.5
+    assert torch.allclose(H.triu(), ref.triu(), rtol=1e-5, atol=1e-3)
+
+
 def test_hessian_of_bf16_inputs_equals_the_fp32_sum(monkeypatch):
-    """The AMX kernel (bf16 products, fp32 sums) where there is one, else the fp32 GEMM: the same Hessian."""
+    """The AMX or AVX-512 BF16 kernel (bf16 products, fp32 sums) where there is one, else the fp32 GEMM: the same
+    Hessian."""
     from tightfit.quant.calibrate import HessianHook
 
     x = torch.randn(3, 70, 96, generator=torch.Generator().manual_seed(0)).bfloat16()  # 210 tokens: padded to 224

@@ -68,17 +68,18 @@ class HessianHook:
     buffers: a 7B down_proj's is 18944^2).
 
     bf16 inputs (the default calibration dtype) go to the AMX kernel where the CPU has one (runtime/kernels/
-    gram.cpp: bf16 products, fp32 sums, the upper triangle only; 3-4x the fp32 GEMM). torch's own bf16 GEMM is
+    gram.cpp: bf16 products, fp32 sums, the upper triangle only; 3-4x the fp32 GEMM), else to the AVX-512 BF16
+    one (gram_avx.cpp, the same sums). torch's own bf16 GEMM is
     not used: it rounds each call's sum to bf16, and on a 1.5B Qwen2's layer 1 (massive activations) that made
     the Hessians indefinite (Cholesky needed 10-100x the damping)."""
 
     def __init__(self, n: int):
-        from ..runtime.kernels import gram_library
+        from ..runtime.kernels import hessian_library
 
         self.H = [torch.zeros(n, n), torch.zeros(n, n)]
         self.tokens = [0, 0]
         self.part = 0
-        self.gram = gram_library() if n % 32 == 0 else None
+        self.gram = hessian_library() if n % 32 == 0 else None
         self.upper = False  # H holds only its upper triangle (the AMX kernel's output)
 
     def __call__(self, module, args):

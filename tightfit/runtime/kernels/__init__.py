@@ -8,7 +8,9 @@
   sensitivities' Fisher-weighted rounding loss, portable C++.
   Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and they run in torch.
 - `gram_library()` (gram.cpp): H += X^T X for bf16 activations on AMX tiles with fp32 sums (the calibration's
-  Hessians), where the CPU has AMX and Linux grants it; else None and the Hessians are fp32 GEMMs.
+  Hessians), where the CPU has AMX and Linux grants it; `gram_avx_library()` (gram_avx.cpp) the same sums with
+  AVX-512 BF16 dot products where there is no AMX (AMD Zen 4/5); `hessian_library()` picks one, else None and
+  the Hessians are fp32 GEMMs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qgemm.cpp")
 QUANT_SOURCE = Path(__file__).with_name("quant.cpp")
 GRAM_SOURCE = Path(__file__).with_name("gram.cpp")
+GRAM_AVX_SOURCE = Path(__file__).with_name("gram_avx.cpp")
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
 
 
@@ -141,11 +144,48 @@ def gram_library() -> ctypes.CDLL | None:
     return lib
 
 
+@lru_cache(maxsize=1)
+def gram_avx_library() -> ctypes.CDLL | None:
+    """gram_avx.cpp (AVX-512 BF16 dot products, fp32 sums) compiled and checked against an fp32 GEMM, or None
+    (no avx512_bf16, no compiler, TIGHTFIT_KERNEL=torch, or the kernel disagreed: then logged). For CPUs without
+    AMX; gram_library() is preferred where both run."""
+    if not {"avx512f", "avx512_bf16"} <= cpu_flags():
+        return None
+    lib = _library(GRAM_AVX_SOURCE, ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-fPIC", "-std=c++17"],
+                   {"gram_bf16_avx": ([_p, _i, _i, _p, _i], None)}, "the Hessians are fp32 GEMMs")
+    if lib is None:
+        return None
+    lib.tf_kind = "avx"
+    import torch
+
+    x = torch.randn(98, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    H = torch.zeros(64, 64)
+    gram_into(lib, H, x)
+    ref = x.float().T @ x.float()
+    if not torch.allclose(H.triu(), ref.triu(), rtol=1e-5, atol=1e-4):
+        log.warning("AVX-512 BF16 Hessian kernel disagrees with an fp32 GEMM here (max diff %.3g); not used",
+                    float((H.triu() - ref.triu()).abs().max()))
+        return None
+    return lib
+
+
+def hessian_library() -> ctypes.CDLL | None:
+    """The bf16 Hessian kernel this CPU runs: AMX tiles, else AVX-512 BF16, else None (fp32 GEMMs)."""
+    return gram_library() or gram_avx_library()
+
+
 def gram_into(lib: ctypes.CDLL, H, x) -> None:
     """H [n, n] fp32 += x^T x (upper triangle and diagonal blocks only) for x [T, n] bf16, n a multiple of 32."""
     import torch
 
     T, n = x.shape
+    if getattr(lib, "tf_kind", "amx") == "avx":
+        if T % 2:
+            x = torch.cat([x, x.new_zeros(1, n)])  # a zero token adds nothing
+            T += 1
+        XP = x.reshape(T // 2, 2, n).transpose(1, 2).contiguous()
+        lib.gram_bf16_avx(XP.data_ptr(), n, T, H.data_ptr(), torch.get_num_threads())
+        return
     if T % 32:
         x = torch.cat([x, x.new_zeros(32 - T % 32, n)])  # zero tokens add nothing
         T = x.shape[0]

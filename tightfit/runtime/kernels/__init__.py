@@ -131,14 +131,19 @@ def gram_library() -> ctypes.CDLL | None:
     if lib.gram_init() != 0:
         log.info("AMX Hessian kernel off: Linux did not grant this process AMX tiles")
         return None
+    return _agrees(lib, "AMX", 96)
+
+
+def _agrees(lib: ctypes.CDLL, name: str, tokens: int) -> ctypes.CDLL | None:
+    """lib where its Hessian of random bf16 inputs equals an fp32 GEMM's, else None (logged)."""
     import torch
 
-    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
     H = torch.zeros(64, 64)
     gram_into(lib, H, x)
     ref = x.float().T @ x.float()
     if not torch.allclose(H.triu(), ref.triu(), rtol=1e-5, atol=1e-4):
-        log.warning("AMX Hessian kernel disagrees with an fp32 GEMM here (max diff %.3g); not used",
+        log.warning("%s Hessian kernel disagrees with an fp32 GEMM here (max diff %.3g); not used", name,
                     float((H.triu() - ref.triu()).abs().max()))
         return None
     return lib
@@ -156,17 +161,7 @@ def gram_avx_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.tf_kind = "avx"
-    import torch
-
-    x = torch.randn(98, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
-    H = torch.zeros(64, 64)
-    gram_into(lib, H, x)
-    ref = x.float().T @ x.float()
-    if not torch.allclose(H.triu(), ref.triu(), rtol=1e-5, atol=1e-4):
-        log.warning("AVX-512 BF16 Hessian kernel disagrees with an fp32 GEMM here (max diff %.3g); not used",
-                    float((H.triu() - ref.triu()).abs().max()))
-        return None
-    return lib
+    return _agrees(lib, "AVX-512 BF16", 98)
 
 
 def hessian_library() -> ctypes.CDLL | None:

@@ -16,7 +16,7 @@ from ..models.layered import check_layered, drop_layer, embed, load_layer, rotar
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
-from .core import QuantizedWeight, output_error, rtn
+from .core import QuantizedWeight, output_error, rel_error, rtn
 from .equivalence import check_rescalable
 from .gptq import factor as gptq_factor
 from .gptq import gptq
@@ -117,7 +117,7 @@ class _Parts:
 
     def __init__(self, rows: int):
         self.rows, self.done = rows, 0
-        self.parts: list[QuantizedWeight] = []  # one: the whole weight, its tensors filled up to row `done`
+        self.whole: QuantizedWeight | None = None  # its tensors filled up to row `done`
         self.sums = torch.zeros(5, dtype=torch.float64)  # |d|^2, |w|^2, d H d, w H w, d H_hold d
 
     def add(self, w: torch.Tensor, qw: QuantizedWeight, H, H_hold, w_err: float = 0.0) -> None:
@@ -134,14 +134,14 @@ class _Parts:
         r0, r1 = self.done, self.done + qw.data.shape[0]
         self.done = r1
         if r0 == 0 and r1 == self.rows:
-            self.parts.append(qw)
+            self.whole = qw
             return
         if r0 == 0:
-            def whole(t):
+            def rows_of(t):
                 return None if t is None else t.new_empty((self.rows, *t.shape[1:]))
-            self.parts.append(QuantizedWeight(qw.fmt, whole(qw.data), whole(qw.scales), whole(qw.mins),
-                                              g_idx=qw.g_idx, in_features=qw.in_features, packed=True))
-        whole = self.parts[0]
+            self.whole = QuantizedWeight(qw.fmt, rows_of(qw.data), rows_of(qw.scales), rows_of(qw.mins),
+                                         g_idx=qw.g_idx, in_features=qw.in_features, packed=True)
+        whole = self.whole
         whole.data[r0:r1] = qw.data
         whole.scales[r0:r1] = qw.scales
         if qw.mins is not None:
@@ -149,9 +149,9 @@ class _Parts:
 
     def result(self, in_features: int, with_H: bool) -> QuantizedWeight:
         assert self.done == self.rows, (self.done, self.rows)
-        qw = self.parts[0]
+        qw = self.whole
         rel = float(self.sums[0] / self.sums[1].clamp_min(1e-30))
-        qw.error = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+        qw.error = rel_error(rel)
         if with_H:
             qw.error |= {"output_sq_err": float(self.sums[2]),
                          "output_rel_err": float(self.sums[2] / self.sums[3].clamp_min(1e-30))}
@@ -380,7 +380,7 @@ def quantize_model(lazy: LazyModel, cfg: QuantConfig, calib: torch.Tensor | None
         e_fmt = cfg.format_for("model.embed_tokens.weight")
         weights["model.embed_tokens.weight"] = guarded(lazy.get_stored("model.embed_tokens.weight"), e_fmt,
                                                        replace(cfg, method="rtn"), None, None,
-                                                       "model.embed_tokens.weight", HEAD_CHUNK_ELEMENTS)[0] \
+                                                       "model.embed_tokens.weight", chunk=HEAD_CHUNK_ELEMENTS)[0] \
             if e_fmt else None
         weights[head_name] = head_tensor(lazy.get_stored("lm_head.weight"), fmt, H_head, H_head_hold)
     if fam.moe is not None:

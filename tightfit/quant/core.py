@@ -271,11 +271,16 @@ def pack_result(fmt, q: torch.Tensor, scale, mn, w: torch.Tensor, H: torch.Tenso
     return qw
 
 
+def rel_error(rel: float) -> dict:
+    """A relative weight MSE and its SQNR in dB, as every error report holds them."""
+    return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+
+
 def weight_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None = None) -> dict:
     """Relative weight error, SQNR in dB, and with a Hessian H = E[x x^T] the relative output error."""
     d = (w - wq).float()
     rel = float((d * d).sum(dtype=torch.float64) / w.float().square().sum(dtype=torch.float64).clamp_min(1e-30))
-    err = {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+    err = rel_error(rel)
     if H is not None:
         Hb = H.bfloat16()
         num, den = output_error(d, Hb), output_error(w.float(), Hb)

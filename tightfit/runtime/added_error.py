@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.core import QuantizedWeight
+from ..quant.core import QuantizedWeight, rel_error
 
 
-def scale_rounding_error(lin, qw: QuantizedWeight, codes, lut, low: int, rows: int = 2048) -> dict:
+def scale_rounding_error(lin, qw: QuantizedWeight, codes_of, lut, low: int, rows: int = 2048) -> dict:
     """Relative MSE and SQNR of the kernel's weight against the artifact's. Both are v d + m per block of
     lin.scale_group weights on the same codes v (u = code - qmin, or lut[u] on a non-uniform grid), so the
     difference is v (d' - d) + (m' - m) and its square sums per block from sum(v) and sum(v^2): exact in fp64,
-    without dequantizing either weight (that was two thirds of a 1.5B artifact's load time)."""
+    without dequantizing either weight (that was two thirds of a 1.5B artifact's load time). codes_of() gives
+    the int16 codes in the kernel's column order; it is called only where some scale or min was rounded."""
     n, k = qw.shape
     s = lin.scale_group
     reps = qw.fmt.group_len(k) // s
@@ -33,7 +34,7 @@ def scale_rounding_error(lin, qw: QuantizedWeight, codes, lut, low: int, rows: i
         rel = 0.0  # every scale and min copied exactly (the usual case: fp16 in the artifact already)
     else:
         num = den = 0.0
-        codes = codes()
+        codes = codes_of()
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             u = codes[r0:r1] - qw.fmt.qmin
@@ -43,7 +44,7 @@ def scale_rounding_error(lin, qw: QuantizedWeight, codes, lut, low: int, rows: i
             num += float((dd * dd * s2 + 2 * dd * dm * s1 + s * dm * dm).sum())
             den += float((da * da * s2 + 2 * da * ma * s1 + s * ma * ma).sum())
         rel = max(num, 0.0) / max(den, 1e-30)
-    return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+    return rel_error(rel)
 
 
 def added_error(qw: QuantizedWeight, packed, sz, group: int, pieces: int, perm) -> dict:
@@ -69,4 +70,4 @@ def chunked_error(qw: QuantizedWeight, runtime_rows, rows: int = 1024) -> dict:
         num += float(((w - runtime_rows(r, r + rows)).double() ** 2).sum())
         den += float((w.double() ** 2).sum())
     rel = num / max(den, 1e-30)
-    return {"weight_rel_mse": rel, "sqnr_db": float(-10 * torch.log10(torch.tensor(max(rel, 1e-30))))}
+    return rel_error(rel)

@@ -160,7 +160,6 @@ def gram_avx_library() -> ctypes.CDLL | None:
                    {"gram_bf16_avx": ([_p, _i, _i, _p, _i], None)}, "the Hessians are fp32 GEMMs")
     if lib is None:
         return None
-    lib.tf_kind = "avx"
     return _agrees(lib, "AVX-512 BF16", 98)
 
 
@@ -174,7 +173,7 @@ def gram_into(lib: ctypes.CDLL, H, x) -> None:
     import torch
 
     T, n = x.shape
-    if getattr(lib, "tf_kind", "amx") == "avx":
+    if hasattr(lib, "gram_bf16_avx"):  # gram_avx.cpp's layout: token pairs only
         if T % 2:
             x = torch.cat([x, x.new_zeros(1, n)])  # a zero token adds nothing
             T += 1

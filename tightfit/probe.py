@@ -1,7 +1,7 @@
 """`tightfit probe`: measure this machine and save a profile (data) that `--hardware this` reads.
 
-Measures memory read bandwidth, bf16 matmul throughput, the runtime's low-bit kernel throughput per format and
-shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
+Measures memory read bandwidth, matmul throughput (bf16, or fp32 where the CPU lacks bf16), the runtime's
+low-bit kernel throughput per format and shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
 and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, the rate at
 which streamed layers come back from the page cache, and free memory. Sits above the runtime (it times it);
 hardware/ only reads the profile it writes.
@@ -52,7 +52,12 @@ def memory_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def matmul_flops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    """FLOP/s of a square GEMM in the dtype tightfit computes in here (bf16 where the CPU has it in hardware,
+    else fp32: an AVX2-only CPU's bf16 GEMM is emulated, 4-100x slower)."""
+    from .runtime.kernels import compute_dtype
+
+    dt = compute_dtype()
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
     return 2 * n ** 3 / _best(lambda: a @ b, 3)
 
 
@@ -279,7 +284,10 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
         return steps[name]
 
     bw = step("memory bandwidth", memory_bandwidth)
-    flops = step("bf16 matmul", matmul_flops)
+    from .runtime.kernels import native_bf16
+
+    dense = "bf16" if native_bf16() else "fp32"
+    flops = step(f"{dense} matmul", matmul_flops)
     kern = step("runtime kernels", kernel_throughput)
     fixed = step("fixed costs", fixed_costs)
     disk = step("disk", disk_bandwidth)
@@ -293,7 +301,7 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
     by_shape = {b: sorted((v["bytes"], v["bytes_per_s"]) for k, v in kern.items() if k.startswith(f"sym{b}-"))
                 for b in ("4", "8")}
     device = {"key": "this", "name": f"this machine ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)",
-              "kind": "cpu", "memory": mem, "bandwidth": bw, "flops": {"bf16": flops}, "link": 0.0,
+              "kind": "cpu", "memory": mem, "bandwidth": bw, "flops": {dense: flops}, "link": 0.0,
               "host_link": bw, "disk": disk, "host_memory": 0.0,
               # the runtime streams weights at `stream`, a fraction of the raw read bandwidth
               "efficiency": {"bandwidth": min(1.0, stream / bw), "compute": 1.0, "overhead_s": fixed["per_token_s"],

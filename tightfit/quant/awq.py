@@ -14,6 +14,7 @@ from .core import (
     QuantizedWeight,
     dequantize_codes,
     diagonal_blocks,
+    error_operand,
     grouped,
     minmax_params,
     output_error,
@@ -62,14 +63,15 @@ class SourceTerm:
         self.fmt = fmt
         idx, self.k = sample_rows(w, H.shape[0], g)
         self.rows = slice(None) if idx is None else idx
-        self.w, self.weight, self.H = w.float()[self.rows], weight[self.rows], H.bfloat16()
+        self.w, self.weight, self.H = w.float()[self.rows], weight[self.rows], error_operand(H)
 
     def error(self, s: torch.Tensor, H: torch.Tensor | None = None) -> float:
-        """H (bf16; default the fitted windows'): the Hessian to price the source's error with."""
+        """H (an error_operand; default the fitted windows'): the Hessian to price the source's error with."""
         sc = s[self.rows][:, None]
         ws = self.w / sc
         d = (ws - fake_quant(ws, self.fmt)) * sc  # the source's output error in the original coordinates
-        per_channel = ((d.bfloat16() @ (self.H if H is None else H)) * d).sum(1)  # bf16 as core.output_error
+        H = self.H if H is None else H
+        per_channel = ((d.to(H.dtype) @ H).float() * d).sum(1)  # in error_operand's dtype, as core.output_error
         return self.k * float((self.weight * per_channel).sum())
 
 
@@ -81,9 +83,9 @@ def search_scale(ws: list[torch.Tensor], fmts, H: torch.Tensor, act: torch.Tenso
     With H_hold (inputs the search did not fit) the found scale must also beat s=1 there, else s=1 is returned.
     source: the pair's source linear, whose error the scale also changes. -> (s, fell back to s=1)."""
     g = torch.Generator().manual_seed(seed)
-    H = H.bfloat16()  # the error products' operand (core.output_error), converted once
-    H_hold = None if H_hold is None else H_hold.bfloat16()
-    source_hold = None if source_hold is None else source_hold.bfloat16()
+    H = error_operand(H)  # the error products' operand (core.output_error), converted once
+    H_hold = None if H_hold is None else error_operand(H_hold)
+    source_hold = None if source_hold is None else error_operand(source_hold)
     sampled = []
     for w in ws:
         idx, k = sample_rows(w, H.shape[0], g)

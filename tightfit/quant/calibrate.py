@@ -16,7 +16,7 @@ from ..models.layered import check_layered, drop_layer, embed, load_layer, rotar
 from ..models.lazy import LazyModel
 from .awq import awq_clip, awq_layer
 from .config import GPTQ_METHODS, SCALED, QuantConfig
-from .core import QuantizedWeight, output_error, rel_error, rtn
+from .core import QuantizedWeight, error_operand, output_error, rel_error, rtn
 from .equivalence import check_rescalable
 from .gptq import factor as gptq_factor
 from .gptq import gptq
@@ -169,8 +169,8 @@ def guarded(w: torch.Tensor, fmt, cfg: QuantConfig, H: torch.Tensor | None, H_ho
     check = H_hold is not None and cfg.method != "rtn"
     method, plain = _Parts(w.shape[0]), _Parts(w.shape[0])
     rows = max(1, (chunk or CHUNK_ELEMENTS) // w.shape[1])
-    Hb = None if H is None else H.bfloat16()  # the error products' operand, converted once
-    Hb_hold = None if H_hold is None else H_hold.bfloat16()
+    Hb = None if H is None else error_operand(H)  # the error products' operand, converted once
+    Hb_hold = None if H_hold is None else error_operand(H_hold)
     factored = gptq_factor(H, cfg.act_order, cfg.damp) \
         if cfg.method in GPTQ_METHODS and H is not None and rows < w.shape[0] else None
     for i in range(0, w.shape[0], rows):

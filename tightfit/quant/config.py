@@ -42,9 +42,10 @@ class QuantConfig:
     # domain (speeches), a code or chat model is used on others
     calib_generated: float = 0.25
     seed: int = 0
-    # dtype of the calibration forward passes (statistics are accumulated in fp32/fp64 either way); bf16 runs
-    # 2-4x faster on CPUs with AVX-512 bf16
-    calib_dtype: str = "bfloat16"
+    # dtype of the calibration forward passes (statistics are accumulated in fp32/fp64 either way); "auto":
+    # bf16 where the CPU multiplies it in hardware (2-4x fp32 with AVX-512 BF16), else fp32 (an AVX2-only CPU
+    # runs torch's bf16 GEMMs 4-100x slower than fp32)
+    calib_dtype: str = "auto"
     predicted_kld: float | None = None  # a mixed plan's predicted KL divergence (nats/token)
 
     def __post_init__(self):
@@ -58,6 +59,10 @@ class QuantConfig:
     def calib_torch_dtype(self):
         import torch
 
+        if self.calib_dtype == "auto":
+            from ..runtime.kernels import compute_dtype
+
+            return compute_dtype()
         return getattr(torch, self.calib_dtype)
 
     def held_out_windows(self, windows: int) -> int:

@@ -253,11 +253,20 @@ def fisher_loss(w: torch.Tensor, F: torch.Tensor, fmt: WeightFormat) -> float:
 def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
     """tr(d H d^T): the squared output error a weight error d [out, in] makes on inputs with E[x x^T] = H.
 
-    The product runs in bf16 (AMX tiles or AVX-512 bf16: 4-7x fp32 here) with fp32 accumulation inside the
-    GEMM and an fp64 sum: within about 0.1% of the fp32 figure on a 1.5B down_proj, the same for every candidate
-    a search compares (H is rounded once). Pass H already in bf16 to convert it once for many calls."""
-    Hb = H if H.dtype == torch.bfloat16 else H.bfloat16()
-    return float((d.bfloat16() @ Hb).float().mul_(d).sum())  # torch's fp32 sum is pairwise
+    The product runs in error_dtype(): bf16 where the CPU has it in hardware (AMX tiles or AVX-512 bf16: 4-7x
+    fp32), with fp32 accumulation inside the GEMM and a pairwise fp32 sum: within about 0.1% of the fp32 figure on
+    a 1.5B down_proj, the same for every candidate a search compares (H is rounded once); elsewhere fp32. Pass H
+    already converted (error_operand) to convert it once for many calls."""
+    Hb = error_operand(H)
+    return float((d.to(Hb.dtype) @ Hb).float().mul_(d).sum())  # torch's fp32 sum is pairwise
+
+
+def error_operand(H: torch.Tensor) -> torch.Tensor:
+    """H in the dtype the error products run in (runtime.kernels.compute_dtype: bf16 or fp32)."""
+    from ..runtime.kernels import compute_dtype
+
+    dt = compute_dtype()
+    return H if H.dtype == dt else H.to(dt)
 
 
 def pack_result(fmt, q: torch.Tensor, scale, mn, w: torch.Tensor, H: torch.Tensor | None = None,
@@ -282,7 +291,7 @@ def weight_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None = Non
     rel = float((d * d).sum(dtype=torch.float64) / w.float().square().sum(dtype=torch.float64).clamp_min(1e-30))
     err = rel_error(rel)
     if H is not None:
-        Hb = H.bfloat16()
+        Hb = error_operand(H)
         num, den = output_error(d, Hb), output_error(w.float(), Hb)
         err["output_sq_err"] = num
         err["output_rel_err"] = num / max(den, 1e-30)

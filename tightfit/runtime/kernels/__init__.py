@@ -1,9 +1,10 @@
-"""tightfit's own CPU kernels, compiled on first use with the machine's C++ compiler (about a second) into
+"""tightfit's own CPU kernels, compiled on first use with the machine's C++ compiler into
 ~/.cache/tightfit/kernels and loaded with ctypes.
 
-- `library()` (qgemm.cpp): low-bit weights x int8 activations with AVX-512 VNNI, the runtime's decode step.
-  Where there is no compiler or the CPU lacks AVX-512 VNNI it returns None and the runtime uses torch's int4
-  kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
+- `library()` (qgemm.cpp): low-bit weights x int8 activations with AVX-512 VNNI, the runtime's decode step; on
+  CPUs without AVX-512 the same source compiles onto AVX2 + FMA + F16C (avx2_compat.h; the first build takes a
+  few minutes there). Where there is no compiler or the CPU has neither, it returns None and the runtime uses
+  torch's int4 kernel instead. TIGHTFIT_KERNEL=torch forces that fallback.
 - `quant_library()` (quant.cpp): GPTQ's column loop, the clip search of group parameters and the
   sensitivities' Fisher-weighted rounding loss, portable C++.
   Without a compiler (or with TIGHTFIT_KERNEL=torch) it returns None and they run in torch.
@@ -31,6 +32,8 @@ QUANT_SOURCE = Path(__file__).with_name("quant.cpp")
 GRAM_SOURCE = Path(__file__).with_name("gram.cpp")
 GRAM_AVX_SOURCE = Path(__file__).with_name("gram_avx.cpp")
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
+# without AVX-512 the same kernel compiles onto AVX2 (avx2_compat.h: each 512-bit vector as two 256-bit halves)
+AVX2_FLAGS = ("avx2", "fma", "f16c")
 
 
 def cpu_flags() -> set[str]:
@@ -39,9 +42,29 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):  # x86, Arm
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm).
+    Without it torch's bf16 GEMMs fall back to converting loops: on an AVX2-only AMD EPYC they ran at 0.8-22
+    GFLOP/s against 90-156 for fp32, so work that would take bf16 for speed takes fp32 there.
+    TIGHTFIT_BF16=0/1 overrides the detection."""
+    env = os.environ.get("TIGHTFIT_BF16")
+    if env in ("0", "1"):
+        return env == "1"
+    flags = cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def compute_dtype():
+    """The dtype for large float products where bf16's precision is enough: bf16 where the CPU has it in
+    hardware, else fp32 (faster there, and exact)."""
+    import torch
+
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def cache_dir() -> Path:
@@ -72,7 +95,9 @@ def _cxx() -> str | None:
 def _load(cxx: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
     """Compile `source` once per (source, compiler, flags, CPU) into the cache and load it."""
     link = ["-shared", "-fopenmp", "-lm"]
-    key = hashlib.sha256(source.read_bytes() + " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode())
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers +
+                         " ".join([cxx, *flags, *link, *sorted(cpu_flags())]).encode())
     so = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     for _ in range(2):
         if not so.exists() and not _compile(cxx, flags, link, so, source):
@@ -192,8 +217,9 @@ def gram_into(lib: ctypes.CDLL, H, x) -> None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with the reason logged) where it cannot run here."""
     missing = [f for f in NEEDED_FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("tightfit kernel off: the CPU lacks %s; using torch's int4 kernel", ", ".join(missing))
+    if missing and not set(AVX2_FLAGS) <= cpu_flags():
+        log.info("tightfit kernel off: the CPU lacks %s (and AVX2 + FMA + F16C); using torch's int4 kernel",
+                 ", ".join(missing))
         return None
     # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
     # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)

@@ -30,6 +30,9 @@
 // share the two vector pipes that run vpdpbusd on this CPU (Zen 5; adds, logic and conversions run beside them), so
 // the formats without mins (SB 2, 3) fold their low * sum(x) term into the integer dot.
 #include <immintrin.h>
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__))
+#include "avx2_compat.h"  // the same source on AVX2 + FMA + F16C: each 512-bit vector as two 256-bit halves
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <math.h>
@@ -40,6 +43,11 @@
 // the inner loops' pieces, inlined whatever GCC's size heuristics say: one left out of line passes the integer dots
 // through memory (a chunk's slices out of line cost decode ~10%)
 #define TF_INLINE __attribute__((always_inline)) static inline
+#ifdef TF_AVX2
+#define TF_KEEP(x) (void)0
+#else
+#define TF_KEEP(x) __asm__("" : "+v"(x))  // an empty-asm register barrier (see chunk_dots)
+#endif
 
 #ifndef PREFETCH
 #define PREFETCH 8192
@@ -97,6 +105,15 @@ static inline void half_scales(const uint16_t* D, const uint16_t* Mn, int nb, in
     *dhi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi));
 }
 
+// vpdpbusd of weight codes u; on AVX2 a cheaper exact form where every code is below 128 (avx2_compat.h)
+template <int BITS, bool NL>
+TF_INLINE __m512i dpb(__m512i acc, __m512i u, __m512i s) {
+#ifdef TF_AVX2
+    if constexpr (BITS < 8 && !NL) return tf_dpbusd_small(acc, u, s);
+#endif
+    return _mm512_dpbusd_epi32(acc, u, s);
+}
+
 // slice i (0..7) of chunk ci (cb blocks) of weight row w, as unsigned bytes (see the top of this file)
 template <int BITS, bool NL, int I>
 static inline __m512i wslice(const uint8_t* w, int K, int ci, int cb, __mmask64 m, __m512i lut) {
@@ -128,8 +145,8 @@ TF_INLINE void slice_step(const uint8_t* const* wr, const int8_t* const* xr, int
         const __m512i xv = ldm(xr[t] + (size_t)ci * 512 + I * cb * 4, m);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            if (SB == 3 && I >= 4) doth[r][t] = _mm512_dpbusd_epi32(doth[r][t], wv[r], xv);
-            else dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv[r], xv);
+            if (SB == 3 && I >= 4) doth[r][t] = dpb<BITS, NL>(doth[r][t], wv[r], xv);
+            else dot[r][t] = dpb<BITS, NL>(dot[r][t], wv[r], xv);
         }
     }
 }
@@ -218,14 +235,14 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 wv[r] = _mm512_loadu_si512(w + r * rb + i * 64);
-                __asm__("" : "+v"(wv[r]));
+                TF_KEEP(wv[r]);
             }
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 __m512i xv = _mm512_loadu_si512(x + t * K + i * 64);
-                __asm__("" : "+v"(xv));
+                TF_KEEP(xv);
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv[r], xv);
+                for (int r = 0; r < R; r++) dot[r][t] = dpb<BITS, NL>(dot[r][t], wv[r], xv);
             }
         }
     } else {
@@ -254,18 +271,18 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 __m512i xv = _mm512_loadu_si512(x + t * K + j * 64);
-                __asm__("" : "+v"(xv));
+                TF_KEEP(xv);
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo[r], xv);
+                for (int r = 0; r < R; r++) dot[r][t] = dpb<BITS, NL>(dot[r][t], lo[r], xv);
             }
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 __m512i xv = _mm512_loadu_si512(x + t * K + (4 + j) * 64);
-                __asm__("" : "+v"(xv));
+                TF_KEEP(xv);
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
-                    if constexpr (SB == 3) doth[r][t] = _mm512_dpbusd_epi32(doth[r][t], up[r], xv);
-                    else dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], up[r], xv);
+                    if constexpr (SB == 3) doth[r][t] = dpb<BITS, NL>(doth[r][t], up[r], xv);
+                    else dot[r][t] = dpb<BITS, NL>(dot[r][t], up[r], xv);
                 }
             }
         }

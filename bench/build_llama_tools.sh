@@ -13,6 +13,6 @@ ls "$DIR"/sdist/*.tar.gz >/dev/null 2>&1 || python -m pip download --no-deps --n
 [ -d "$DIR/llama_cpp_python-$VERSION" ] || tar xzf "$DIR"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$DIR"
 SRC="$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp"
 cmake -S "$SRC" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_SERVER=ON $(cat "$(dirname "$0")/llama-cmake-args") >&2
+  -DLLAMA_BUILD_SERVER=ON $(sh "$(dirname "$0")/llama-cmake-args.sh") >&2
 cmake --build "$DIR/build" -j "$(nproc)" --target llama-perplexity llama-imatrix llama-bench llama-quantize llama-server >&2
 echo "$BIN"

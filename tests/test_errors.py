@@ -164,23 +164,37 @@ def test_cli_chunks_below_two(tiny_models, capsys):
 
 
 def test_llama_cpp_build_with_amx_is_refused_before_it_can_crash(monkeypatch):
-    import sys
-    import types
-
     from tightfit.errors import LlamaCppBuildError
-    from tightfit.eval.llama_cpp import check_build
+    from tightfit.eval import llama_cpp
 
-    fake = types.ModuleType("llama_cpp")
-    fake.llama_print_system_info = lambda: b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
-    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    info = "CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    monkeypatch.setattr(llama_cpp, "_system_info", lambda: info)
     monkeypatch.delenv("TIGHTFIT_ALLOW_LLAMA_AMX", raising=False)
     with pytest.raises(LlamaCppBuildError, match=r"built with AMX.*--no-cache-dir --force-reinstall"):
-        check_build()
+        llama_cpp.check_build()
     monkeypatch.setenv("TIGHTFIT_ALLOW_LLAMA_AMX", "1")
-    check_build()
+    llama_cpp.check_build()
     monkeypatch.delenv("TIGHTFIT_ALLOW_LLAMA_AMX")
-    fake.llama_print_system_info = lambda: b"CPU : AVX512 = 1 | AVX512_VNNI = 1 | REPACK = 1 | "
-    check_build()
+    info = "CPU : AVX512 = 1 | AVX512_VNNI = 1 | REPACK = 1 | "
+    llama_cpp.check_build()
+
+
+def test_llama_cpp_built_for_another_cpu_is_refused_not_a_crash(monkeypatch, tmp_path):
+    """A wheel compiled for AVX-512 dies with an illegal instruction on an AVX2-only CPU, taking the process with
+    it: check_build finds that in a subprocess and raises a typed error that says how to rebuild."""
+    from tightfit.errors import LlamaCppBuildError
+    from tightfit.eval import llama_cpp
+
+    fake = tmp_path / "llama_cpp"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    llama_cpp._system_info.cache_clear()
+    try:
+        with pytest.raises(LlamaCppBuildError, match=r"built for another CPU.*llama-cmake-args.sh.*--force-reinstall"):
+            llama_cpp.check_build()
+    finally:
+        llama_cpp._system_info.cache_clear()
 
 
 @pytest.mark.parametrize("verb", ["quantize", "convert"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +17,40 @@ from ..errors import LlamaCppBuildError
 from .windows import Windows
 
 
-REBUILD = ("rebuild it without AMX: CMAKE_ARGS=\"$(cat bench/llama-cmake-args)\" pip install --no-cache-dir "
+REBUILD = ("rebuild it without AMX: CMAKE_ARGS=\"$(sh bench/llama-cmake-args.sh)\" pip install --no-cache-dir "
            "--force-reinstall llama-cpp-python==0.3.36 (pip's wheel cache ignores CMAKE_ARGS, so a wheel built "
            "earlier with default flags comes back unless the cache is bypassed)")
 
 
 def check_build() -> None:
-    """Refuse a llama-cpp-python build whose AMX matmul is compiled in: in 0.3.36 it segfaults on the AMX Xeons
-    we run on (the whole process dies, no Python error), so stop before the first matmul with a typed error."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info()
-    info = info.decode() if isinstance(info, bytes) else str(info)
+    """Refuse a llama-cpp-python build that would take the process down: one compiled for vector extensions this
+    CPU lacks (an AVX-512 wheel dies with an illegal instruction on an AVX2-only CPU), found in a subprocess, or
+    one whose AMX matmul is compiled in (in 0.3.36 it segfaults on the AMX Xeons we run on): a typed error
+    before the first matmul."""
+    info = _system_info()
     if "AMX_INT8 = 1" in info and os.environ.get("TIGHTFIT_ALLOW_LLAMA_AMX") != "1":
         raise LlamaCppBuildError(f"llama-cpp-python was built with AMX ({info.strip()}); {REBUILD}. "
                                  "Set TIGHTFIT_ALLOW_LLAMA_AMX=1 to use it anyway.")
+
+
+@lru_cache(maxsize=1)
+def _system_info() -> str:
+    """llama.cpp's system info, read in a subprocess first (a build for another CPU kills the process that
+    runs it)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = "import llama_cpp; i = llama_cpp.llama_print_system_info(); print(i.decode() if isinstance(i, bytes) else i)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if r.returncode in (-signal.SIGILL, 128 + signal.SIGILL) or "Illegal instruction" in r.stderr:
+        raise LlamaCppBuildError("llama-cpp-python was built for another CPU: it stops with an illegal instruction "
+                                 "here (an AVX-512 build on a CPU without AVX-512?). Rebuild it for this one: "
+                                 "CMAKE_ARGS=\"$(sh bench/llama-cmake-args.sh)\" pip install --no-cache-dir "
+                                 "--force-reinstall --no-deps llama-cpp-python==0.3.36")
+    if r.returncode != 0:
+        raise LlamaCppBuildError(f"llama-cpp-python does not load here (exit {r.returncode}): {r.stderr[-500:]}")
+    return r.stdout
 
 
 def open_llama(path: str | os.PathLike, ctx: int, threads: int | None = None):

@@ -215,15 +215,19 @@ def gram_into(lib: ctypes.CDLL, H, x) -> None:
 
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with the reason logged) where it cannot run here."""
-    missing = [f for f in NEEDED_FLAGS if f not in cpu_flags()]
-    if missing and not set(AVX2_FLAGS) <= cpu_flags():
-        log.info("tightfit kernel off: the CPU lacks %s (and AVX2 + FMA + F16C); using torch's int4 kernel",
-                 ", ".join(missing))
-        return None
-    # compiled with -ffast-math but linked without it: linking with it adds crtfastmath.o, whose constructor
-    # turns on flush-to-zero for the whole process when the library loads (every torch/numpy denormal -> 0)
-    return _library(SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
+    """The compiled kernel, or None (with the reason logged) where it cannot run here. TIGHTFIT_KERNEL=avx2 builds
+    the AVX2 form on a CPU that has AVX-512 too (to test it there)."""
+    flags = cpu_flags()
+    missing = [f for f in NEEDED_FLAGS if f not in flags]
+    if missing or os.environ.get("TIGHTFIT_KERNEL", "").lower() == "avx2":
+        if not set(AVX2_FLAGS) <= flags:
+            log.info("tightfit kernel off: the CPU lacks %s (and AVX2 + FMA + F16C); using torch's int4 kernel",
+                     ", ".join(missing))
+            return None
+        target = ["-mavx2", "-mfma", "-mf16c"]  # no -march=native: the same build wherever AVX2 is asked for
+    else:
+        target = ["-march=native"]
+    return _library(SOURCE, ["-O3", *target, "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
                     {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_bf16": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_f32": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),

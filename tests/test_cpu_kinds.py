@@ -1,0 +1,71 @@
+"""CPUs without AVX-512 or without bf16 in hardware: the kernel's AVX2 build, and fp32 where bf16 would be slow."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tightfit.runtime.kernels import AVX2_FLAGS, _cxx, cpu_flags
+
+# every code width, grid and scale layout the kernel runs, on shapes with partial chunks and odd rows, through
+# decode (M 1), a few tokens and prefill's panels (M > 16); against the kernel's own arithmetic (activations
+# rounded per 32 columns to int8)
+CHECK = """
+import torch
+from tightfit.formats import WeightFormat
+from tightfit.quant.core import rtn
+from tightfit.runtime.kernels import library
+from tightfit.runtime.linear import from_quantized
+assert library() is not None
+torch.manual_seed(0)
+worst = 0.0
+for name in ("sym4-g32", "asym4-g32", "asym3-g32", "asym5-g32", "sym6-g32", "sym8-g32", "asym8-pc", "nl4-g32",
+             "asym4-k32", "sym6-k32", "nl4-k32"):
+    f = WeightFormat.parse(name)
+    for n, k in ((53, 576), (19, 512)):
+        qw = rtn(torch.randn(n, k) * 0.05, f.for_shape((n, k)))
+        lin = from_quantized(qw)
+        assert lin.kind in ("q4", "q6", "q8"), (name, lin.kind)
+        for m in (1, 3, 6, 19, 37):
+            x = torch.randn(m, k)
+            xb = x.reshape(m, -1, 32)
+            dx = xb.abs().amax(-1, keepdim=True) / 127
+            xq = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)) * dx
+            exact = xq.reshape(m, k).double() @ qw.dequantize().double().T
+            worst = max(worst, float((lin(x) - exact).norm() / exact.norm()))
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not set(AVX2_FLAGS) <= cpu_flags() or _cxx() is None,
+                    reason="the AVX2 build needs an AVX2 + FMA + F16C CPU and a C++ compiler")
+def test_the_kernels_avx2_build_runs_every_format_exactly(tmp_path):
+    """The AVX2 form of qgemm.cpp (avx2_compat.h), built on any CPU that runs it (TIGHTFIT_KERNEL=avx2), gives the
+    kernel's own integer arithmetic: a slip in a lane order or a saturating 16-bit sum would be off by ~1."""
+    env = {**os.environ, "TIGHTFIT_KERNEL": "avx2"}
+    r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    worst = float(r.stdout.split("worst")[1])
+    assert worst < 1e-4, worst
+
+
+def test_without_bf16_in_hardware_the_heavy_products_run_in_fp32(monkeypatch):
+    from tightfit.quant.config import QuantConfig
+    from tightfit.quant.core import error_operand, output_error
+    from tightfit.runtime.kernels import compute_dtype, native_bf16
+
+    torch.manual_seed(0)
+    d, x = torch.randn(48, 64), torch.randn(256, 64)
+    H = x.T @ x / 256
+    exact = float(((d.double() @ H.double()) * d.double()).sum())
+    monkeypatch.setenv("TIGHTFIT_BF16", "0")
+    assert not native_bf16() and compute_dtype() == torch.float32
+    assert QuantConfig().calib_torch_dtype == torch.float32
+    assert error_operand(H).dtype == torch.float32
+    assert abs(output_error(d, H) / exact - 1) < 1e-5
+    monkeypatch.setenv("TIGHTFIT_BF16", "1")
+    assert QuantConfig().calib_torch_dtype == torch.bfloat16 and error_operand(H).dtype == torch.bfloat16
+    assert abs(output_error(d, H) / exact - 1) < 2e-2  # bf16 operands, fp32 sums
+    assert QuantConfig(calib_dtype="float32").calib_torch_dtype == torch.float32  # an explicit choice stands

@@ -349,3 +349,19 @@ def test_hessian_of_bf16_inputs_equals_the_fp32_sum(monkeypatch):
     H = hook.result()
     assert torch.allclose(H, ref, rtol=1e-5, atol=1e-5) and torch.equal(H, H.T)
     assert hook.result(1) is None
+
+
+def test_fp32_hessian_from_the_upper_triangles_blocks_is_the_whole_sum(monkeypatch):
+    """Without a bf16 kernel (fp32 inputs) a wide Hessian is summed over its upper triangle's column blocks only
+    (about half the products) and mirrored: the same matrix as the full GEMM, the tail block included."""
+    from tightfit.quant import calibrate
+
+    monkeypatch.setattr(calibrate, "TRIANGLE_BLOCK", 32)
+    x = torch.randn(3, 50, 80, generator=torch.Generator().manual_seed(1))  # 80 columns: blocks of 32, 32, 16
+    hook = calibrate.HessianHook(80)
+    for chunk in x:
+        hook(None, (chunk[None],))
+    ref = sum(c.T @ c for c in x) / 150
+    H = hook.result()
+    assert hook.upper and torch.equal(H, H.T)
+    assert torch.allclose(H, ref, rtol=1e-5, atol=1e-5)

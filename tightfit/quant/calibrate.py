@@ -62,6 +62,10 @@ def tied_hessian(H_head: torch.Tensor) -> torch.Tensor:
     return H_head / H_head.diagonal().mean() + torch.eye(H_head.shape[0])
 
 
+# columns per block of the fp32 Hessian's upper triangle (CPUs without bf16 in hardware, or fp32 calibration)
+TRIANGLE_BLOCK = 1024
+
+
 class HessianHook:
     """E[x x^T] of one linear's inputs, summed apart for the windows a method fits (part 0) and the held-out
     windows its result is checked on (part 1). fp32 sums accumulated in place (fp64 doubled the largest
@@ -69,8 +73,8 @@ class HessianHook:
 
     bf16 inputs (the default calibration dtype) go to the AMX kernel where the CPU has one (runtime/kernels/
     gram.cpp: bf16 products, fp32 sums, the upper triangle only; 3-4x the fp32 GEMM), else to the AVX-512 BF16
-    one (gram_avx.cpp, the same sums). torch's own bf16 GEMM is
-    not used: it rounds each call's sum to bf16, and on a 1.5B Qwen2's layer 1 (massive activations) that made
+    one (gram_avx.cpp, the same sums); elsewhere fp32 GEMMs over the upper triangle's column blocks. torch's own
+    bf16 GEMM is not used: it rounds each call's sum to bf16, and on a 1.5B Qwen2's layer 1 (massive activations) that made
     the Hessians indefinite (Cholesky needed 10-100x the damping)."""
 
     def __init__(self, n: int):
@@ -80,7 +84,7 @@ class HessianHook:
         self.tokens = [0, 0]
         self.part = 0
         self.gram = hessian_library() if n % 32 == 0 else None
-        self.upper = False  # H holds only its upper triangle (the AMX kernel's output)
+        self.upper = False  # H holds only its upper triangle (the bf16 kernels' and the blocked GEMMs' output)
 
     def __call__(self, module, args):
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -91,7 +95,14 @@ class HessianHook:
             self.upper = True
         else:
             x = x.float()
-            self.H[self.part].addmm_(x.T, x)
+            H, n = self.H[self.part], x.shape[1]
+            if n >= 2 * TRIANGLE_BLOCK:  # the upper triangle only, in column blocks: 56% of the products at 8960
+                for i in range(0, n, TRIANGLE_BLOCK):
+                    j = min(i + TRIANGLE_BLOCK, n)
+                    H[i:j, i:].addmm_(x[:, i:j].T, x[:, i:])
+                self.upper = True
+            else:
+                H.addmm_(x.T, x)
         self.tokens[self.part] += x.shape[0]
 
     def result(self, part: int = 0) -> torch.Tensor | None:

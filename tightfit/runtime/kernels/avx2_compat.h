@@ -32,6 +32,12 @@ typedef uint16_t tf_m16;
 #define TF_NOINLINE __attribute__((noinline)) static
 // the bytes of p under mask m (elem bytes a lane, count lanes), the rest zero
 TF_NOINLINE void tf_masked_copy(void* dst, const void* src, uint64_t m, int elem, int count) {
+    if ((m & (m + 1)) == 0) {  // 0..01..1, as every mask qgemm.cpp builds: one copy of the leading lanes
+        const int n = m == ~0ULL ? 64 : __builtin_ctzll(~m), k = n < count ? n : count;
+        memcpy(dst, src, (size_t)k * elem);
+        memset((char*)dst + (size_t)k * elem, 0, (size_t)(count - k) * elem);
+        return;
+    }
     memset(dst, 0, (size_t)elem * count);
     for (int i = 0; i < count; i++)
         if ((m >> i) & 1) memcpy((char*)dst + i * elem, (const char*)src + i * elem, elem);
@@ -40,14 +46,23 @@ TF_NOINLINE void tf_masked_copy(void* dst, const void* src, uint64_t m, int elem
 TF_AI tf_vi tf_loadu_si512(const void* p) {
     return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)p + 1)};
 }
+// the first `lanes` 32-bit lanes of p, the rest zero, with AVX2's own masked loads (no fault past the lanes)
+TF_AI tf_vi tf_lanes_epi32(int lanes, const void* p) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return {_mm256_maskload_epi32((const int*)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), idx)),
+            _mm256_maskload_epi32((const int*)p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes - 8), idx))};
+}
 TF_AI tf_vi tf_maskz_loadu_epi8(tf_m64 m, const void* p) {
     if (m == ~0ULL) return tf_loadu_si512(p);
+    const int n = __builtin_ctzll(~m);
+    if ((m & (m + 1)) == 0 && n % 4 == 0) return tf_lanes_epi32(n / 4, p);  // a chunk's cb lanes of 4 bytes
     alignas(32) uint8_t buf[64];
     tf_masked_copy(buf, p, m, 1, 64);
     return tf_loadu_si512(buf);
 }
 TF_AI tf_vi tf_maskz_loadu_epi32(tf_m16 m, const void* p) {
     if (m == 0xFFFF) return tf_loadu_si512(p);
+    if ((m & (m + 1)) == 0) return tf_lanes_epi32(__builtin_ctz(~(uint32_t)m), p);
     alignas(32) int32_t buf[16];
     tf_masked_copy(buf, p, m, 4, 16);
     return tf_loadu_si512(buf);
@@ -58,6 +73,10 @@ TF_AI void tf_storeu_ps(float* p, tf_vf v) { _mm256_storeu_ps(p, v.a); _mm256_st
 TF_AI void tf_store_ps(float* p, tf_vf v) { _mm256_store_ps(p, v.a); _mm256_store_ps(p + 8, v.b); }
 TF_AI tf_vf tf_maskz_loadu_ps(tf_m16 m, const float* p) {
     if (m == 0xFFFF) return tf_loadu_ps(p);
+    if ((m & (m + 1)) == 0) {
+        const tf_vi v = tf_lanes_epi32(__builtin_ctz(~(uint32_t)m), p);
+        return {_mm256_castsi256_ps(v.a), _mm256_castsi256_ps(v.b)};
+    }
     alignas(32) float buf[16];
     tf_masked_copy(buf, p, m, 4, 16);
     return tf_load_ps(buf);

@@ -69,3 +69,24 @@ def test_without_bf16_in_hardware_the_heavy_products_run_in_fp32(monkeypatch):
     assert QuantConfig().calib_torch_dtype == torch.bfloat16 and error_operand(H).dtype == torch.bfloat16
     assert abs(output_error(d, H) / exact - 1) < 2e-2  # bf16 operands, fp32 sums
     assert QuantConfig(calib_dtype="float32").calib_torch_dtype == torch.float32  # an explicit choice stands
+
+
+def test_a_profile_measured_under_another_kernel_is_probed_again(monkeypatch, tmp_path):
+    """fit re-probes when the saved profile's speeds came from another form of the kernel (torch's int4 op before
+    the AVX2 build existed, say), as it does for an older probe."""
+    import json
+
+    from tightfit.fit import _profile_is_stale
+    from tightfit.probe import PROBE_VERSION
+    from tightfit.runtime.kernels import kernel_build
+
+    monkeypatch.setenv("TIGHTFIT_CACHE", str(tmp_path))
+    profile = tmp_path / "profile.json"
+    assert _profile_is_stale()  # none yet
+    profile.write_text(json.dumps({"probe_version": PROBE_VERSION, "kernel": kernel_build()}))
+    assert not _profile_is_stale()
+    other = "torch" if kernel_build() != "torch" else "avx2"
+    profile.write_text(json.dumps({"probe_version": PROBE_VERSION, "kernel": other}))
+    assert _profile_is_stale()
+    profile.write_text(json.dumps({"probe_version": PROBE_VERSION - 1, "kernel": kernel_build()}))
+    assert _profile_is_stale()

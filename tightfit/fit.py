@@ -13,12 +13,16 @@ from .io import check_target, publish, write_json
 
 
 def _profile_is_stale() -> bool:
-    """A profile written by an older probe than the cost model now reads (probe.PROBE_VERSION)."""
+    """A profile written by an older probe than the cost model now reads (probe.PROBE_VERSION), or measured
+    under another form of the runtime's kernel (torch's int4 op before the kernel could build here, say: its
+    speeds are not this runtime's)."""
     from .hardware import profile_path
     from .probe import PROBE_VERSION
+    from .runtime.kernels import kernel_build
 
     try:
-        return json.loads(profile_path().read_text()).get("probe_version", 0) < PROBE_VERSION
+        profile = json.loads(profile_path().read_text())
+        return profile.get("probe_version", 0) < PROBE_VERSION or profile.get("kernel") != kernel_build()
     except (OSError, ValueError, AttributeError):
         return True
 

@@ -1,10 +1,11 @@
 """`tightfit probe`: measure this machine and save a profile (data) that `--hardware this` reads.
 
 Measures memory read bandwidth, matmul throughput (bf16, or fp32 where the CPU lacks bf16), the runtime's
-low-bit kernel throughput per format and shape (weights streamed from memory, as a decode step reads them), the runtime's fixed cost per decoder layer
-and per token (a fused decode step on tiny shapes: dispatch, not arithmetic), disk read bandwidth, the rate at
-which streamed layers come back from the page cache, and free memory. Sits above the runtime (it times it);
-hardware/ only reads the profile it writes.
+low-bit kernel throughput per format and shape (weights streamed from memory, as a decode step reads them), the
+runtime's fixed cost per decoder layer and per token (a fused decode step on tiny shapes: dispatch, not
+arithmetic), disk read bandwidth, the rate at which streamed layers come back from the page cache, and free
+memory; and which form of the kernel ran (a profile measured under another is stale). Sits above the runtime
+(it times it); hardware/ only reads the profile it writes.
 """
 
 from __future__ import annotations
@@ -312,7 +313,10 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
                              "page_cache": cache, "engine_by_bits": engine["resident"],
                              "stream_extra": engine["stream_extra"]},
               "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
-    return {"device": device, "measurements": steps, "threads": torch.get_num_threads(), "probe_version": PROBE_VERSION}
+    from .runtime.kernels import kernel_build
+
+    return {"device": device, "measurements": steps, "threads": torch.get_num_threads(),
+            "probe_version": PROBE_VERSION, "kernel": kernel_build()}
 
 
 def save_profile(profile: dict) -> Path:

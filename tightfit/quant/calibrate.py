@@ -74,8 +74,8 @@ class HessianHook:
     bf16 inputs (the default calibration dtype) go to the AMX kernel where the CPU has one (runtime/kernels/
     gram.cpp: bf16 products, fp32 sums, the upper triangle only; 3-4x the fp32 GEMM), else to the AVX-512 BF16
     one (gram_avx.cpp, the same sums); elsewhere fp32 GEMMs over the upper triangle's column blocks. torch's own
-    bf16 GEMM is not used: it rounds each call's sum to bf16, and on a 1.5B Qwen2's layer 1 (massive activations) that made
-    the Hessians indefinite (Cholesky needed 10-100x the damping)."""
+    bf16 GEMM is not used: it rounds each call's sum to bf16, and on a 1.5B Qwen2's layer 1 (massive
+    activations) that made the Hessians indefinite (Cholesky needed 10-100x the damping)."""
 
     def __init__(self, n: int):
         from ..runtime.kernels import hessian_library

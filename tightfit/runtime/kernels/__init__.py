@@ -241,6 +241,15 @@ def library() -> ctypes.CDLL | None:
                     "using torch's int4 kernel")
 
 
+def kernel_build() -> str:
+    """Which form of the runtime's kernel this process runs: "avx512-vnni", "avx2" or "torch" (torch's int4 op).
+    A machine profile measured under one is stale under another (fit re-probes)."""
+    if library() is None:
+        return "torch"
+    forced = os.environ.get("TIGHTFIT_KERNEL", "").lower() == "avx2"
+    return "avx2" if forced or any(f not in cpu_flags() for f in NEEDED_FLAGS) else "avx512-vnni"
+
+
 class QLin(ctypes.Structure):
     """qgemm.cpp's QLin: one linear on the kernel; `next` chains the parts of a linear of mixed formats."""
 

@@ -52,20 +52,26 @@ TF_AI tf_vi tf_lanes_epi32(int lanes, const void* p) {
     return {_mm256_maskload_epi32((const int*)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), idx)),
             _mm256_maskload_epi32((const int*)p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes - 8), idx))};
 }
-TF_AI tf_vi tf_maskz_loadu_epi8(tf_m64 m, const void* p) {
-    if (m == ~0ULL) return tf_loadu_si512(p);
+// a partial mask's load, out of line (inlined into every unrolled loop it doubled the build's time): a chunk's
+// cb lanes of 4 bytes through vpmaskmovd, any other mask through a copy
+TF_NOINLINE tf_vi tf_partial_epi8(tf_m64 m, const void* p) {
     const int n = __builtin_ctzll(~m);
-    if ((m & (m + 1)) == 0 && n % 4 == 0) return tf_lanes_epi32(n / 4, p);  // a chunk's cb lanes of 4 bytes
+    if ((m & (m + 1)) == 0 && n % 4 == 0) return tf_lanes_epi32(n / 4, p);
     alignas(32) uint8_t buf[64];
     tf_masked_copy(buf, p, m, 1, 64);
     return tf_loadu_si512(buf);
 }
-TF_AI tf_vi tf_maskz_loadu_epi32(tf_m16 m, const void* p) {
-    if (m == 0xFFFF) return tf_loadu_si512(p);
+TF_NOINLINE tf_vi tf_partial_epi32(tf_m16 m, const void* p) {
     if ((m & (m + 1)) == 0) return tf_lanes_epi32(__builtin_ctz(~(uint32_t)m), p);
     alignas(32) int32_t buf[16];
     tf_masked_copy(buf, p, m, 4, 16);
     return tf_loadu_si512(buf);
+}
+TF_AI tf_vi tf_maskz_loadu_epi8(tf_m64 m, const void* p) {
+    return m == ~0ULL ? tf_loadu_si512(p) : tf_partial_epi8(m, p);
+}
+TF_AI tf_vi tf_maskz_loadu_epi32(tf_m16 m, const void* p) {
+    return m == 0xFFFF ? tf_loadu_si512(p) : tf_partial_epi32(m, p);
 }
 TF_AI tf_vf tf_loadu_ps(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 TF_AI tf_vf tf_load_ps(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
@@ -73,13 +79,8 @@ TF_AI void tf_storeu_ps(float* p, tf_vf v) { _mm256_storeu_ps(p, v.a); _mm256_st
 TF_AI void tf_store_ps(float* p, tf_vf v) { _mm256_store_ps(p, v.a); _mm256_store_ps(p + 8, v.b); }
 TF_AI tf_vf tf_maskz_loadu_ps(tf_m16 m, const float* p) {
     if (m == 0xFFFF) return tf_loadu_ps(p);
-    if ((m & (m + 1)) == 0) {
-        const tf_vi v = tf_lanes_epi32(__builtin_ctz(~(uint32_t)m), p);
-        return {_mm256_castsi256_ps(v.a), _mm256_castsi256_ps(v.b)};
-    }
-    alignas(32) float buf[16];
-    tf_masked_copy(buf, p, m, 4, 16);
-    return tf_load_ps(buf);
+    const tf_vi v = tf_partial_epi32(m, p);
+    return {_mm256_castsi256_ps(v.a), _mm256_castsi256_ps(v.b)};
 }
 // the 256- and 128-bit masked loads (AVX-512 VL/BW forms)
 TF_AI __m256i tf_maskz_loadu_epi16_256(tf_m16 m, const void* p) {

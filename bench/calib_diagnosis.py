@@ -25,7 +25,8 @@ from tightfit.models import load_lazy
 from tightfit.models.layered import drop_layer, embed, load_layer, rotary, run_layer
 from tightfit.quant.api import calibration_ids
 from tightfit.quant.awq import awq_clip, awq_layer
-from tightfit.quant.calibrate import HessianHook, input_groups
+from tightfit.quant.calibrate import input_groups
+from tightfit.quant.stats import HessianHook
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.core import rtn
 from tightfit.quant.equivalence import expand_gqa, pairs

@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-o", "--out", type=Path, default=Path(__file__).parent / "results" / "kernel_vs_torch.json")
     args = ap.parse_args()
-    from tightfit.runtime.kernels import cpu_flags
+    from tightfit.runtime.kernels import kernel_build
 
     runs: dict[str, list] = {"tightfit": [], "torch": []}
     for _ in range(args.rounds):
@@ -68,8 +68,7 @@ def main() -> int:
         res["speedup_median"] = round(res["torch"]["median_ms"] / res["tightfit"]["median_ms"], 2)
         rows.append(res)
         print(json.dumps(res))
-    avx512 = {"avx512f", "avx512_vnni"} <= cpu_flags()
-    args.out.write_text(json.dumps({"cpu": "avx512-vnni" if avx512 else "avx2", "threads": os.cpu_count(),
+    args.out.write_text(json.dumps({"kernel": kernel_build(), "threads": os.cpu_count(),
                                     "rows": rows}, indent=1))
     return 0
 

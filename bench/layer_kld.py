@@ -26,7 +26,8 @@ from tightfit.models.layered import drop_layer, final_norm, head_weight, load_la
 from tightfit.models.layered import embed as embed_rows
 from tightfit.quant.api import calibration_ids
 from tightfit.quant.awq import awq_clip, awq_layer
-from tightfit.quant.calibrate import HessianHook, input_groups
+from tightfit.quant.calibrate import input_groups
+from tightfit.quant.stats import HessianHook
 from tightfit.quant.config import QuantConfig
 from tightfit.quant.core import rtn
 from tightfit.quant.gptq import gptq

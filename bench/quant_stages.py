@@ -27,7 +27,7 @@ OUT = HERE / "results" / "quant_stages.json"
 # that stage's; a stage's functions never call another stage's, so the stages add up (what is left is "other")
 STAGES = {
     "layer forwards (calibration passes and the quantized pass)": [("models/layered.py", "run_layer", None)],
-    "Hessian sums": [("quant/calibrate.py", "__call__", None)],
+    "Hessian sums": [("quant/stats.py", "__call__", None)],
     "AWQ scale search": [("quant/awq.py", "awq_layer", None)],
     "GPTQ factor (Cholesky + triangular inverse)": [("quant/gptq.py", "factor", None)],
     "GPTQ column sweep": [("quant/gptq.py", "_sweep_static", None)],

@@ -339,7 +339,7 @@ def test_bf16_hessian_kernels_equal_the_fp32_gemm(kernel):
 def test_hessian_of_bf16_inputs_equals_the_fp32_sum(monkeypatch):
     """The AMX or AVX-512 BF16 kernel (bf16 products, fp32 sums) where there is one, else the fp32 GEMM: the same
     Hessian."""
-    from tightfit.quant.calibrate import HessianHook
+    from tightfit.quant.stats import HessianHook
 
     x = torch.randn(3, 70, 96, generator=torch.Generator().manual_seed(0)).bfloat16()  # 210 tokens: padded to 224
     hook = HessianHook(96)
@@ -354,11 +354,11 @@ def test_hessian_of_bf16_inputs_equals_the_fp32_sum(monkeypatch):
 def test_fp32_hessian_from_the_upper_triangles_blocks_is_the_whole_sum(monkeypatch):
     """Without a bf16 kernel (fp32 inputs) a wide Hessian is summed over its upper triangle's column blocks only
     (about half the products) and mirrored: the same matrix as the full GEMM, the tail block included."""
-    from tightfit.quant import calibrate
+    from tightfit.quant import stats
 
-    monkeypatch.setattr(calibrate, "TRIANGLE_BLOCK", 32)
+    monkeypatch.setattr(stats, "TRIANGLE_BLOCK", 32)
     x = torch.randn(3, 50, 80, generator=torch.Generator().manual_seed(1))  # 80 columns: blocks of 32, 32, 16
-    hook = calibrate.HessianHook(80)
+    hook = stats.HessianHook(80)
     for chunk in x:
         hook(None, (chunk[None],))
     ref = sum(c.T @ c for c in x) / 150

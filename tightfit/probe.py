@@ -284,9 +284,9 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
         steps[name] = fn()
         return steps[name]
 
-    bw = step("memory bandwidth", memory_bandwidth)
-    from .runtime.kernels import native_bf16
+    from .runtime.kernels import kernel_build, native_bf16
 
+    bw = step("memory bandwidth", memory_bandwidth)
     dense = "bf16" if native_bf16() else "fp32"
     flops = step(f"{dense} matmul", matmul_flops)
     kern = step("runtime kernels", kernel_throughput)
@@ -313,8 +313,6 @@ def probe(threads: int | None = None, progress: bool = False) -> dict:
                              "page_cache": cache, "engine_by_bits": engine["resident"],
                              "stream_extra": engine["stream_extra"]},
               "source": f"tightfit probe, {time.strftime('%Y-%m-%d %H:%M')}", "verified": True}
-    from .runtime.kernels import kernel_build
-
     return {"device": device, "measurements": steps, "threads": torch.get_num_threads(),
             "probe_version": PROBE_VERSION, "kernel": kernel_build()}
 

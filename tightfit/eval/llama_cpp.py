@@ -17,8 +17,9 @@ from ..errors import LlamaCppBuildError
 from .windows import Windows
 
 
-REBUILD = ("rebuild it without AMX: CMAKE_ARGS=\"$(sh bench/llama-cmake-args.sh)\" pip install --no-cache-dir "
-           "--force-reinstall llama-cpp-python==0.3.36 (pip's wheel cache ignores CMAKE_ARGS, so a wheel built "
+REBUILD_COMMAND = ("CMAKE_ARGS=\"$(sh bench/llama-cmake-args.sh)\" pip install --no-cache-dir --force-reinstall "
+                   "--no-deps llama-cpp-python==0.3.36")
+REBUILD = (f"rebuild it without AMX: {REBUILD_COMMAND} (pip's wheel cache ignores CMAKE_ARGS, so a wheel built "
            "earlier with default flags comes back unless the cache is bypassed)")
 
 
@@ -46,8 +47,7 @@ def _system_info() -> str:
     if r.returncode in (-signal.SIGILL, 128 + signal.SIGILL) or "Illegal instruction" in r.stderr:
         raise LlamaCppBuildError("llama-cpp-python was built for another CPU: it stops with an illegal instruction "
                                  "here (an AVX-512 build on a CPU without AVX-512?). Rebuild it for this one: "
-                                 "CMAKE_ARGS=\"$(sh bench/llama-cmake-args.sh)\" pip install --no-cache-dir "
-                                 "--force-reinstall --no-deps llama-cpp-python==0.3.36")
+                                 f"{REBUILD_COMMAND}")
     if r.returncode != 0:
         raise LlamaCppBuildError(f"llama-cpp-python does not load here (exit {r.returncode}): {r.stderr[-500:]}")
     return r.stdout

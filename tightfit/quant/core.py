@@ -253,7 +253,7 @@ def fisher_loss(w: torch.Tensor, F: torch.Tensor, fmt: WeightFormat) -> float:
 def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
     """tr(d H d^T): the squared output error a weight error d [out, in] makes on inputs with E[x x^T] = H.
 
-    The product runs in error_dtype(): bf16 where the CPU has it in hardware (AMX tiles or AVX-512 bf16: 4-7x
+    The product runs in runtime.kernels.compute_dtype(): bf16 where the CPU has it in hardware (AMX tiles or AVX-512 bf16: 4-7x
     fp32), with fp32 accumulation inside the GEMM and a pairwise fp32 sum: within about 0.1% of the fp32 figure on
     a 1.5B down_proj, the same for every candidate a search compares (H is rounded once); elsewhere fp32. Pass H
     already converted (error_operand) to convert it once for many calls."""

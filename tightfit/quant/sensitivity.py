@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from ..errors import FormatError
 from ..models.layered import check_layered, drop_layer, final_norm, head_weight, layer_call, load_layer, rotary, \
     run_layer
-from .calibrate import RoutedInputs, gram, quantize_one, tied_hessian
+from .calibrate import quantize_one, tied_hessian
 from .config import GPTQ_METHODS, QuantConfig
 from .core import fisher_loss, rtn, weight_error
 from .gptq import gptq_errors
+from .stats import RoutedInputs, gram
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")  # kept in full precision: not items

@@ -36,15 +36,17 @@ NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
 AVX2_FLAGS = ("avx2", "fma", "f16c")
 
 
-def cpu_flags() -> set[str]:
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once (compute_dtype asks on every error product)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):  # x86, Arm
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def native_bf16() -> bool:
@@ -214,19 +216,27 @@ def gram_into(lib: ctypes.CDLL, H, x) -> None:
 
 
 @lru_cache(maxsize=1)
+def _kernel_form() -> str | None:
+    """The form of qgemm.cpp this CPU takes: "avx512-vnni", "avx2" (also where TIGHTFIT_KERNEL=avx2 asks for it
+    on an AVX-512 CPU, to test it there), or None (neither; logged)."""
+    missing = [f for f in NEEDED_FLAGS if f not in cpu_flags()]
+    if not missing and os.environ.get("TIGHTFIT_KERNEL", "").lower() != "avx2":
+        return "avx512-vnni"
+    if set(AVX2_FLAGS) <= cpu_flags():
+        return "avx2"
+    log.info("tightfit kernel off: the CPU lacks %s (and AVX2 + FMA + F16C); using torch's int4 kernel",
+             ", ".join(missing))
+    return None
+
+
+@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with the reason logged) where it cannot run here. TIGHTFIT_KERNEL=avx2 builds
-    the AVX2 form on a CPU that has AVX-512 too (to test it there)."""
-    flags = cpu_flags()
-    missing = [f for f in NEEDED_FLAGS if f not in flags]
-    if missing or os.environ.get("TIGHTFIT_KERNEL", "").lower() == "avx2":
-        if not set(AVX2_FLAGS) <= flags:
-            log.info("tightfit kernel off: the CPU lacks %s (and AVX2 + FMA + F16C); using torch's int4 kernel",
-                     ", ".join(missing))
-            return None
-        target = ["-mavx2", "-mfma", "-mf16c"]  # no -march=native: the same build wherever AVX2 is asked for
-    else:
-        target = ["-march=native"]
+    """The compiled kernel, or None (with the reason logged) where it cannot run here."""
+    form = _kernel_form()
+    if form is None:
+        return None
+    # AVX2: no -march=native, so the same build wherever AVX2 is asked for
+    target = ["-march=native"] if form == "avx512-vnni" else ["-mavx2", "-mfma", "-mf16c"]
     return _library(SOURCE, ["-O3", *target, "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
                     {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_bf16": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
@@ -244,10 +254,7 @@ def library() -> ctypes.CDLL | None:
 def kernel_build() -> str:
     """Which form of the runtime's kernel this process runs: "avx512-vnni", "avx2" or "torch" (torch's int4 op).
     A machine profile measured under one is stale under another (fit re-probes)."""
-    if library() is None:
-        return "torch"
-    forced = os.environ.get("TIGHTFIT_KERNEL", "").lower() == "avx2"
-    return "avx2" if forced or any(f not in cpu_flags() for f in NEEDED_FLAGS) else "avx512-vnni"
+    return "torch" if library() is None else _kernel_form()
 
 
 class QLin(ctypes.Structure):

@@ -9,9 +9,10 @@ import torch
 
 from tightfit.runtime.kernels import AVX2_FLAGS, _cxx, cpu_flags
 
-# every code width, grid and scale layout the kernel runs, on shapes with partial chunks and odd rows, through
-# decode (M 1), a few tokens and prefill's panels (M > 16); against the kernel's own arithmetic (activations
-# rounded per 32 columns to int8)
+# every code width, grid and scale layout the kernel runs, on shapes with partial chunks (a row's last chunk of 2
+# or 4 blocks, laid out whole for prefill's panels) and odd rows, through decode (M 1), a few tokens and prefill's
+# panels (M > 3 on AVX2, > 16 on AVX-512); against the kernel's own arithmetic (activations rounded per 32
+# columns to int8)
 CHECK = """
 import torch
 from tightfit.formats import WeightFormat
@@ -24,11 +25,11 @@ worst = 0.0
 for name in ("sym4-g32", "asym4-g32", "asym3-g32", "asym5-g32", "sym6-g32", "sym8-g32", "asym8-pc", "nl4-g32",
              "asym4-k32", "sym6-k32", "nl4-k32"):
     f = WeightFormat.parse(name)
-    for n, k in ((53, 576), (19, 512)):
+    for n, k in ((53, 576), (19, 512), (13, 128)):
         qw = rtn(torch.randn(n, k) * 0.05, f.for_shape((n, k)))
         lin = from_quantized(qw)
         assert lin.kind in ("q4", "q6", "q8"), (name, lin.kind)
-        for m in (1, 3, 6, 19, 37):
+        for m in (1, 2, 3, 4, 6, 9, 19, 37):
             x = torch.randn(m, k)
             xb = x.reshape(m, -1, 32)
             dx = xb.abs().amax(-1, keepdim=True) / 127

@@ -309,45 +309,58 @@ static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int 
 // Prefill's tile: R rows x T tokens over the whole row, like tile() (whose generic code still takes a row's last,
 // partial chunk), with the rows' scales from row_scales() (SC: per row, its chunks' vectors) and the float sums
 // kept in memory so that the registers hold the integer dots.
+// A row's last chunk where it holds fewer than 16 blocks, laid out as a whole one (zero past its blocks): the
+// activations' part once per product, the weights' once per panel (tail_rows), so that prefill runs it through
+// chunk_dots like any other chunk, with no masked loads (on AVX2 those are calls, and each spilled every live
+// register: a 576-wide row's 2-block tail cost 3 whole chunks). Pointers at the tile's first row and token.
+struct Tail {
+    const uint8_t* w;  // per row: the weight slices, 64 bytes each (4-bit: 4, 6-bit: 4 + 2 of high bits, 8-bit: 8)
+    const int8_t* x;   // per token: 8 slices of 64 bytes
+    const float *dx, *xs;  // per token: 16 floats
+    const int32_t* si;     // per token: 16 block sums, then 16 first-half sums
+};
+constexpr int tail_row_bytes(int bits) { return bits == 8 ? 512 : bits == 6 ? 384 : 256; }
+
 template <int BITS, bool NL, int SB, int R, int T>
 static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n, const int8_t* XQ, const float* DX,
-                         const float* XS, const float* XSL, const int32_t* SI, int t0, float* Y, __m512i lut,
+                         const float* XS, const int32_t* SI, const Tail& tail, int t0, float* Y, __m512i lut,
                          float low) {
     const int nb = K / 32, chunks = (nb + 15) / 16;
     const size_t rb = (size_t)K * BITS / 8, cw = BITS == 8 ? 512 : 256;
     const uint8_t* w0 = W + (size_t)n * rb;
     const int8_t* x0 = XQ + (size_t)t0 * K;
-    const uint8_t* wr[R];
-    const int8_t* xr[T];
-    for (int r = 0; r < R; r++) wr[r] = w0 + r * rb;
-    for (int t = 0; t < T; t++) xr[t] = x0 + (size_t)t * K;
+    constexpr size_t TW = tail_row_bytes(BITS);
     alignas(64) float acc[R][T][16];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) _mm512_store_ps(acc[r][t], _mm512_setzero_ps());
     for (int ci = 0; ci < chunks; ci++) {
-        const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
-        const __mmask16 km = (__mmask16)((1u << cb) - 1);
+        const int c = ci * 16;
+        const bool whole = nb - c >= 16;
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
-        if (cb == 16) {
+        if (whole) {
             chunk_dots<BITS, NL, SB, R, T>(w0 + (size_t)ci * cw, rb, x0 + (size_t)ci * 512, K,
                                             w0 + K / 2 + (size_t)ci * 128, lut, dot, doth);
         } else {
-            chunk_slices<BITS, NL, SB, R, T>(wr, xr, K, ci, cb, lanes_mask(cb), lut, dot, doth);
+            chunk_dots<BITS, NL, SB, R, T>(tail.w, TW, tail.x, 512, tail.w + 256, lut, dot, doth);
         }
-        const float* dx0 = DX + (size_t)t0 * nb + c;
+        // the activations' block scales and sums of this chunk: per token, 16 of each (stride xst; si: sst, the
+        // first halves' sums sf after the blocks')
+        const float* dx0 = whole ? DX + (size_t)t0 * nb + c : tail.dx;
+        const size_t xst = whole ? nb : 16;
         if constexpr (SB >= 2) {
             // no mins (m = low * scale): the low * sum(x) term joins the integer dot, which leaves 2 (SB 3: 3)
             // float multiplies per row and token where there were 3 (6)
-            const int32_t* si0 = SI + (size_t)t0 * 2 * nb + c;
+            const int32_t* si0 = whole ? SI + (size_t)t0 * 2 * nb + c : tail.si;
+            const size_t sst = whole ? 2 * nb : 32, sf = whole ? nb : 16;
             const __m512i lw = _mm512_set1_epi32((int)low);
             __m512i ls[T], lsh[T];  // low * the sums over each block (SB 3: over its first and second halves)
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                const __m512i all = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb);
+                const __m512i all = _mm512_loadu_si512(si0 + (size_t)t * sst);
                 if constexpr (SB == 3) {
-                    const __m512i first = _mm512_maskz_loadu_epi32(km, si0 + (size_t)t * 2 * nb + nb);
+                    const __m512i first = _mm512_loadu_si512(si0 + (size_t)t * sst + sf);
                     ls[t] = _mm512_mullo_epi32(lw, first);
                     lsh[t] = _mm512_mullo_epi32(lw, _mm512_sub_epi32(all, first));
                 } else {
@@ -360,7 +373,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
                 const __m512 dw = _mm512_loadu_ps(sc);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
-                    const __m512 dx = _mm512_maskz_loadu_ps(km, dx0 + (size_t)t * nb);
+                    const __m512 dx = _mm512_loadu_ps(dx0 + (size_t)t * xst);
                     const __m512 lo = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][t], ls[t]));
                     __m512 a = _mm512_load_ps(acc[r][t]);
                     if constexpr (SB == 3) {
@@ -375,15 +388,15 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             }
             continue;
         }
-        const float* xs0 = XS + (size_t)t0 * nb + c;
+        const float* xs0 = whole ? XS + (size_t)t0 * nb + c : tail.xs;
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const float* sc = SC + (size_t)r * chunks * 32 + (size_t)ci * 32;
             const __m512 dw = _mm512_loadu_ps(sc), mw = _mm512_loadu_ps(sc + 16);
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                const __m512 dx = _mm512_maskz_loadu_ps(km, dx0 + (size_t)t * nb);
-                const __m512 xs = _mm512_maskz_loadu_ps(km, xs0 + (size_t)t * nb);
+                const __m512 dx = _mm512_loadu_ps(dx0 + (size_t)t * xst);
+                const __m512 xs = _mm512_loadu_ps(xs0 + (size_t)t * xst);
                 __m512 a = _mm512_fmadd_ps(mw, xs, _mm512_load_ps(acc[r][t]));
                 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dw, dx), a);
                 _mm512_store_ps(acc[r][t], a);
@@ -394,12 +407,37 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
         for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][t]));
 }
 
+// rows n0..n1's last, partial chunk (cb blocks) as whole-chunk slices, zero past the blocks (Tail.w)
+template <int BITS>
+static void tail_rows(const uint8_t* W, int K, int n0, int n1, int cb, uint8_t* out) {
+    const size_t rb = (size_t)K * BITS / 8, tw = tail_row_bytes(BITS);
+    const int lc = (K / 32 - 1) / 16;
+    memset(out, 0, (size_t)(n1 - n0) * tw);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t* w = W + (size_t)n * rb;
+        uint8_t* o = out + (size_t)(n - n0) * tw;
+        const int slices = BITS == 8 ? 8 : 4;
+        for (int i = 0; i < slices; i++) memcpy(o + i * 64, w + (size_t)lc * (BITS == 8 ? 512 : 256) + i * cb * 4, cb * 4);
+        if (BITS == 6)
+            for (int h = 0; h < 2; h++) memcpy(o + 256 + h * 64, w + K / 2 + (size_t)lc * 128 + h * cb * 4, cb * 4);
+    }
+}
+
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
                  const float* DX, const float* XS, const float* XSL, const int32_t* SI, int M, float* Y, int threads,
                  const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
     constexpr int RR = SB == 3 ? 2 : 3;  // rows per tile: the accumulators fill the 32 vector registers
+#ifdef TF_AVX2
+    // one row per tile of prefill and of a few tokens, where 16 256-bit registers hold each vector's two halves
+    // (3 rows spilled most of the dots: 41% of prefill's samples were stack loads and stores), and prefill's
+    // panels (the sums in memory) from 4 tokens on, where tiles of registers spilled too: the server's batched
+    // decode of 4 rows ran at 2x the cost per token of 8
+    constexpr int PR = 1, FR = 1, PANEL_M = 3;
+#else
+    constexpr int PR = RR, FR = RR, PANEL_M = 16;
+#endif
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, t, Y, lut, low, pf)
     if (M == 1) {  // decode: four rows at a time, the weights streamed with prefetch (bandwidth-bound)
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -412,7 +450,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         return;
     }
     const int nb = K / 32, chunks = (nb + 15) / 16;
-    if (M > 16) {
+    if (M > PANEL_M) {
         // prefill: panels of rows whose weights stay in L2 while every 4-token tile of activations, in L1, passes
         // over them (activations streamed from L2 past each row tile instead took as many bytes as the products
         // could use: 8-bit activations weigh twice the 4-bit weights)
@@ -420,23 +458,44 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         nc = nc < 24 ? 24 : nc > 192 ? 192 : nc;
         while (nc > 24 && (N + nc - 1) / nc < 2 * threads) nc -= 6;  // enough panels for the threads
         const int panels = (N + nc - 1) / nc, m4 = M / 4 * 4;
+        const int cbt = nb % 16, lc = chunks - 1;  // the last chunk's blocks where it is partial (Tail)
+        constexpr size_t TW = tail_row_bytes(BITS);
+        std::vector<int8_t> xt(cbt ? (size_t)M * 512 : 0);
+        std::vector<float> dxt(cbt ? (size_t)M * 16 : 0), xst(cbt ? (size_t)M * 16 : 0);
+        std::vector<int32_t> sit(cbt ? (size_t)M * 32 : 0);
+        for (int t = 0; cbt && t < M; t++) {
+            for (int i = 0; i < 8; i++)
+                memcpy(&xt[(size_t)t * 512 + i * 64], XQ + (size_t)t * K + (size_t)lc * 512 + i * cbt * 4, cbt * 4);
+            memcpy(&dxt[(size_t)t * 16], DX + (size_t)t * nb + lc * 16, cbt * 4);
+            memcpy(&xst[(size_t)t * 16], XS + (size_t)t * nb + lc * 16, cbt * 4);
+            memcpy(&sit[(size_t)t * 32], SI + (size_t)t * 2 * nb + lc * 16, cbt * 4);
+            memcpy(&sit[(size_t)t * 32 + 16], SI + (size_t)t * 2 * nb + nb + lc * 16, cbt * 4);
+        }
 #pragma omp parallel num_threads(threads)
         {
             thread_local std::vector<float> scb;
+            thread_local std::vector<uint8_t> wtb;
             if (scb.size() < (size_t)nc * chunks * 32) scb.resize((size_t)nc * chunks * 32);
+            if (cbt && wtb.size() < (size_t)nc * TW) wtb.resize((size_t)nc * TW);
             float* sc = scb.data();
 #pragma omp for schedule(dynamic, 1)
             for (int p = 0; p < panels; p++) {
-                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / RR * RR;
+                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / PR * PR;
                 for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32);
+                if (cbt) tail_rows<BITS>(W, K, n0, n1, cbt, wtb.data());
+                auto tail = [&](int n, int t) {
+                    return cbt ? Tail{wtb.data() + (size_t)(n - n0) * TW, &xt[(size_t)t * 512], &dxt[(size_t)t * 16],
+                                      &xst[(size_t)t * 16], &sit[(size_t)t * 32]}
+                               : Tail{};
+                };
                 for (int t = 0; t < m4; t += 4) {
                     int n = n0;
-                    for (; n < n0 + nr; n += RR)
-                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, XSL,
-                                                   SI, t, Y, lut, low);
+                    for (; n < n0 + nr; n += PR)
+                        ptile<BITS, NL, SB, PR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
+                                                   tail(n, t), t, Y, lut, low);
                     for (; n < n1; n++)
-                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, XSL,
-                                                  SI, t, Y, lut, low);
+                        ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
+                                                  tail(n, t), t, Y, lut, low);
                 }
                 for (int n = n0; n < n1; n++) {  // the last M % 4 tokens
                     int t = m4;
@@ -453,11 +512,11 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     for (int chunk = 0; chunk < (N + 17) / 18; chunk++) {  // 18 rows: a multiple of 2 and 3
         const int n0 = chunk * 18, n1 = n0 + 18 < N ? n0 + 18 : N;
         int n = n0;
-        for (; n + RR <= n1; n += RR) {
+        for (; n + FR <= n1; n += FR) {
             int t = 0;
-            for (; t + 4 <= M; t += 4) TF_TILE(RR, 4, n, t, true);
-            if (t + 2 <= M) { TF_TILE(RR, 2, n, t, true); t += 2; }
-            if (t < M) TF_TILE(RR, 1, n, t, true);
+            for (; t + 4 <= M; t += 4) TF_TILE(FR, 4, n, t, true);
+            if (t + 2 <= M) { TF_TILE(FR, 2, n, t, true); t += 2; }
+            if (t < M) TF_TILE(FR, 1, n, t, true);
         }
         for (; n < n1; n++) {
             int t = 0;

@@ -6,8 +6,10 @@ Each of `parallel` slots owns a KV cache of `ctx` positions. A slot remembers th
 its cache, and a new sequence takes the free slot that shares the longest prefix with its prompt (a system
 prompt, a chat history): that prefix is not computed again (prefix caching).
 
-Per iteration: admit, drop cancelled sequences, run one prefill chunk of one prefilling sequence (round robin),
-then one decode step of every decoding sequence. Tokens are chosen by `generate.Decoder`, the code a request
+Per iteration: admit, drop cancelled sequences, run one prefill chunk of the prefilling sequence with the fewest
+prompt tokens left (a short prompt is not held behind a long one, and every prompt done sooner starts decoding
+sooner: round robin made each of 4 prompts that came together wait for all 4), then one decode step of every
+decoding sequence. Tokens are chosen by `generate.Decoder`, the code a request
 alone uses, so a sequence's tokens do not depend on its neighbours (up to the kernels' numerics: a single
 sequence takes the fused decode kernel, several take the batched linears).
 """
@@ -105,7 +107,6 @@ class Batcher:
             seq.next_token = step.token
 
     def _loop(self) -> None:
-        rr = 0
         while True:
             with self.cv:
                 while not self.stopping and not self.waiting and not self.active:
@@ -119,8 +120,7 @@ class Batcher:
                     self._release(seq)
             prefilling = [s for s in self.active if s.next_token is None]
             if prefilling:
-                rr = (rr + 1) % len(prefilling)
-                self._prefill(prefilling[rr])
+                self._prefill(min(prefilling, key=lambda s: len(s.ids) - s.pos))
             decoding = [s for s in self.active if s.next_token is not None and not s.cancelled]
             if decoding:
                 self._decode(decoding)

@@ -165,10 +165,48 @@ TF_INLINE void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, i
     slice_step<BITS, NL, SB, R, T, 7>(wr, xr, K, ci, cb, m, lut, dot, doth);
 }
 
+// A row's last chunk where it holds fewer than 16 blocks (576 columns: 16 + 2), laid out as a whole one, zero past
+// its blocks: the activations' part once per product (ActTail), the weights' once per prefill panel, and on AVX2
+// per decode tile (tail_rows). Every chunk then takes the same whole-vector loads: AVX2 has no masked byte loads,
+// and their stand-ins are calls, each of which spilled every live register (a 576-wide row's 2-block tail cost
+// prefill 3 whole chunks).
+constexpr int tail_row_bytes(int bits) { return bits == 8 ? 512 : bits == 6 ? 384 : 256; }
+
+// per token: 8 slices of 64 bytes (x); 16 floats of each block's scale, sum and first half's sum (dx, xs, xsl);
+// 16 integer block sums, then 16 first-half sums (si)
+struct ActTail {
+    const int8_t* x;
+    const float *dx, *xs, *xsl;
+    const int32_t* si;
+};
+
+// rows n0..n1's last chunk (cb blocks): per row 4 slices of 64 bytes (4-bit), those and 2 of high bits (6-bit),
+// or 8 (8-bit), zero past the blocks
+template <int BITS>
+static void tail_rows(const uint8_t* W, int K, int n0, int n1, int cb, uint8_t* out) {
+    const size_t rb = (size_t)K * BITS / 8, tw = tail_row_bytes(BITS);
+    const int lc = (K / 32 - 1) / 16;
+    memset(out, 0, (size_t)(n1 - n0) * tw);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t* w = W + (size_t)n * rb;
+        uint8_t* o = out + (size_t)(n - n0) * tw;
+        const int slices = BITS == 8 ? 8 : 4;
+        for (int i = 0; i < slices; i++) memcpy(o + i * 64, w + (size_t)lc * (BITS == 8 ? 512 : 256) + i * cb * 4, cb * 4);
+        if (BITS == 6)
+            for (int h = 0; h < 2; h++) memcpy(o + 256 + h * 64, w + K / 2 + (size_t)lc * 128 + h * cb * 4, cb * 4);
+    }
+}
+
+#ifdef TF_AVX2
+constexpr bool COPY_TAIL = true;  // decode's tiles copy a partial chunk (AVX-512's masked loads need no copy)
+#else
+constexpr bool COPY_TAIL = false;
+#endif
+
 template <int BITS, bool NL, int SB, int R, int T>
 static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n,
-                        const int8_t* XQ, const float* DX, const float* XS, const float* XSL, int t0, float* Y,
-                        __m512i lut, float low, bool prefetch) {
+                        const int8_t* XQ, const float* DX, const float* XS, const float* XSL, const ActTail& at,
+                        int t0, float* Y, __m512i lut, float low, bool prefetch) {
     const int nb = K / 32;
     const size_t row_bytes = (size_t)K * BITS / 8;
     const uint8_t* wr[R];
@@ -184,16 +222,27 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
     __m512 acc[R][T];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    constexpr int TW = tail_row_bytes(BITS);
+    alignas(64) uint8_t wt[COPY_TAIL ? R * TW : 1];
+    const uint8_t* wtr[R];
+    const int8_t* xtr[T];
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
-        const __mmask64 m = lanes_mask(cb);
+        const bool copied = COPY_TAIL && cb < 16;  // the partial chunk as a whole one (see ActTail)
         if (prefetch)  // whole tiles ahead: one thread alone keeps too few loads in flight otherwise
             for (int l = 0; l < lpc; l++) _mm_prefetch((const char*)(wr[0] + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
-        chunk_slices<BITS, NL, SB, R, T>(wr, xr, K, ci, cb, m, lut, dot, doth);
+        if (copied) {
+            tail_rows<BITS>(W, K, n, n + R, cb, wt);
+            for (int r = 0; r < R; r++) wtr[r] = wt + r * TW;
+            for (int t = 0; t < T; t++) xtr[t] = at.x + (size_t)(t0 + t) * 512;
+        }
+        chunk_slices<BITS, NL, SB, R, T>(copied ? wtr : wr, copied ? xtr : xr, copied ? 512 : K, copied ? 0 : ci,
+                                         copied ? 16 : cb, copied ? ~0ULL : lanes_mask(cb), lut, dot, doth);
+        const __mmask16 kx = copied ? (__mmask16)0xFFFF : km;  // the activations' values: whole where copied
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             __m512 dw, mw, dh = _mm512_setzero_ps(), ml = _mm512_setzero_ps();
@@ -206,12 +255,12 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
             }
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                const size_t o = (size_t)(t0 + t) * nb + c;
-                const __m512 dx = _mm512_maskz_loadu_ps(km, DX + o);
-                __m512 a = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(km, XS + o), acc[r][t]);
+                const size_t o = copied ? (size_t)(t0 + t) * 16 : (size_t)(t0 + t) * nb + c;
+                const __m512 dx = _mm512_maskz_loadu_ps(kx, (copied ? at.dx : DX) + o);
+                __m512 a = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(kx, (copied ? at.xs : XS) + o), acc[r][t]);
                 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dw, dx), a);
                 if constexpr (SB == 3) {
-                    a = _mm512_fmadd_ps(ml, _mm512_maskz_loadu_ps(km, XSL + o), a);
+                    a = _mm512_fmadd_ps(ml, _mm512_maskz_loadu_ps(kx, (copied ? at.xsl : XSL) + o), a);
                     a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(doth[r][t]), _mm512_mul_ps(dh, dx), a);
                 }
                 acc[r][t] = a;
@@ -309,22 +358,10 @@ static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int 
 // Prefill's tile: R rows x T tokens over the whole row, like tile() (whose generic code still takes a row's last,
 // partial chunk), with the rows' scales from row_scales() (SC: per row, its chunks' vectors) and the float sums
 // kept in memory so that the registers hold the integer dots.
-// A row's last chunk where it holds fewer than 16 blocks, laid out as a whole one (zero past its blocks): the
-// activations' part once per product, the weights' once per panel (tail_rows), so that prefill runs it through
-// chunk_dots like any other chunk, with no masked loads (on AVX2 those are calls, and each spilled every live
-// register: a 576-wide row's 2-block tail cost 3 whole chunks). Pointers at the tile's first row and token.
-struct Tail {
-    const uint8_t* w;  // per row: the weight slices, 64 bytes each (4-bit: 4, 6-bit: 4 + 2 of high bits, 8-bit: 8)
-    const int8_t* x;   // per token: 8 slices of 64 bytes
-    const float *dx, *xs;  // per token: 16 floats
-    const int32_t* si;     // per token: 16 block sums, then 16 first-half sums
-};
-constexpr int tail_row_bytes(int bits) { return bits == 8 ? 512 : bits == 6 ? 384 : 256; }
-
 template <int BITS, bool NL, int SB, int R, int T>
 static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n, const int8_t* XQ, const float* DX,
-                         const float* XS, const int32_t* SI, const Tail& tail, int t0, float* Y, __m512i lut,
-                         float low) {
+                         const float* XS, const int32_t* SI, const uint8_t* wt, const ActTail& at, int t0, float* Y,
+                         __m512i lut, float low) {
     const int nb = K / 32, chunks = (nb + 15) / 16;
     const size_t rb = (size_t)K * BITS / 8, cw = BITS == 8 ? 512 : 256;
     const uint8_t* w0 = W + (size_t)n * rb;
@@ -339,20 +376,19 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
-        if (whole) {
-            chunk_dots<BITS, NL, SB, R, T>(w0 + (size_t)ci * cw, rb, x0 + (size_t)ci * 512, K,
-                                            w0 + K / 2 + (size_t)ci * 128, lut, dot, doth);
-        } else {
-            chunk_dots<BITS, NL, SB, R, T>(tail.w, TW, tail.x, 512, tail.w + 256, lut, dot, doth);
-        }
+        // the row's partial last chunk from the panel's copy (wt: this tile's rows) and the activations' (at)
+        const uint8_t* wc = whole ? w0 + (size_t)ci * cw : wt;
+        chunk_dots<BITS, NL, SB, R, T>(wc, whole ? rb : TW, whole ? x0 + (size_t)ci * 512 : at.x + (size_t)t0 * 512,
+                                        whole ? K : 512, whole ? w0 + K / 2 + (size_t)ci * 128 : wt + 256, lut, dot,
+                                        doth);
         // the activations' block scales and sums of this chunk: per token, 16 of each (stride xst; si: sst, the
         // first halves' sums sf after the blocks')
-        const float* dx0 = whole ? DX + (size_t)t0 * nb + c : tail.dx;
+        const float* dx0 = whole ? DX + (size_t)t0 * nb + c : at.dx + (size_t)t0 * 16;
         const size_t xst = whole ? nb : 16;
         if constexpr (SB >= 2) {
             // no mins (m = low * scale): the low * sum(x) term joins the integer dot, which leaves 2 (SB 3: 3)
             // float multiplies per row and token where there were 3 (6)
-            const int32_t* si0 = whole ? SI + (size_t)t0 * 2 * nb + c : tail.si;
+            const int32_t* si0 = whole ? SI + (size_t)t0 * 2 * nb + c : at.si + (size_t)t0 * 32;
             const size_t sst = whole ? 2 * nb : 32, sf = whole ? nb : 16;
             const __m512i lw = _mm512_set1_epi32((int)low);
             __m512i ls[T], lsh[T];  // low * the sums over each block (SB 3: over its first and second halves)
@@ -388,7 +424,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             }
             continue;
         }
-        const float* xs0 = whole ? XS + (size_t)t0 * nb + c : tail.xs;
+        const float* xs0 = whole ? XS + (size_t)t0 * nb + c : at.xs + (size_t)t0 * 16;
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const float* sc = SC + (size_t)r * chunks * 32 + (size_t)ci * 32;
@@ -407,26 +443,10 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
         for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n + r] = _mm512_reduce_add_ps(_mm512_load_ps(acc[r][t]));
 }
 
-// rows n0..n1's last, partial chunk (cb blocks) as whole-chunk slices, zero past the blocks (Tail.w)
-template <int BITS>
-static void tail_rows(const uint8_t* W, int K, int n0, int n1, int cb, uint8_t* out) {
-    const size_t rb = (size_t)K * BITS / 8, tw = tail_row_bytes(BITS);
-    const int lc = (K / 32 - 1) / 16;
-    memset(out, 0, (size_t)(n1 - n0) * tw);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t* w = W + (size_t)n * rb;
-        uint8_t* o = out + (size_t)(n - n0) * tw;
-        const int slices = BITS == 8 ? 8 : 4;
-        for (int i = 0; i < slices; i++) memcpy(o + i * 64, w + (size_t)lc * (BITS == 8 ? 512 : 256) + i * cb * 4, cb * 4);
-        if (BITS == 6)
-            for (int h = 0; h < 2; h++) memcpy(o + 256 + h * 64, w + K / 2 + (size_t)lc * 128 + h * cb * 4, cb * 4);
-    }
-}
-
 template <int BITS, bool NL, int SB>
 static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, const int8_t* XQ,
-                 const float* DX, const float* XS, const float* XSL, const int32_t* SI, int M, float* Y, int threads,
-                 const uint8_t* lut16, float low) {
+                 const float* DX, const float* XS, const float* XSL, const int32_t* SI, const ActTail& at, int M,
+                 float* Y, int threads, const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
     constexpr int RR = SB == 3 ? 2 : 3;  // rows per tile: the accumulators fill the 32 vector registers
 #ifdef TF_AVX2
@@ -438,7 +458,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #else
     constexpr int PR = RR, FR = RR, PANEL_M = 16;
 #endif
-#define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, t, Y, lut, low, pf)
+#define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
     if (M == 1) {  // decode: four rows at a time, the weights streamed with prefetch (bandwidth-bound)
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
@@ -458,19 +478,8 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         nc = nc < 24 ? 24 : nc > 192 ? 192 : nc;
         while (nc > 24 && (N + nc - 1) / nc < 2 * threads) nc -= 6;  // enough panels for the threads
         const int panels = (N + nc - 1) / nc, m4 = M / 4 * 4;
-        const int cbt = nb % 16, lc = chunks - 1;  // the last chunk's blocks where it is partial (Tail)
+        const int cbt = nb % 16;  // blocks of the rows' last chunk where it is partial (ActTail)
         constexpr size_t TW = tail_row_bytes(BITS);
-        std::vector<int8_t> xt(cbt ? (size_t)M * 512 : 0);
-        std::vector<float> dxt(cbt ? (size_t)M * 16 : 0), xst(cbt ? (size_t)M * 16 : 0);
-        std::vector<int32_t> sit(cbt ? (size_t)M * 32 : 0);
-        for (int t = 0; cbt && t < M; t++) {
-            for (int i = 0; i < 8; i++)
-                memcpy(&xt[(size_t)t * 512 + i * 64], XQ + (size_t)t * K + (size_t)lc * 512 + i * cbt * 4, cbt * 4);
-            memcpy(&dxt[(size_t)t * 16], DX + (size_t)t * nb + lc * 16, cbt * 4);
-            memcpy(&xst[(size_t)t * 16], XS + (size_t)t * nb + lc * 16, cbt * 4);
-            memcpy(&sit[(size_t)t * 32], SI + (size_t)t * 2 * nb + lc * 16, cbt * 4);
-            memcpy(&sit[(size_t)t * 32 + 16], SI + (size_t)t * 2 * nb + nb + lc * 16, cbt * 4);
-        }
 #pragma omp parallel num_threads(threads)
         {
             thread_local std::vector<float> scb;
@@ -483,19 +492,15 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
                 const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / PR * PR;
                 for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32);
                 if (cbt) tail_rows<BITS>(W, K, n0, n1, cbt, wtb.data());
-                auto tail = [&](int n, int t) {
-                    return cbt ? Tail{wtb.data() + (size_t)(n - n0) * TW, &xt[(size_t)t * 512], &dxt[(size_t)t * 16],
-                                      &xst[(size_t)t * 16], &sit[(size_t)t * 32]}
-                               : Tail{};
-                };
+                const uint8_t* wt = wtb.data();  // this panel's partial last chunks, TW bytes a row
                 for (int t = 0; t < m4; t += 4) {
                     int n = n0;
                     for (; n < n0 + nr; n += PR)
                         ptile<BITS, NL, SB, PR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
-                                                   tail(n, t), t, Y, lut, low);
+                                                   wt + (n - n0) * TW, at, t, Y, lut, low);
                     for (; n < n1; n++)
                         ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
-                                                  tail(n, t), t, Y, lut, low);
+                                                  wt + (n - n0) * TW, at, t, Y, lut, low);
                 }
                 for (int n = n0; n < n1; n++) {  // the last M % 4 tokens
                     int t = m4;
@@ -628,6 +633,32 @@ void dequant_f32(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     dequant_t<float>(W, D, Mn, N, K, bits, lut, sb, low, out, threads);
 }
 
+// The activations' part of the rows' partial last chunk, laid out whole (ActTail; per-thread scratch); empty
+// where K is a multiple of 512.
+static ActTail act_tail(const int8_t* XQ, const float* DX, const float* XS, const float* XSL, const int32_t* SI, int M,
+                        int K) {
+    thread_local std::vector<int8_t> xt;
+    thread_local std::vector<float> vt;
+    thread_local std::vector<int32_t> st;
+    const int nb = K / 32, cb = nb % 16, lc = nb / 16;
+    if (!cb) return ActTail{};
+    xt.assign((size_t)M * 512, 0);
+    vt.assign((size_t)M * 48, 0.0f);
+    st.assign((size_t)M * 32, 0);
+    float *dx = vt.data(), *xs = dx + (size_t)M * 16, *xsl = xs + (size_t)M * 16;
+    for (int t = 0; t < M; t++) {
+        for (int i = 0; i < 8; i++)
+            memcpy(&xt[(size_t)t * 512 + i * 64], XQ + (size_t)t * K + (size_t)lc * 512 + i * cb * 4, cb * 4);
+        const size_t o = (size_t)t * nb + lc * 16;
+        memcpy(dx + (size_t)t * 16, DX + o, cb * 4);
+        memcpy(xs + (size_t)t * 16, XS + o, cb * 4);
+        memcpy(xsl + (size_t)t * 16, XSL + o, cb * 4);
+        memcpy(&st[(size_t)t * 32], SI + (size_t)t * 2 * nb + lc * 16, cb * 4);
+        memcpy(&st[(size_t)t * 32 + 16], SI + (size_t)t * 2 * nb + nb + lc * 16, cb * 4);
+    }
+    return ActTail{xt.data(), dx, xs, xsl, st.data()};
+}
+
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
 void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int bits,
             const uint8_t* lut, int sb, int low, float* Y, int threads) {
@@ -638,10 +669,11 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
     if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); si.resize(2 * nb); }
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), threads);
+    const ActTail at = act_tail(xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), M, K);
     const int8_t* q = xq.data();
     const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
 #define TF_GEMM(B, NL, SB) \
-    gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, si.data(), M, Y, threads, NL ? lut : nullptr, lw)
+    gemm<B, NL, SB>(W, D, Mn, N, K, q, a, c, cl, si.data(), at, M, Y, threads, NL ? lut : nullptr, lw)
     if (bits == 4 && lut) {
         if (sb == 2) TF_GEMM(4, true, 2);
         else TF_GEMM(4, true, 0);

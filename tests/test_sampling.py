@@ -1,4 +1,4 @@
-"""Sampling: temperature, top-k, top-p, min-p, the repetition penalty, seeds."""
+"""Sampling: temperature, top-k, top-p, min-p, the repetition penalty, seeds; and the thread the server loads in."""
 
 import pytest
 import torch
@@ -47,3 +47,21 @@ def test_sampling_functions():
     assert sample(logits, SamplingParams(repetition_penalty=2.0), seen=torch.tensor([1])) == 2
     with pytest.raises(SamplingError, match="top_p must be in"):
         SamplingParams(top_p=0)
+
+
+def test_off_main_thread_returns_the_result_and_raises_the_error_of_a_thread_that_exits():
+    """The server loads its model in a thread that exits (runtime.batch.off_main_thread), so that no OpenMP
+    team stays in the main thread beside the batch thread's."""
+    import threading
+
+    from tightfit.errors import NotAModelError
+    from tightfit.runtime.batch import off_main_thread
+
+    seen = []
+    assert off_main_thread(lambda x: seen.append(threading.current_thread()) or x * 2, 21) == 42
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+    def bad():
+        raise NotAModelError("not a model: give a .gguf file")
+    with pytest.raises(NotAModelError, match="give a .gguf file"):
+        off_main_thread(bad)

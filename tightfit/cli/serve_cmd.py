@@ -25,9 +25,10 @@ def run(args) -> int:
     import uvicorn
 
     from ..io import parse_size
+    from ..runtime.batch import off_main_thread
     from ..server.app import create_app
 
-    lm = open_model(args)
+    lm = off_main_thread(open_model, args)  # no OpenMP team left in the main thread (see off_main_thread)
     app = create_app(lm.model, lm.tokenizer, args.name or args.model, api_key=args.api_key, ctx=args.ctx,
                      max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel,
                      max_body=parse_size(args.max_body))

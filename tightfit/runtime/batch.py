@@ -158,6 +158,31 @@ class Batcher:
                 self._release(s, e)
 
 
+def off_main_thread(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) run in a thread that then exits: its result, or its exception raised here.
+
+    The server loads its model this way. libgomp (torch's OpenMP runtime, which the kernels share) gives each
+    thread that opens parallel regions a team of its own, and once the threads it manages outnumber the CPUs it
+    barely spins between regions. A team left in the main thread by the load, beside the batch thread's, did that
+    on 2 cores: ~230 context switches a token and 33 ms a token instead of 19 (bench/README.md). A thread's team
+    goes when the thread exits."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="tightfit-load", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)  # in steps, so that Ctrl-C reaches the main thread
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _common(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0

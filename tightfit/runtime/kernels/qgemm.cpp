@@ -197,10 +197,18 @@ static void tail_rows(const uint8_t* W, int K, int n0, int n1, int cb, uint8_t* 
     }
 }
 
+// The choices AVX2 makes differently, where 16 256-bit registers hold each vector's two halves (bench/README.md):
+// - ONE_ROW: one row per tile of prefill and of a few tokens (3 rows spilled most of the dots: 41% of prefill's
+//   samples were stack loads and stores);
+// - PANEL_M: prefill's panels (the sums in memory) from 4 tokens on, where tiles of registers spilled too (the
+//   server's batched decode of 4 rows cost 2x per token what 8 did);
+// - COPY_TAIL: decode's tiles copy a partial chunk too (AVX-512's masked loads need no copy).
 #ifdef TF_AVX2
-constexpr bool COPY_TAIL = true;  // decode's tiles copy a partial chunk (AVX-512's masked loads need no copy)
+constexpr bool ONE_ROW = true, COPY_TAIL = true;
+constexpr int PANEL_M = 3;
 #else
-constexpr bool COPY_TAIL = false;
+constexpr bool ONE_ROW = false, COPY_TAIL = false;
+constexpr int PANEL_M = 16;
 #endif
 
 template <int BITS, bool NL, int SB, int R, int T>
@@ -448,16 +456,8 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
                  const float* DX, const float* XS, const float* XSL, const int32_t* SI, const ActTail& at, int M,
                  float* Y, int threads, const uint8_t* lut16, float low) {
     const __m512i lut = load_lut(lut16);
-    constexpr int RR = SB == 3 ? 2 : 3;  // rows per tile: the accumulators fill the 32 vector registers
-#ifdef TF_AVX2
-    // one row per tile of prefill and of a few tokens, where 16 256-bit registers hold each vector's two halves
-    // (3 rows spilled most of the dots: 41% of prefill's samples were stack loads and stores), and prefill's
-    // panels (the sums in memory) from 4 tokens on, where tiles of registers spilled too: the server's batched
-    // decode of 4 rows ran at 2x the cost per token of 8
-    constexpr int PR = 1, FR = 1, PANEL_M = 3;
-#else
-    constexpr int PR = RR, FR = RR, PANEL_M = 16;
-#endif
+    // rows per tile: the accumulators fill the 32 vector registers (AVX2: ONE_ROW)
+    constexpr int RR = ONE_ROW ? 1 : SB == 3 ? 2 : 3;
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
     if (M == 1) {  // decode: four rows at a time, the weights streamed with prefetch (bandwidth-bound)
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -489,14 +489,14 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
             float* sc = scb.data();
 #pragma omp for schedule(dynamic, 1)
             for (int p = 0; p < panels; p++) {
-                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / PR * PR;
+                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / RR * RR;
                 for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32);
                 if (cbt) tail_rows<BITS>(W, K, n0, n1, cbt, wtb.data());
                 const uint8_t* wt = wtb.data();  // this panel's partial last chunks, TW bytes a row
                 for (int t = 0; t < m4; t += 4) {
                     int n = n0;
-                    for (; n < n0 + nr; n += PR)
-                        ptile<BITS, NL, SB, PR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
+                    for (; n < n0 + nr; n += RR)
+                        ptile<BITS, NL, SB, RR, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
                                                    wt + (n - n0) * TW, at, t, Y, lut, low);
                     for (; n < n1; n++)
                         ptile<BITS, NL, SB, 1, 4>(W, sc + (size_t)(n - n0) * chunks * 32, N, K, n, XQ, DX, XS, SI,
@@ -517,11 +517,11 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     for (int chunk = 0; chunk < (N + 17) / 18; chunk++) {  // 18 rows: a multiple of 2 and 3
         const int n0 = chunk * 18, n1 = n0 + 18 < N ? n0 + 18 : N;
         int n = n0;
-        for (; n + FR <= n1; n += FR) {
+        for (; n + RR <= n1; n += RR) {
             int t = 0;
-            for (; t + 4 <= M; t += 4) TF_TILE(FR, 4, n, t, true);
-            if (t + 2 <= M) { TF_TILE(FR, 2, n, t, true); t += 2; }
-            if (t < M) TF_TILE(FR, 1, n, t, true);
+            for (; t + 4 <= M; t += 4) TF_TILE(RR, 4, n, t, true);
+            if (t + 2 <= M) { TF_TILE(RR, 2, n, t, true); t += 2; }
+            if (t < M) TF_TILE(RR, 1, n, t, true);
         }
         for (; n < n1; n++) {
             int t = 0;
@@ -669,7 +669,9 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
     if (xq.size() < (size_t)M * K) xq.resize((size_t)M * K);
     if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); si.resize(2 * nb); }
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), threads);
-    const ActTail at = act_tail(xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), M, K);
+    // only where a product reads it: prefill's panels, and AVX2's decode tiles (not a decode step's hot path else)
+    const ActTail at = COPY_TAIL || M > PANEL_M ? act_tail(xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), M, K)
+                                               : ActTail{};
     const int8_t* q = xq.data();
     const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
 #define TF_GEMM(B, NL, SB) \

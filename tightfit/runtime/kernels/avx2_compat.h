@@ -166,6 +166,7 @@ TF_AI tf_vf tf_permutexvar_ps(tf_vi idx, tf_vf v) {
 #define TF_I2(name, op) \
     TF_AI tf_vi name(tf_vi x, tf_vi y) { return {op(x.a, y.a), op(x.b, y.b)}; }
 TF_F2(tf_mul_ps, _mm256_mul_ps)
+TF_F2(tf_add_ps, _mm256_add_ps)
 TF_F2(tf_sub_ps, _mm256_sub_ps)
 TF_F2(tf_max_ps, _mm256_max_ps)
 TF_I2(tf_and_si512, _mm256_and_si256)
@@ -259,6 +260,7 @@ TF_AI tf_vi tf_dpbusd_small(tf_vi acc, tf_vi u, tf_vi s) {
 #define _mm512_cvtsepi32_epi8 tf_cvtsepi32_epi8
 #define _mm512_permutexvar_ps tf_permutexvar_ps
 #define _mm512_mul_ps tf_mul_ps
+#define _mm512_add_ps tf_add_ps
 #define _mm512_sub_ps tf_sub_ps
 #define _mm512_max_ps tf_max_ps
 #define _mm512_fmadd_ps tf_fmadd_ps

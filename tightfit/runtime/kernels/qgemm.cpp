@@ -803,6 +803,77 @@ static void store_kv(const float* k, const float* vv, KT* kc, KT* vc, int pos, i
         }
 }
 
+// 16 cached values as fp32 (bf16: the high halves of 32-bit words)
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(const uint16_t* p) {
+#ifdef TF_AVX2
+    const __m256i a = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+    const __m256i b = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 8))), 16);
+    return {_mm256_castsi256_ps(a), _mm256_castsi256_ps(b)};
+#else
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#endif
+}
+template <typename KT>
+static inline __m512 ld16n(const KT* p, int n) {  // the first n (< 16) of them, zero past
+    KT buf[16] = {};
+    for (int i = 0; i < n; i++) buf[i] = p[i];
+    return ld16(buf);
+}
+
+// Scores of GN heads (q pre-scaled, [GN, hd]) over 16 positions of the keys (kr: [hd, cap] from the block's first
+// position; n <= 16 of them), summed in registers over the head dimension: each key vector is loaded once for the
+// GN heads (a head's whole row of scores loaded and stored again per key row, as before, bounded the loop)
+template <typename KT, int GN>
+static inline void score_block(const float* q, int hd, const KT* kr, size_t cap, int n, float* sc, int S) {
+    constexpr int U = GN <= 2 ? 2 : 1;  // sums per head: one head alone was bound by the multiply-add's latency
+    __m512 acc[U][GN];
+    for (int u = 0; u < U; u++)
+        for (int g = 0; g < GN; g++) acc[u][g] = _mm512_setzero_ps();
+    int d = 0;
+    for (; d + U <= hd; d += U) {
+#pragma GCC unroll 2
+        for (int u = 0; u < U; u++) {
+            const KT* k = kr + (size_t)(d + u) * cap;
+            const __m512 kv = n == 16 ? ld16(k) : ld16n(k, n);
+#pragma GCC unroll 4
+            for (int g = 0; g < GN; g++)
+                acc[u][g] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)g * hd + d + u]), kv, acc[u][g]);
+        }
+    }
+    for (; d < hd; d++) {  // an odd head dimension's last
+        const KT* k = kr + (size_t)d * cap;
+        const __m512 kv = n == 16 ? ld16(k) : ld16n(k, n);
+        for (int g = 0; g < GN; g++) acc[0][g] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)g * hd + d]), kv, acc[0][g]);
+    }
+    alignas(64) float o[16];
+    for (int g = 0; g < GN; g++) {
+        _mm512_store_ps(o, U == 2 ? _mm512_add_ps(acc[0][g], acc[U - 1][g]) : acc[0][g]);
+        for (int i = 0; i < n; i++) sc[(size_t)g * S + i] = o[i];
+    }
+}
+
+// out[GN, 32 dims] = sum over S positions of p[g][s] * v[s, the 32 dims] (vr: [S, hd] from the block's first dim)
+template <typename KT, int GN>
+static inline void value_block(const float* p, int S, const KT* vr, int hd, float* out) {
+    __m512 acc[GN][2];
+    for (int g = 0; g < GN; g++) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        const KT* v = vr + (size_t)s * hd;
+        const __m512 v0 = ld16(v), v1 = ld16(v + 16);
+#pragma GCC unroll 2
+        for (int g = 0; g < GN; g++) {
+            const __m512 pg = _mm512_set1_ps(p[(size_t)g * S + s]);
+            acc[g][0] = _mm512_fmadd_ps(pg, v0, acc[g][0]);
+            acc[g][1] = _mm512_fmadd_ps(pg, v1, acc[g][1]);
+        }
+    }
+    for (int g = 0; g < GN; g++) {
+        _mm512_storeu_ps(out + (size_t)g * hd, acc[g][0]);
+        _mm512_storeu_ps(out + (size_t)g * hd + 16, acc[g][1]);
+    }
+}
+
 // G query heads of one kv group (q: [G, hd]) over S cached positions (kc: [hd, cap], vc: [cap, hd]); fp32 softmax.
 // The group's keys and values are read from memory once for its G heads, and prefetched: the cache of the step's
 // earlier layers has left L3 by the time a layer comes round again, and the keys' rows of S values are streams too
@@ -812,25 +883,25 @@ template <typename KT>
 static void attend_group(const float* q, int G, const KT* kc, const KT* vc, int S, int cap, int hd, float scale,
                          float* out) {
     thread_local std::vector<float> scv;
-    scv.assign((size_t)G * (S + 1), 0.0f);
-    float *sc = scv.data(), *sums = sc + (size_t)G * S;
-    const size_t krow = (size_t)S * sizeof(KT), vbytes = (size_t)S * hd * sizeof(KT);
-    const size_t vstep = (vbytes / 64 + hd - 1) / hd;  // lines of values to prefetch per key row
-    constexpr int PD = 2;  // key rows ahead
-    for (int d = 0; d < PD && d < hd; d++)
-        for (size_t o = 0; o < krow; o += 64) _mm_prefetch((const char*)(kc + (size_t)d * cap) + o, _MM_HINT_T0);
-    for (int d = 0; d < hd; d++) {
-        if (d + PD < hd)
-            for (size_t o = 0; o < krow; o += 64) _mm_prefetch((const char*)(kc + (size_t)(d + PD) * cap) + o, _MM_HINT_T0);
-        for (size_t l = d * vstep; l < (d + 1) * vstep && l * 64 < vbytes; l++)
+    scv.resize((size_t)G * (S + 1 + hd));
+    float *sc = scv.data(), *sums = sc + (size_t)G * S, *qs = sums + G;
+    for (int i = 0; i < G * hd; i++) qs[i] = q[i] * scale;
+    const size_t vbytes = (size_t)S * hd * sizeof(KT), lines = vbytes / 64 + 1;
+    const int blocks = (S + 15) / 16;
+    for (int d = 0; d < hd; d++)  // the first blocks' keys
+        _mm_prefetch((const char*)(kc + (size_t)d * cap), _MM_HINT_T0);
+    for (int b = 0; b < blocks; b++) {
+        const int s0 = b * 16, n = S - s0 < 16 ? S - s0 : 16;
+        const int ahead = s0 + 64 / (int)sizeof(KT);  // keys a cache line ahead (2 or 4 made no difference)
+        if ((s0 * sizeof(KT)) % 64 == 0 && ahead < S)
+            for (int d = 0; d < hd; d++) _mm_prefetch((const char*)(kc + (size_t)d * cap + ahead), _MM_HINT_T0);
+        for (size_t l = lines * b / blocks; l < lines * (b + 1) / blocks; l++)  // and the values, spread over them
             _mm_prefetch((const char*)vc + l * 64, _MM_HINT_T0);
-        const KT* kr = kc + (size_t)d * cap;
-        for (int g = 0; g < G; g++) {
-            const float qd = q[(size_t)g * hd + d] * scale;
-            float* sg = sc + (size_t)g * S;
-#pragma omp simd
-            for (int s = 0; s < S; s++) sg[s] += qd * ld(kr + s);
-        }
+        int g = 0;
+        for (; g + 4 <= G; g += 4) score_block<KT, 4>(qs + (size_t)g * hd, hd, kc + s0, cap, n, sc + (size_t)g * S + s0, S);
+        if (G - g == 3) score_block<KT, 3>(qs + (size_t)g * hd, hd, kc + s0, cap, n, sc + (size_t)g * S + s0, S);
+        else if (G - g == 2) score_block<KT, 2>(qs + (size_t)g * hd, hd, kc + s0, cap, n, sc + (size_t)g * S + s0, S);
+        else if (G - g == 1) score_block<KT, 1>(qs + (size_t)g * hd, hd, kc + s0, cap, n, sc + (size_t)g * S + s0, S);
     }
     for (int g = 0; g < G; g++) {
         float* sg = sc + (size_t)g * S;
@@ -838,13 +909,21 @@ static void attend_group(const float* q, int G, const KT* kc, const KT* vc, int 
         for (int s = 1; s < S; s++) mx = sg[s] > mx ? sg[s] : mx;
         float sum = 0;
         for (int s = 0; s < S; s++) { sg[s] = expf(sg[s] - mx); sum += sg[s]; }
-        sums[g] = sum;
+        for (int s = 0; s < S; s++) sg[s] /= sum;
+    }
+    if (hd % 32 == 0) {
+        for (int d0 = 0; d0 < hd; d0 += 32) {
+            int g = 0;
+            for (; g + 2 <= G; g += 2) value_block<KT, 2>(sc + (size_t)g * S, S, vc + d0, hd, out + (size_t)g * hd + d0);
+            if (g < G) value_block<KT, 1>(sc + (size_t)g * S, S, vc + d0, hd, out + (size_t)g * hd + d0);
+        }
+        return;
     }
     for (int i = 0; i < G * hd; i++) out[i] = 0;
     for (int s = 0; s < S; s++) {
         const KT* vr = vc + (size_t)s * hd;
         for (int g = 0; g < G; g++) {
-            const float p = sc[(size_t)g * S + s] / sums[g];
+            const float p = sc[(size_t)g * S + s];
             float* o = out + (size_t)g * hd;
 #pragma omp simd
             for (int d = 0; d < hd; d++) o[d] += p * ld(vr + d);

@@ -173,12 +173,67 @@ TF_INLINE void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, i
 constexpr int tail_row_bytes(int bits) { return bits == 8 ? 512 : bits == 6 ? 384 : 256; }
 
 // per token: 8 slices of 64 bytes (x); 16 floats of each block's scale, sum and first half's sum (dx, xs, xsl);
-// 16 integer block sums, then 16 first-half sums (si)
+// 16 integer block sums, then 16 first-half sums (si). A dense tail (below) adds its own layout of the activations
+// (xd: `units` vectors a token, 256 bytes apart), their block scales replicated over its lanes (dxr: 16 floats a
+// token), and the replication's lane order (rep: lane l takes block l % cb).
 struct ActTail {
     const int8_t* x;
     const float *dx, *xs, *xsl;
     const int32_t* si;
+    const int8_t* xd;
+    const float* dxr;
+    const int32_t* rep;
+    int units;
 };
+
+// A dense tail: where a 4- or 8-bit row's partial last chunk has 2, 4 or 8 blocks (576 columns: 16 + 2; 8960: 17 x
+// 16 + 8), its bytes are read as they lie, cb * 16 (4-bit) or cb * 32 (8-bit) of them, in cb / 2 vectors, rather
+// than as a whole chunk of 16 blocks mostly zero. Laid out as 8 slices of cb lanes, a vector's lane l then holds
+// block l % cb (cb divides 8), so the integer dots stay per lane, and a lane's scale is its block's, replicated:
+// the final sum over lanes adds the slices up. A 576-wide row's tail had cost as much as its whole chunk (3072 x
+// 576 took 1.9x the time of 3072 x 512). 6-bit codes and other block counts keep the whole-chunk copy.
+static inline bool dense_tail(int bits, int cb) { return (bits == 4 || bits == 8) && (cb == 2 || cb == 4 || cb == 8); }
+
+// unit u of a dense tail's weights (p: the row's tail + u * (BITS == 4 ? 32 : 64)): 4-bit codes as 32 bytes whose
+// low nibbles (slices 0-3) fill the low half and high nibbles (slices 4-7) the high half; 8-bit codes as they are
+template <int BITS, bool NL>
+TF_INLINE __m512i unit_w(const uint8_t* p, __m512i lut) {
+    if constexpr (BITS == 8) {
+        return _mm512_loadu_si512(p);
+    } else {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)p), nib = _mm256_set1_epi8(0x0F);
+        __m256i lo = _mm256_and_si256(raw, nib), up = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+#ifdef TF_AVX2
+        if constexpr (NL) {
+            lo = _mm256_shuffle_epi8(lut.a, lo);
+            up = _mm256_shuffle_epi8(lut.a, up);
+        }
+        return {lo, up};
+#else
+        if constexpr (NL) {
+            lo = _mm256_shuffle_epi8(_mm512_castsi512_si256(lut), lo);
+            up = _mm256_shuffle_epi8(_mm512_castsi512_si256(lut), up);
+        }
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), up, 1);
+#endif
+    }
+}
+
+// a dense tail's integer dots of R rows (wr: each row's tail) x T tokens (xd: the first token's units)
+template <int BITS, bool NL, int R, int T>
+TF_INLINE void tail_dots(const uint8_t* const* wr, const int8_t* xd, int units, __m512i lut, __m512i (&dot)[R][T]) {
+    for (int u = 0; u < units; u++) {
+        __m512i wv[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = unit_w<BITS, NL>(wr[r] + u * (BITS == 4 ? 32 : 64), lut);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            const __m512i xv = _mm512_loadu_si512(xd + (size_t)t * 256 + u * 64);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) dot[r][t] = dpb<BITS, NL>(dot[r][t], wv[r], xv);
+        }
+    }
+}
 
 // rows n0..n1's last chunk (cb blocks): per row 4 slices of 64 bytes (4-bit), those and 2 of high bits (6-bit),
 // or 8 (8-bit), zero past the blocks
@@ -248,12 +303,34 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
         const __mmask16 km = (__mmask16)((1u << cb) - 1);
-        const bool copied = COPY_TAIL && cb < 16;  // the partial chunk as a whole one (see ActTail)
+        const bool dense = cb < 16 && at.units;  // (see dense_tail)
+        const bool copied = COPY_TAIL && cb < 16 && !dense;  // the partial chunk as a whole one (see ActTail)
         if (prefetch)  // whole tiles ahead: one thread alone keeps too few loads in flight otherwise
             for (int l = 0; l < lpc; l++) _mm_prefetch((const char*)(wr[0] + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
         __m512i dot[R][T], doth[R][T];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
+        if constexpr (BITS == 4 || BITS == 8) {
+            if (dense) {
+                const uint8_t* wd[R];
+                for (int r = 0; r < R; r++) wd[r] = wr[r] + (size_t)ci * (BITS == 8 ? 512 : 256);
+                tail_dots<BITS, NL, R, T>(wd, at.xd + (size_t)t0 * 256, at.units, lut, dot);
+                const __m512i ix = _mm512_loadu_si512(at.rep);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m512 dw, mw;
+                    block_scales<SB>(D, Mn, N, nb, n + r, c, km, low, &dw, &mw);
+                    const __m512 dwr = _mm512_permutexvar_ps(ix, dw);
+#pragma GCC unroll 8
+                    for (int t = 0; t < T; t++) {
+                        const __m512 dx = _mm512_loadu_ps(at.dxr + (size_t)(t0 + t) * 16);
+                        __m512 a = _mm512_fmadd_ps(mw, _mm512_loadu_ps(at.xs + (size_t)(t0 + t) * 16), acc[r][t]);
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(dwr, dx), a);
+                    }
+                }
+                continue;
+            }
+        }
         if (copied) {
             tail_rows<BITS>(W, K, n, n + R, cb, wt);
             for (int r = 0; r < R; r++) wtr[r] = wt + r * TW;
@@ -361,7 +438,8 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
 // blocks' two halves, the ms joining the integer dot): written once per row and read by every tile of tokens that
 // passes over it, where tile() decodes them again for each.
 template <int SB>
-static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int nb, int n, float low, float* out) {
+static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int nb, int n, float low, float* out,
+                              const int32_t* rep) {
     const int chunks = (nb + 15) / 16;
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
@@ -369,6 +447,7 @@ static inline void row_scales(const uint16_t* D, const uint16_t* Mn, int N, int 
         __m512 a, b;
         if constexpr (SB == 3) half_scales(D, Mn, nb, n, c, km, &a, &b);
         else block_scales<SB>(D, Mn, N, nb, n, c, km, low, &a, &b);
+        if (SB != 3 && cb < 16 && rep) a = _mm512_permutexvar_ps(_mm512_loadu_si512(rep), a);  // a dense tail's
         _mm512_storeu_ps(out + (size_t)ci * 32, a);
         _mm512_storeu_ps(out + (size_t)ci * 32 + 16, b);
     }
@@ -396,13 +475,23 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) dot[r][t] = doth[r][t] = _mm512_setzero_si512();
         // the row's partial last chunk from the panel's copy (wt: this tile's rows) and the activations' (at)
-        const uint8_t* wc = whole ? w0 + (size_t)ci * cw : wt;
-        chunk_dots<BITS, NL, SB, R, T>(wc, whole ? rb : TW, whole ? x0 + (size_t)ci * 512 : at.x + (size_t)t0 * 512,
-                                        whole ? K : 512, whole ? w0 + K / 2 + (size_t)ci * 128 : wt + 256, lut, dot,
-                                        doth);
+        const bool dense = !whole && at.units;
+        if constexpr (BITS == 4 || BITS == 8) {
+            if (dense) {
+                const uint8_t* wd[R];
+                for (int r = 0; r < R; r++) wd[r] = w0 + r * rb + (size_t)ci * cw;
+                tail_dots<BITS, NL, R, T>(wd, at.xd + (size_t)t0 * 256, at.units, lut, dot);
+            }
+        }
+        if (!dense) {
+            const uint8_t* wc = whole ? w0 + (size_t)ci * cw : wt;
+            chunk_dots<BITS, NL, SB, R, T>(wc, whole ? rb : TW, whole ? x0 + (size_t)ci * 512 : at.x + (size_t)t0 * 512,
+                                            whole ? K : 512, whole ? w0 + K / 2 + (size_t)ci * 128 : wt + 256, lut,
+                                            dot, doth);
+        }
         // the activations' block scales and sums of this chunk: per token, 16 of each (stride xst; si: sst, the
-        // first halves' sums sf after the blocks')
-        const float* dx0 = whole ? DX + (size_t)t0 * nb + c : at.dx + (size_t)t0 * 16;
+        // first halves' sums sf after the blocks'); a dense tail's scales replicated over its lanes
+        const float* dx0 = whole ? DX + (size_t)t0 * nb + c : (dense ? at.dxr : at.dx) + (size_t)t0 * 16;
         const size_t xst = whole ? nb : 16;
         if constexpr (SB >= 2) {
             // no mins (m = low * scale): the low * sum(x) term joins the integer dot, which leaves 2 (SB 3: 3)
@@ -489,7 +578,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
         nc = nc < 24 ? 24 : nc > 192 ? 192 : nc;
         while (nc > 24 && (N + nc - 1) / nc < 2 * threads) nc -= 6;  // enough panels for the threads
         const int panels = (N + nc - 1) / nc, m4 = M / 4 * 4;
-        const int cbt = nb % 16;  // blocks of the rows' last chunk where it is partial (ActTail)
+        const int cbt = at.units ? 0 : nb % 16;  // blocks of the rows' last chunk to copy (ActTail)
         constexpr size_t TW = tail_row_bytes(BITS);
 #pragma omp parallel num_threads(threads)
         {
@@ -501,7 +590,8 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #pragma omp for schedule(dynamic, 1)
             for (int p = 0; p < panels; p++) {
                 const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N, nr = (n1 - n0) / RR * RR;
-                for (int n = n0; n < n1; n++) row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32);
+                for (int n = n0; n < n1; n++)
+                    row_scales<SB>(D, Mn, N, nb, n, low, sc + (size_t)(n - n0) * chunks * 32, at.units ? at.rep : nullptr);
                 if (cbt) tail_rows<BITS>(W, K, n0, n1, cbt, wtb.data());
                 const uint8_t* wt = wtb.data();  // this panel's partial last chunks, TW bytes a row
                 for (int t = 0; t < m4; t += 4) {
@@ -644,30 +734,43 @@ void dequant_f32(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     dequant_t<float>(W, D, Mn, N, K, bits, lut, sb, low, out, threads);
 }
 
-// The activations' part of the rows' partial last chunk, laid out whole (ActTail; per-thread scratch); empty
-// where K is a multiple of 512.
+// The activations' part of the rows' partial last chunk (ActTail; per-thread scratch): laid out whole, or for a
+// dense tail (bits: the weights') in its units; empty where K is a multiple of 512.
 static ActTail act_tail(const int8_t* XQ, const float* DX, const float* XS, const float* XSL, const int32_t* SI, int M,
-                        int K) {
+                        int K, int bits) {
     thread_local std::vector<int8_t> xt;
     thread_local std::vector<float> vt;
     thread_local std::vector<int32_t> st;
     const int nb = K / 32, cb = nb % 16, lc = nb / 16;
     if (!cb) return ActTail{};
-    xt.assign((size_t)M * 512, 0);
-    vt.assign((size_t)M * 48, 0.0f);
-    st.assign((size_t)M * 32, 0);
-    float *dx = vt.data(), *xs = dx + (size_t)M * 16, *xsl = xs + (size_t)M * 16;
+    const bool dense = dense_tail(bits, cb);
+    xt.assign((size_t)M * (dense ? 256 : 512), 0);
+    vt.assign((size_t)M * 64, 0.0f);
+    st.assign((size_t)M * 32 + 16, 0);
+    float *dx = vt.data(), *xs = dx + (size_t)M * 16, *xsl = xs + (size_t)M * 16, *dxr = xsl + (size_t)M * 16;
+    int32_t* rep = st.data() + (size_t)M * 32;
+    for (int l = 0; l < 16; l++) rep[l] = l % cb;
     for (int t = 0; t < M; t++) {
-        for (int i = 0; i < 8; i++)
-            memcpy(&xt[(size_t)t * 512 + i * 64], XQ + (size_t)t * K + (size_t)lc * 512 + i * cb * 4, cb * 4);
+        const int8_t* x = XQ + (size_t)t * K + (size_t)lc * 512;
+        if (!dense) {
+            for (int i = 0; i < 8; i++) memcpy(&xt[(size_t)t * 512 + i * 64], x + i * cb * 4, cb * 4);
+        } else if (bits == 8) {  // the slices as they lie
+            memcpy(&xt[(size_t)t * 256], x, cb * 32);
+        } else {  // 4-bit: unit u holds bytes 32u.. of slices 0-3, then the same of slices 4-7
+            for (int u = 0; u < cb / 2; u++) {
+                memcpy(&xt[(size_t)t * 256 + u * 64], x + u * 32, 32);
+                memcpy(&xt[(size_t)t * 256 + u * 64 + 32], x + cb * 16 + u * 32, 32);
+            }
+        }
         const size_t o = (size_t)t * nb + lc * 16;
         memcpy(dx + (size_t)t * 16, DX + o, cb * 4);
         memcpy(xs + (size_t)t * 16, XS + o, cb * 4);
         memcpy(xsl + (size_t)t * 16, XSL + o, cb * 4);
+        for (int l = 0; l < 16; l++) dxr[(size_t)t * 16 + l] = DX[o + rep[l]];
         memcpy(&st[(size_t)t * 32], SI + (size_t)t * 2 * nb + lc * 16, cb * 4);
         memcpy(&st[(size_t)t * 32 + 16], SI + (size_t)t * 2 * nb + nb + lc * 16, cb * 4);
     }
-    return ActTail{xt.data(), dx, xs, xsl, st.data()};
+    return ActTail{xt.data(), dx, xs, xsl, st.data(), dense ? xt.data() : nullptr, dxr, rep, dense ? cb / 2 : 0};
 }
 
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
@@ -681,8 +784,10 @@ void linear(const float* x, int M, int K, const uint8_t* W, const uint16_t* D, c
     if (dx.size() < nb) { dx.resize(nb); xs.resize(nb); xsl.resize(nb); si.resize(2 * nb); }
     quantize_act(x, M, K, xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), threads);
     // only where a product reads it: prefill's panels, and AVX2's decode tiles (not a decode step's hot path else)
-    const ActTail at = COPY_TAIL || M > PANEL_M ? act_tail(xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), M, K)
-                                               : ActTail{};
+    const int cb = (K / 32) % 16;
+    const ActTail at = COPY_TAIL || M > PANEL_M || dense_tail(bits, cb)
+                           ? act_tail(xq.data(), dx.data(), xs.data(), xsl.data(), si.data(), M, K, bits)
+                           : ActTail{};
     const int8_t* q = xq.data();
     const float *a = dx.data(), *c = xs.data(), *cl = xsl.data(), lw = (float)low;
 #define TF_GEMM(B, NL, SB) \

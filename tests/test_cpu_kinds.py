@@ -92,7 +92,8 @@ def test_without_bf16_in_hardware_the_heavy_products_run_in_fp32(monkeypatch):
 
 def test_a_profile_measured_under_another_kernel_is_probed_again(monkeypatch, tmp_path):
     """fit re-probes when the saved profile's speeds came from another form of the kernel (torch's int4 op before
-    the AVX2 build existed, say), as it does for an older probe."""
+    the AVX2 build existed, say) or another build of the same form (its code changed), as it does for an older
+    probe."""
     import json
 
     from tightfit.fit import _profile_is_stale
@@ -107,5 +108,10 @@ def test_a_profile_measured_under_another_kernel_is_probed_again(monkeypatch, tm
     other = "torch" if kernel_build() != "torch" else "avx2"
     profile.write_text(json.dumps({"probe_version": PROBE_VERSION, "kernel": other}))
     assert _profile_is_stale()
+    if kernel_build() != "torch":  # the same form, another build of its code
+        form = kernel_build().split()[0]
+        assert kernel_build() != form
+        profile.write_text(json.dumps({"probe_version": PROBE_VERSION, "kernel": f"{form} 0123456789abcdef"}))
+        assert _profile_is_stale()
     profile.write_text(json.dumps({"probe_version": PROBE_VERSION - 1, "kernel": kernel_build()}))
     assert _profile_is_stale()

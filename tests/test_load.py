@@ -146,3 +146,48 @@ def test_convert_to_gguf_streams_and_writes_the_whole_model_paths_bytes(tiny_mod
         offgrid(lm.model.state_dict(), lm.config, sigma=0.1, seed=3)
     whole = write_gguf_f16(lm, tmp_path / "whole.gguf")
     assert out.read_bytes() == whole.read_bytes()
+
+
+def test_gguf_metadata_is_parsed_once_and_its_config_and_tokenizer_kept(tiny_models, tmp_path, monkeypatch):
+    """A GGUF's reader is kept while the file's metadata bytes are unchanged, and the config and tokenizer that
+    transformers built from it are kept on disk: the next load reads no metadata through transformers (20 s
+    apiece for a 152k-token vocabulary) and gives the same config and token ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tightfit.models import gguf_file
+
+    monkeypatch.setenv("TIGHTFIT_CACHE", str(tmp_path / "cache"))
+    path = write_gguf_f16(tightfit.load(tiny_models["llama"]), tmp_path / "m.gguf")
+    reader = open_gguf(path)
+    assert open_gguf(path) is reader
+    config, tok = gguf_file.hf_config(path)
+    kept = list((tmp_path / "cache" / "gguf-meta").iterdir())
+    assert len(kept) == 1 and (kept[0] / "config.json").exists()
+
+    parsed = []
+    for cls in (AutoConfig, AutoTokenizer):
+        original = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained",
+                            lambda *a, _f=original, **k: (parsed.append(k.get("gguf_file")), _f(*a, **k))[1])
+    config2, tok2 = gguf_file.hf_config(path)
+    assert parsed and not any(parsed)  # every read from the kept folder, none with gguf_file
+    assert {k: v for k, v in config2.to_dict().items() if k != "transformers_version"} == \
+        {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    text = "The economy grew, and the union <s> is strong.</s>"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    chat = [{"role": "user", "content": "hello"}]
+    assert tok2.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    assert (tok2.bos_token_id, tok2.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+
+    (kept[0] / "config.json").write_text("{")  # a damaged kept entry: read from the file again, and kept anew
+    parsed.clear()
+    assert gguf_file.hf_config(path)[0].num_hidden_layers == config.num_hidden_layers
+    assert parsed.count("m.gguf") >= 2
+
+    blob = bytearray(path.read_bytes())  # the metadata changed in place, same size: read again
+    at = blob.index(b"content")
+    blob[at:at + 7] = b"CONTENT"
+    path.write_bytes(bytes(blob))
+    again = open_gguf(path)
+    assert again is not reader
+    assert "CONTENT" in gguf_file.field_contents(again.fields["tokenizer.chat_template"], path)

@@ -314,14 +314,21 @@ def test_run_cli_streams_text(tiny_models, capsys):
     assert out.strip() and "8 generated" in err
 
 
-def test_decoding_past_256_positions_matches_one_pass(artifacts):
-    """Long contexts take the multi-threaded attention branch of the fused decode step."""
+@pytest.mark.parametrize("threads", [2, 4])
+def test_decoding_past_256_positions_matches_one_pass(artifacts, threads):
+    """Long contexts take the multi-threaded attention branch of the fused decode step: by kv group (2 groups of 2
+    heads), and at 4 threads each group's heads split in two parts."""
     lm = load_runtime(artifacts["sym4"])
     ids = torch.randint(5, 300, (1, 300), generator=torch.Generator().manual_seed(0))
     whole = lm.model(ids).logits[0, -3:]
     cache = lm.model.new_cache(1, 300)
     lm.model.forward(ids[:, :297], 0, cache)
-    steps = torch.cat([lm.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(297, 300)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        steps = torch.cat([lm.model.forward(ids[:, i:i + 1], i, cache)[0] for i in range(297, 300)])
+    finally:
+        torch.set_num_threads(before)
     assert kld(whole, steps) < 1e-3
 
 

@@ -99,11 +99,12 @@ def _gguf_tensor_bytes(path: Path, t, part: int = 0, parts: int = 1) -> np.ndarr
 
 
 def _gguf_source(path: Path):
+    from ..models.gguf_file import open_gguf
     from ..models.lazy import lazy_gguf
 
     lazy = lazy_gguf(path)
     config = lazy.config
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    tensors = {t.name: t for t in open_gguf(path).tensors}
     from ..models.families import family_of
 
     fam = family_of(config, str(path))

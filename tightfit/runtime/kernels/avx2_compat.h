@@ -226,6 +226,15 @@ TF_AI tf_vi tf_dpbusd_small(tf_vi acc, tf_vi u, tf_vi s) {
     return {_mm256_add_epi32(acc.a, _mm256_madd_epi16(_mm256_maddubs_epi16(u.a, s.a), ones)),
             _mm256_add_epi32(acc.b, _mm256_madd_epi16(_mm256_maddubs_epi16(u.b, s.b), ones))};
 }
+// codes below 16: the byte products' pair sums kept as int16 and summed over a chunk's 8 slices (8 x 2 x 15 x 128 =
+// 30720 fits), then widened once (tf_widen_epi16), where tf_dpbusd_small widens every slice
+TF_AI tf_vi tf_dpbusw_small(tf_vi acc, tf_vi u, tf_vi s) {
+    return {_mm256_add_epi16(acc.a, _mm256_maddubs_epi16(u.a, s.a)), _mm256_add_epi16(acc.b, _mm256_maddubs_epi16(u.b, s.b))};
+}
+TF_AI tf_vi tf_widen_epi16(tf_vi v) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return {_mm256_madd_epi16(v.a, ones), _mm256_madd_epi16(v.b, ones)};
+}
 
 // the names qgemm.cpp is written with
 #define __m512i tf_vi

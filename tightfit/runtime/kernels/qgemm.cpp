@@ -123,8 +123,8 @@ TF_INLINE __m512i dpb(__m512i acc, __m512i u, __m512i s) {
     return _mm512_dpbusd_epi32(acc, u, s);
 }
 
-// AVX2 with 4-bit uniform codes: decode's tiles sum a chunk's slices in int16 lanes and widen them once after the
-// chunk (tf_dpbusw_small), a third fewer operations per slice than tf_dpbusd_small's widening every one
+// AVX2 with 4-bit uniform codes: a chunk's slices summed in int16 lanes and widened once after the chunk
+// (tf_dpbusw_small, widen16), a third fewer operations per slice than tf_dpbusd_small's widening every one
 template <int BITS, bool NL>
 constexpr bool sum16() {
 #ifdef TF_AVX2
@@ -139,6 +139,19 @@ TF_INLINE __m512i dps(__m512i acc, __m512i u, __m512i s) {
     if constexpr (sum16<BITS, NL>()) return tf_dpbusw_small(acc, u, s);
 #endif
     return dpb<BITS, NL>(acc, u, s);
+}
+
+// a chunk's int16 sums (dps) to int32, after its slices
+template <int BITS, bool NL, int SB, int R, int T>
+TF_INLINE void widen16(__m512i (&dot)[R][T], __m512i (&doth)[R][T]) {
+#ifdef TF_AVX2
+    if constexpr (sum16<BITS, NL>())
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) {
+                dot[r][t] = tf_widen_epi16(dot[r][t]);
+                if constexpr (SB == 3) doth[r][t] = tf_widen_epi16(doth[r][t]);
+            }
+#endif
 }
 
 // slice i (0..7) of chunk ci (cb blocks) of weight row w, as unsigned bytes (see the top of this file)
@@ -364,14 +377,7 @@ static inline void tile(const uint8_t* W, const uint16_t* D, const uint16_t* Mn,
         }
         chunk_slices<BITS, NL, SB, R, T>(copied ? wtr : wr, copied ? xtr : xr, copied ? 512 : K, copied ? 0 : ci,
                                          copied ? 16 : cb, copied ? ~0ULL : lanes_mask(cb), lut, dot, doth);
-#ifdef TF_AVX2
-        if constexpr (sum16<BITS, NL>())
-            for (int r = 0; r < R; r++)
-                for (int t = 0; t < T; t++) {
-                    dot[r][t] = tf_widen_epi16(dot[r][t]);
-                    if constexpr (SB == 3) doth[r][t] = tf_widen_epi16(doth[r][t]);
-                }
-#endif
+        widen16<BITS, NL, SB, R, T>(dot, doth);
         const __mmask16 kx = copied ? (__mmask16)0xFFFF : km;  // the activations' values: whole where copied
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
@@ -424,6 +430,36 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
                 for (int r = 0; r < R; r++) dot[r][t] = dpb<BITS, NL>(dot[r][t], wv[r], xv);
             }
         }
+    } else if (BITS == 4 && ONE_ROW) {
+        // AVX2 (one row, 16 registers): the low nibbles' products for the T tokens, then the high ones', the row's
+        // bytes loaded again (from L1) between: lo and up both live with 4 tokens' sums spilled them to the stack
+        const __m512i nib = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            __m512i lo[R];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                lo[r] = _mm512_and_si512(_mm512_loadu_si512(w + r * rb + j * 64), nib);
+                if constexpr (NL) lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) dot[r][t] = dps<BITS, NL>(dot[r][t], lo[r], _mm512_loadu_si512(x + t * K + j * 64));
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                lo[r] = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(w + r * rb + j * 64), 4), nib);
+                if constexpr (NL) lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m512i xv = _mm512_loadu_si512(x + t * K + (4 + j) * 64);
+                    if constexpr (SB == 3) doth[r][t] = dps<BITS, NL>(doth[r][t], lo[r], xv);
+                    else dot[r][t] = dps<BITS, NL>(dot[r][t], lo[r], xv);
+                }
+        }
     } else {
         const __m512i nib = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
@@ -452,7 +488,7 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
                 __m512i xv = _mm512_loadu_si512(x + t * K + j * 64);
                 TF_KEEP(xv);
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) dot[r][t] = dpb<BITS, NL>(dot[r][t], lo[r], xv);
+                for (int r = 0; r < R; r++) dot[r][t] = dps<BITS, NL>(dot[r][t], lo[r], xv);
             }
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
@@ -460,8 +496,8 @@ TF_INLINE void chunk_dots(const uint8_t* w, size_t rb, const int8_t* x, size_t K
                 TF_KEEP(xv);
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
-                    if constexpr (SB == 3) doth[r][t] = dpb<BITS, NL>(doth[r][t], up[r], xv);
-                    else dot[r][t] = dpb<BITS, NL>(dot[r][t], up[r], xv);
+                    if constexpr (SB == 3) doth[r][t] = dps<BITS, NL>(doth[r][t], up[r], xv);
+                    else dot[r][t] = dps<BITS, NL>(dot[r][t], up[r], xv);
                 }
             }
         }
@@ -522,6 +558,7 @@ static inline void ptile(const uint8_t* W, const float* SC, int N, int K, int n,
             chunk_dots<BITS, NL, SB, R, T>(wc, whole ? rb : TW, whole ? x0 + (size_t)ci * 512 : at.x + (size_t)t0 * 512,
                                             whole ? K : 512, whole ? w0 + K / 2 + (size_t)ci * 128 : wt + 256, lut,
                                             dot, doth);
+            widen16<BITS, NL, SB, R, T>(dot, doth);
         }
         // the activations' block scales and sums of this chunk: per token, 16 of each (stride xst; si: sst, the
         // first halves' sums sf after the blocks'); a dense tail's scales replicated over its lanes

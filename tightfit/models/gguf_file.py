@@ -140,7 +140,11 @@ def _meta_dir(path: Path) -> Path:
     by the file's size and metadata bytes (a copy elsewhere shares it), and transformers' version."""
     import transformers
 
-    _, size, digest, _ = _READERS[str(path.resolve())]
+    held = _READERS.get(str(path.resolve()))
+    if held is None:  # another file opened since (a thread's): open this one again, which keeps its digest
+        open_gguf(path)
+        held = _READERS[str(path.resolve())]
+    _, size, digest, _ = held
     key = hashlib.blake2b(f"{size}|{digest.hex()}|{transformers.__version__}|1".encode(),
                           digest_size=12).hexdigest()
     return Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "gguf-meta" / key

@@ -56,6 +56,11 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     return reader
 
 
+def release_readers() -> None:
+    """Let the kept readers go (a loaded engine holds its own copies of the weights)."""
+    _READERS.clear()
+
+
 def _open_gguf(path: Path) -> gguf.GGUFReader:
     with open(path, "rb") as f:
         head = f.read(4)

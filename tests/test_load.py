@@ -183,6 +183,7 @@ def test_gguf_metadata_is_parsed_once_and_its_config_and_tokenizer_kept(tiny_mod
     parsed.clear()
     assert gguf_file.hf_config(path)[0].num_hidden_layers == config.num_hidden_layers
     assert parsed.count("m.gguf") >= 2
+    assert AutoConfig.from_pretrained(kept[0]).num_hidden_layers == config.num_hidden_layers  # and kept anew
 
     blob = bytearray(path.read_bytes())  # the metadata changed in place, same size: read again
     at = blob.index(b"content")

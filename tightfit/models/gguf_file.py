@@ -27,7 +27,7 @@ class _Reader(gguf.GGUFReader):
         return super()._get(offset, dtype, count, override_order)
 
 
-_READERS: OrderedDict = OrderedDict()  # path -> (inode, size, digest of the metadata's bytes, reader): the last few
+_READERS: OrderedDict = OrderedDict()  # path -> (inode, size, reader): the last few opened
 
 
 def _metadata_digest(path: Path, n: int) -> bytes:
@@ -44,13 +44,15 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     st, name = path.stat(), str(path.resolve())
     held = _READERS.get(name)
     if held is not None:
-        ino, size, digest, reader = held
-        if (ino, size) == (st.st_ino, st.st_size) and _metadata_digest(path, reader.data_offset) == digest:
+        ino, size, reader = held
+        if (ino, size) == (st.st_ino, st.st_size) and \
+                _metadata_digest(path, reader.data_offset) == reader.metadata_digest:
             _READERS.move_to_end(name)
             return reader
         del _READERS[name]
     reader = _open_gguf(path)
-    _READERS[name] = (st.st_ino, st.st_size, _metadata_digest(path, reader.data_offset), reader)
+    reader.metadata_digest = _metadata_digest(path, reader.data_offset)
+    _READERS[name] = (st.st_ino, st.st_size, reader)
     while len(_READERS) > 2:
         _READERS.popitem(last=False)
     return reader
@@ -106,7 +108,8 @@ def hf_config(path: Path, tokenizer: bool = True):
     transformers raised."""
     from transformers import AutoConfig, AutoTokenizer
     reader = open_gguf(path)
-    held = _meta_cache(path, tokenizer)
+    kept = _meta_dir(reader)
+    held = _meta_cache(kept, path, tokenizer)
     if held is not None:
         return _restore_config(reader, held[0], path), held[1]
     what = "config"
@@ -116,7 +119,7 @@ def hf_config(path: Path, tokenizer: bool = True):
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
     except Exception as e:  # transformers' GGUF integration raises whatever its parsing hit
         if "is not supported yet" in str(e):
-            field = open_gguf(path).fields.get("general.architecture")
+            field = reader.fields.get("general.architecture")
             raise GGUFFormatError(
                 f"{path} is a GGUF of the {field_contents(field, path)!r} architecture, whose config and "
                 f"tokenizer transformers' GGUF reader does not read ({str(e)[:120]}). tightfit writes such files "
@@ -125,7 +128,7 @@ def hf_config(path: Path, tokenizer: bool = True):
             f"{path}: the model {what} in its metadata could not be read ({type(e).__name__}: {str(e)[:200]}). "
             "The file is damaged or was written by a tool tightfit does not know; download or export it again."
         ) from e
-    _meta_store(path, config, tok)
+    _meta_store(kept, config, tok)
     try:
         return _restore_config(reader, config, path), tok
     except GGUFFormatError:
@@ -139,27 +142,22 @@ def hf_config(path: Path, tokenizer: bool = True):
 KEEP_META = 32  # kept configs and tokenizers, most recent first
 
 
-def _meta_dir(path: Path) -> Path:
-    """Where the config and tokenizer that transformers built from this file's metadata are kept: transformers
+def _meta_dir(reader) -> Path:
+    """Where the config and tokenizer that transformers built from a file's metadata are kept: transformers
     parses the file again for each (20 s apiece for a 152k-token vocabulary), the saved folders load in 1 s. Keyed
     by the file's size and metadata bytes (a copy elsewhere shares it), and transformers' version."""
     import transformers
 
-    held = _READERS.get(str(path.resolve()))
-    if held is None:  # another file opened since (a thread's): open this one again, which keeps its digest
-        open_gguf(path)
-        held = _READERS[str(path.resolve())]
-    _, size, digest, _ = held
-    key = hashlib.blake2b(f"{size}|{digest.hex()}|{transformers.__version__}|1".encode(),
+    key = hashlib.blake2b(f"{reader.data.size}|{reader.metadata_digest.hex()}|{transformers.__version__}|1".encode(),
                           digest_size=12).hexdigest()
     return Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit")) / "gguf-meta" / key
 
 
-def _meta_cache(path: Path, tokenizer: bool):
-    """(config, tokenizer or None) from the kept folder, or None where there is none (or it cannot be read)."""
+def _meta_cache(d: Path, path: Path, tokenizer: bool):
+    """(config, tokenizer or None) of the file at `path` from its kept folder d, or None where there is none (or it
+    cannot be read)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    d = _meta_dir(path)
     if not (d / "config.json").exists() or (tokenizer and not (d / "tokenizer_config.json").exists()):
         return None
     try:
@@ -172,15 +170,12 @@ def _meta_cache(path: Path, tokenizer: bool):
     return config, tok
 
 
-def _meta_store(path: Path, config, tok) -> None:
-    """Keep the config (and tokenizer) for the next load, written whole or not at all; a cache that cannot be
-    written (read-only home) is skipped."""
+def _meta_store(d: Path, config, tok) -> None:
+    """Keep the config (and tokenizer) in folder d for the next load, written whole or not at all, replacing a
+    damaged or config-only entry; a cache that cannot be written (read-only home) is skipped."""
     import shutil
     import tempfile
 
-    d = _meta_dir(path)
-    if (d / "config.json").exists() and (tok is None or (d / "tokenizer_config.json").exists()):
-        return
     tmp = None
     try:
         d.parent.mkdir(parents=True, exist_ok=True)

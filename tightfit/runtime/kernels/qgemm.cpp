@@ -1230,7 +1230,7 @@ static void decode_layer_t(const Dims* m, const LayerArgs* L, const MoEArgs* moe
     // by kv group, each group's keys and values read once for its heads (a head at a time read them group times:
     // 6 at Qwen2.5-1.5B, 0.8 ms a layer at 1000 positions); a group's heads split in parts where there are fewer
     // groups than threads
-    const int par = S > 256 ? threads : 1, parts = KV >= par ? 1 : (par + KV - 1) / KV < group ? (par + KV - 1) / KV : group;
+    const int par = S > 256 ? threads : 1, want = (par + KV - 1) / KV, parts = want < group ? want : group;
 #pragma omp parallel for num_threads(threads) schedule(static) if (par > 1)
     for (int t = 0; t < KV * parts; t++) {
         const int g = t / parts, p = t % parts, h0 = g * group + group * p / parts, h1 = g * group + group * (p + 1) / parts;

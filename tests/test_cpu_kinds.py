@@ -11,7 +11,8 @@ from tightfit.runtime.kernels import AVX2_FLAGS, _cxx, cpu_flags
 
 # every code width, grid and scale layout the kernel runs, on shapes with partial chunks (a row's last chunk of 2,
 # 4 or 8 blocks: 4- and 8-bit codes read as dense tails, 6-bit ones laid out whole) and odd rows, through decode
-# (M 1), a few tokens and prefill's panels (M > 3 on AVX2, > 16 on AVX-512); against the kernel's own arithmetic
+# (M 1: on AVX2, decode_avx2.h where a row's chunks are whole or its last holds 8 blocks), a few tokens and prefill's
+# panels (M > 3 on AVX2, > 16 on AVX-512); against the kernel's own arithmetic
 # (activations rounded per 32 columns to int8)
 CHECK = """
 import ctypes
@@ -44,14 +45,15 @@ def kernel_activations(x):
 torch.manual_seed(0)
 worst = 0.0
 for name in ("sym4-g32", "asym4-g32", "asym3-g32", "asym5-g32", "sym6-g32", "sym8-g32", "asym8-pc", "nl4-g32",
-             "asym4-k32", "sym4-k32", "asym2-k32", "sym6-k32", "sym8-k32", "nl4-k32"):
+             "asym4-k32", "sym4-k32", "asym2-k32", "sym6-k32", "sym6-k16", "asym6-g32", "sym8-k32", "nl4-k32"):
     f = WeightFormat.parse(name)
     for n, k in ((53, 576), (19, 512), (13, 128), (11, 768)):
         qw = rtn(torch.randn(n, k) * 0.05, f.for_shape((n, k)))
         lin = from_quantized(qw)
         assert lin.kind in ("q4", "q6", "q8"), (name, lin.kind)
-        for m in (1, 2, 3, 4, 6, 9, 19, 37):
-            x = torch.randn(m, k)
+        for m in (1, 2, 3, 4, 6, 9, 19, 37, -1, -2):
+            # m -1, -2: one token of all +1 or all -1 (every activation code 127 or -127: the int16 sums' limit)
+            x = torch.randn(m, k) if m > 0 else torch.full((1, k), 1.0 if m == -1 else -1.0)
             exact = kernel_activations(x) @ qw.dequantize().double().T
             worst = max(worst, float((lin(x) - exact).norm() / exact.norm()))
 print("worst", worst)

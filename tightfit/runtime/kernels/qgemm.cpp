@@ -53,6 +53,10 @@
 #define PREFETCH 8192
 #endif
 
+#ifdef TF_AVX2
+#include "decode_avx2.h"  // decode's products on AVX2 (4- and 6-bit codes)
+#endif
+
 static inline __m512i ldm(const void* p, __mmask64 m) { return _mm512_maskz_loadu_epi8(m, p); }
 
 // the bytes of a chunk's slice vectors present (cb blocks of 4 bytes each)
@@ -630,6 +634,30 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     // rows per tile: the accumulators fill the 32 vector registers (AVX2: ONE_ROW)
     constexpr int RR = ONE_ROW ? 1 : SB == 3 ? 2 : 3;
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
+#ifdef TF_AVX2
+    if constexpr ((BITS == 4 || BITS == 6) && !NL) {
+        if (M == 1 && tf_avx2::fits(BITS, NL, K)) {  // decode on AVX2: see decode_avx2.h
+            const int nb = K / 32;
+            thread_local std::vector<int32_t> spb;
+            if (SB == 3 && low != 0) {  // each block's half sums as int16 pairs
+                spb.resize(nb);
+                for (int b = 0; b < nb; b++)
+                    spb[b] = (int32_t)(((uint32_t)(SI[b] - SI[nb + b]) << 16) | ((uint32_t)SI[nb + b] & 0xFFFF));
+            }
+            const int32_t* sp = spb.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
+                const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+                int n = n0;
+                for (; n + 4 <= n1; n += 4)
+                    tf_avx2::rows<BITS, SB, 4>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, true);
+                for (; n < n1; n++)
+                    tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, false);
+            }
+            return;
+        }
+    }
+#endif
     if (M == 1) {  // decode: four rows at a time, the weights streamed with prefetch (bandwidth-bound)
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {

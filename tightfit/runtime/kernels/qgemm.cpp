@@ -645,15 +645,11 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
                     spb[b] = (int32_t)(((uint32_t)(SI[b] - SI[nb + b]) << 16) | ((uint32_t)SI[nb + b] & 0xFFFF));
             }
             const int32_t* sp = spb.data();
+            // one row at a time, each thread on a contiguous run of rows (Qwen2.5-1.5B Q4_K_M decode, interleaved:
+            // 4 rows a pass 1.0, 3 1.07, 2 1.16, 1 1.26-1.31; without the prefetch 0.43-0.53)
 #pragma omp parallel for num_threads(threads) schedule(static)
-            for (int chunk = 0; chunk < (N + 15) / 16; chunk++) {
-                const int n0 = chunk * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
-                int n = n0;
-                for (; n + 4 <= n1; n += 4)
-                    tf_avx2::rows<BITS, SB, 4>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, true);
-                for (; n < n1; n++)
-                    tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, false);
-            }
+            for (int n = 0; n < N; n++)
+                tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, true);
             return;
         }
     }

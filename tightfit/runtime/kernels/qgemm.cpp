@@ -635,21 +635,49 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
     constexpr int RR = ONE_ROW ? 1 : SB == 3 ? 2 : 3;
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
 #ifdef TF_AVX2
-    if constexpr ((BITS == 4 || BITS == 6) && !NL) {
-        if (M == 1 && tf_avx2::fits(BITS, NL, K)) {  // decode on AVX2: see decode_avx2.h
+    if constexpr ((BITS == 4 || BITS == 6) && !NL) {  // decode and prefill on AVX2: see decode_avx2.h
+        if ((M == 1 || M > PANEL_M) && tf_avx2::fits(BITS, NL, K)) {
             const int nb = K / 32;
             thread_local std::vector<int32_t> spb;
             if (SB == 3 && low != 0) {  // each block's half sums as int16 pairs
-                spb.resize(nb);
-                for (int b = 0; b < nb; b++)
-                    spb[b] = (int32_t)(((uint32_t)(SI[b] - SI[nb + b]) << 16) | ((uint32_t)SI[nb + b] & 0xFFFF));
+                spb.resize((size_t)M * nb);
+                for (int t = 0; t < M; t++) {
+                    const int32_t* si = SI + (size_t)t * 2 * nb;
+                    for (int b = 0; b < nb; b++)
+                        spb[(size_t)t * nb + b] =
+                            (int32_t)(((uint32_t)(si[b] - si[nb + b]) << 16) | ((uint32_t)si[nb + b] & 0xFFFF));
+                }
             }
             const int32_t* sp = spb.data();
-            // one row at a time, each thread on a contiguous run of rows (Qwen2.5-1.5B Q4_K_M decode, interleaved:
-            // 4 rows a pass 1.0, 3 1.07, 2 1.16, 1 1.26-1.31; without the prefetch 0.43-0.53)
+            const int lw = (int)low;
+            if (M == 1) {
+                // one row at a time, each thread on a contiguous run of rows (Qwen2.5-1.5B Q4_K_M decode,
+                // interleaved: 4 rows a pass 1.0, 3 1.07, 2 1.16, 1 1.26-1.31; without the prefetch 0.43-0.53)
 #pragma omp parallel for num_threads(threads) schedule(static)
-            for (int n = 0; n < N; n++)
-                tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, (int)low, Y, true);
+                for (int n = 0; n < N; n++)
+                    tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, Y, true);
+                return;
+            }
+            // prefill: panels of rows kept in L2 while every 4 tokens' activations, in L1, pass over them
+            int nc = (int)((512 * 1024) / (K * BITS / 8));
+            nc = nc < 16 ? 16 : nc > 192 ? 192 : nc;
+            while (nc > 16 && (N + nc - 1) / nc < 2 * threads) nc -= 8;
+            const int panels = (N + nc - 1) / nc, m4 = M / 4 * 4;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+            for (int p = 0; p < panels; p++) {
+                const int n0 = p * nc, n1 = n0 + nc < N ? n0 + nc : N;
+                for (int t = 0; t < m4; t += 4)
+                    for (int n = n0; n < n1; n++)
+                        tf_avx2::tokens<BITS, SB, 4>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, t, Y);
+                for (int n = n0; n < n1; n++) {
+                    int t = m4;
+                    if (t + 2 <= M) {
+                        tf_avx2::tokens<BITS, SB, 2>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, t, Y);
+                        t += 2;
+                    }
+                    if (t < M) tf_avx2::tokens<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, t, Y);
+                }
+            }
             return;
         }
     }

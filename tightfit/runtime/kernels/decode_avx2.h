@@ -1,9 +1,9 @@
-// Decode (one token) and prefill on AVX2 for 4- and 6-bit uniform codes: qgemm.cpp's layout (see the top of that file), read
-// half a chunk at a time (8 blocks: one 256-bit register per slice), with the integer block scales applied by
+// Decode (one token) and prefill on AVX2 for 4- and 6-bit uniform codes: qgemm.cpp's layout (see the top of that file),
+// read half a chunk at a time (8 blocks: one 256-bit register per slice), with the integer block scales applied by
 // vpmaddwd as the int16 sums widen (as llama.cpp's K-quant dot products do), so only one float multiply-add per 8
 // blocks is left for the scales, and a row's sums fit in 2 registers (tile()'s 16-lane emulation held 4 rows' sums in
-// 16 of AVX2's 16 and spilled them to the stack every chunk). Qwen2.5-Coder-1.5B Q4_K_M decode, interleaved on a
-// Zen 3 EPYC: 1.24x tile() with 4 rows a pass, 1.7x with one row a pass (gemm() runs R = 1).
+// 16 of AVX2's 16 and spilled them to the stack every chunk). Qwen2.5-Coder-1.5B Q4_K_M decode, interleaved on a Zen 3
+// EPYC: 1.24x tile() with 4 rows a pass, 1.7x with one row a pass (gemm() runs R = 1).
 //
 // Per half chunk of row n (blocks b0..b0+7, super-block s = b0 / 8, one fp16 d for all 8):
 //   P_b = sc_b * sum_j u_bj x_bj (int32; SB 3: each half-block's code times its half's dot; SB 0: the plain dot)
@@ -186,16 +186,23 @@ static void rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 
 // Prefill: row n of W times T tokens from t0 (the row from L2, the tokens' half chunks from L1); si, sp: as rows()
 // for every token (2 nb and nb apart)
+// (prefetch: the weights streamed from memory, a few tokens' decode, as rows() does)
 template <int BITS, int SB, int T>
 static void tokens(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n, const int8_t* XQ,
-                   const float* DX, const float* XS, const int32_t* SI, const int32_t* SP, int low, int t0, float* Y) {
+                   const float* DX, const float* XS, const int32_t* SI, const int32_t* SP, int low, int t0, float* Y,
+                   bool prefetch = false) {
     const int nb = K / 32, ns = nb / 8, chunks = (nb + 15) / 16;
     const size_t rb = (size_t)K * BITS / 8, row = (size_t)n;
     const uint8_t* codes = (const uint8_t*)Mn;
+    const size_t ahead = rb * ((PREFETCH + rb - 1) / rb);
+    const int lpc = (int)((rb / 64 + chunks - 1) / chunks);
     __m256 acc[T];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
+        if (prefetch)
+            for (int l = 0; l < lpc; l++)
+                _mm_prefetch((const char*)(W + row * rb + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
         for (int h = 0; h < cb / 8; h++) {
             const int b0 = c + 8 * h;
             const HalfCodes<SB> hc(codes, row, nb, b0);

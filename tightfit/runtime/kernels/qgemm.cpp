@@ -636,7 +636,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
 #ifdef TF_AVX2
     if constexpr ((BITS == 4 || BITS == 6) && !NL) {  // decode and prefill on AVX2: see decode_avx2.h
-        if ((M == 1 || M > PANEL_M) && tf_avx2::fits(BITS, NL, K)) {
+        if (tf_avx2::fits(BITS, NL, K)) {
             const int nb = K / 32;
             thread_local std::vector<int32_t> spb;
             if (SB == 3 && low != 0) {  // each block's half sums as int16 pairs
@@ -656,6 +656,14 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #pragma omp parallel for num_threads(threads) schedule(static)
                 for (int n = 0; n < N; n++)
                     tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, Y, true);
+                return;
+            }
+            if (M <= PANEL_M) {  // a few tokens (the server's batched decode): the weights streamed as for one
+#pragma omp parallel for num_threads(threads) schedule(static)
+                for (int n = 0; n < N; n++) {
+                    if (M == 2) tf_avx2::tokens<BITS, SB, 2>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, 0, Y, true);
+                    else tf_avx2::tokens<BITS, SB, 3>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, 0, Y, true);
+                }
                 return;
             }
             // prefill: panels of rows kept in L2 while every 4 tokens' activations, in L1, pass over them

@@ -136,6 +136,10 @@ def test_artifact_bytes_repack_into_the_kernels_layout_exactly(bits):
     src, out = pack(codes, f).contiguous(), torch.empty(37, 576 * kb // 8, dtype=torch.uint8)
     library().repack_codes(src.data_ptr(), bits, 37, 576, kb, out.data_ptr(), 2)
     assert torch.equal(out, pack_blocks(codes - f.qmin, kb))
+    # a GGUF's codes (one byte each, as its blocks unpack) take the same C path at load
+    u, out8 = (codes - f.qmin).to(torch.uint8).contiguous(), torch.zeros_like(out)
+    library().repack_codes(u.data_ptr(), 8, 37, 576, kb, out8.data_ptr(), 2)
+    assert torch.equal(out8, out)
 
 
 @pytest.mark.skipif(library() is None, reason="tightfit's kernel needs AVX-512 VNNI and a C++ compiler")

@@ -82,6 +82,17 @@ def test_ggml_blocks_dequantize_in_gguf_py_to_our_weights(name):
         gguf.GGMLQuantizationType[ggml]][1])
     back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ggml]).reshape(qw.shape)
     assert np.array_equal(back, qw.dequantize().numpy())
+    # the blocks' own super-block scales (what the runtime holds of a GGUF's K-quants): d * code and dmin * code
+    # give the effective scales and mins the block reader gives
+    from tightfit.formats.ggml import from_k_blocks, from_q6_blocks, super_scales
+
+    d, sc, dmin, m = super_scales(raw, ggml, *qw.shape)
+    eff = from_q6_blocks(raw, *qw.shape)[1:] if ggml == "Q6_K" else from_k_blocks(raw, ggml, *qw.shape)[1:]
+    per = sc.shape[1] // d.shape[1]
+    assert sc.shape[1] == qw.shape[1] // (16 if ggml == "Q6_K" else 32)
+    assert np.array_equal((d.float().repeat_interleave(per, 1) * sc.float()).numpy(), eff[0])
+    if ggml != "Q6_K":
+        assert np.array_equal((-dmin.float().repeat_interleave(per, 1) * m.float()).numpy(), eff[1])
     if ggml == "Q6_K":  # and the reader takes the blocks back to sym6-k16's codes and per-16 scales
         from tightfit.formats.ggml import from_q6_blocks
 

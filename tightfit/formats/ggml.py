@@ -22,6 +22,7 @@ IQ4_XS: per 256: fp16 d, u16 scales_h (2 high bits of group g at bits 2g), 4 byt
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import FormatError
 
@@ -114,11 +115,8 @@ def from_k_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
     effective mins: fp32 [rows, cols / 32]), exactly: scale = d * sc and min = -dmin * m, as ggml dequantizes."""
     size = {"Q4_K": 144, "Q5_K": 176}[ggml]
     b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-    q = b[:, 4:16].astype(np.int32)
-    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], axis=1)
-    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    d16, dmin16, sc, m = _k_header(b)
+    d, dmin = d16.astype(np.float32), dmin16.astype(np.float32)
     qs = b[:, size - 128:].reshape(-1, 4, 32).astype(np.int16)
     u = np.stack([qs & 0xF, qs >> 4], axis=2)  # [blocks, pair, 2, 32]
     if ggml == "Q5_K":
@@ -129,6 +127,33 @@ def from_k_blocks(raw: np.ndarray, ggml: str, rows: int, cols: int):
     scales = (d * sc.astype(np.float32)).reshape(rows, groups)
     mins = -(dmin * m.astype(np.float32)).reshape(rows, groups)
     return u.reshape(rows, cols), scales, mins
+
+
+def _k_header(b: np.ndarray):
+    """Q4_K / Q5_K blocks' header (bytes [blocks, size]) -> d, dmin (fp16 [blocks, 1]), the 6-bit scale and min
+    codes (int32 [blocks, 8])."""
+    d = b[:, 0:2].copy().view(np.float16)
+    dmin = b[:, 2:4].copy().view(np.float16)
+    q = b[:, 4:16].astype(np.int32)
+    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    return d, dmin, sc, m
+
+
+def super_scales(raw: np.ndarray, ggml: str, rows: int, cols: int):
+    """A K-quant tensor's own super-block scales, as the runtime's kernel holds them: (d fp16 [rows, cols / 256],
+    scale codes int16 [rows, groups], dmin fp16 or None, min codes int16 or None), groups of 32 (Q4_K, Q5_K; ggml
+    subtracts dmin * min code) or 16 (Q6_K, int8 codes). Read from the blocks' headers, where recovering them from
+    the effective scales (formats.weight.super_codes) took 10 s of a 1.5B Q4_K_M file's load."""
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[ggml]
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
+    if ggml == "Q6_K":
+        sc = b[:, 192:208].view(np.int8).astype(np.int16).reshape(rows, cols // 16)
+        return torch.from_numpy(b[:, 208:210].copy().view(np.float16).reshape(rows, -1)), torch.from_numpy(sc), \
+            None, None
+    d, dmin, sc, m = _k_header(b)
+    return (torch.from_numpy(d.reshape(rows, -1)), torch.from_numpy(sc.astype(np.int16).reshape(rows, -1)),
+            torch.from_numpy(dmin.reshape(rows, -1)), torch.from_numpy(m.astype(np.int16).reshape(rows, -1)))
 
 
 def from_q6_blocks(raw: np.ndarray, rows: int, cols: int):

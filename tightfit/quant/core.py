@@ -25,6 +25,9 @@ class QuantizedWeight:
     error: dict = field(default_factory=dict)  # what the quantizer measured of its own loss
     in_features: int = 0
     packed: bool = False
+    # a GGUF K-quant's own super-block scales (formats.ggml.super_scales), which the runtime's kernel holds as they
+    # are; None: recovered from the effective scales where needed
+    supers: tuple | None = None
 
     def __post_init__(self):
         if not self.packed:

@@ -49,10 +49,12 @@ def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | N
         return None
     n, k = shape or (int(s) for s in reversed(t.shape.tolist()))
     if fmt.bits == 6:
-        from ..formats.ggml import from_q6_blocks
+        from ..formats.ggml import from_q6_blocks, super_scales
 
-        codes, scales = from_q6_blocks(t.data if data is None else data, n, k)
-        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), None)
+        raw = t.data if data is None else data
+        codes, scales = from_q6_blocks(raw, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), None,
+                               supers=super_scales(raw, "Q6_K", n, k))
     if fmt.grid == "nl":
         from ..formats.ggml import from_iq4_blocks
 
@@ -65,10 +67,12 @@ def gguf_quantized(t, data: np.ndarray | None = None, shape: tuple[int, int] | N
         return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales),
                                None if mins is None else torch.from_numpy(mins))
     if fmt.superblock:
-        from ..formats.ggml import from_k_blocks
+        from ..formats.ggml import from_k_blocks, super_scales
 
-        codes, scales, mins = from_k_blocks(t.data if data is None else data, t.tensor_type.name, n, k)
-        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins))
+        raw = t.data if data is None else data
+        codes, scales, mins = from_k_blocks(raw, t.tensor_type.name, n, k)
+        return QuantizedWeight(fmt, torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins),
+                               supers=super_scales(raw, t.tensor_type.name, n, k))
     raw = torch.from_numpy(np.array(t.data if data is None else data, dtype=np.uint8).reshape(n, k // 32, -1))
     d = raw[..., :2].contiguous().view(torch.float16)[..., 0]
     if fmt.bits == 8:

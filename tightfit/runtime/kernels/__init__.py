@@ -232,12 +232,10 @@ def _kernel_form() -> str | None:
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with the reason logged) where it cannot run here."""
-    form = _kernel_form()
-    if form is None:
+    flags = qgemm_flags()
+    if flags is None:
         return None
-    # AVX2: no -march=native, so the same build wherever AVX2 is asked for
-    target = ["-march=native"] if form == "avx512-vnni" else ["-mavx2", "-mfma", "-mf16c"]
-    return _library(SOURCE, ["-O3", *target, "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"],
+    return _library(SOURCE, flags,
                     {"linear": ([_p, _i, _i, _p, _p, _p, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_bf16": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
                      "dequant_f32": ([_p, _p, _p, _i, _i, _i, _p, _i, _i, _p, _i], None),
@@ -249,6 +247,16 @@ def library() -> ctypes.CDLL | None:
                      "rope_rows": ([_p, _i, _i, _i, _i, _i, _p, _p, _i, _i, _i], None),
                      "repack_codes": ([_p, _i, _i, _i, _i, _p, _i], None)},
                     "using torch's int4 kernel")
+
+
+def qgemm_flags() -> list[str] | None:
+    """The compiler flags of qgemm.cpp's build for this CPU, or None where neither form runs."""
+    form = _kernel_form()
+    if form is None:
+        return None
+    # AVX2: no -march=native, so the same build wherever AVX2 is asked for
+    target = ["-march=native"] if form == "avx512-vnni" else ["-mavx2", "-mfma", "-mf16c"]
+    return ["-O3", *target, "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17"]
 
 
 def kernel_build() -> str:

@@ -3,7 +3,7 @@
 // vpmaddwd as the int16 sums widen (as llama.cpp's K-quant dot products do), so only one float multiply-add per 8
 // blocks is left for the scales, and a row's sums fit in 2 registers (tile()'s 16-lane emulation held 4 rows' sums in
 // 16 of AVX2's 16 and spilled them to the stack every chunk). Qwen2.5-Coder-1.5B Q4_K_M decode, interleaved on a Zen 3
-// EPYC: 1.24x tile() with 4 rows a pass, 1.7x with one row a pass (gemm() runs R = 1).
+// EPYC: 1.24x tile() with 4 rows a pass, 1.7x with one row a pass (decode_row()).
 //
 // Per half chunk of row n (blocks b0..b0+7, super-block s = b0 / 8, one fp16 d for all 8):
 //   P_b = sc_b * sum_j u_bj x_bj (int32; SB 3: each half-block's code times its half's dot; SB 0: the plain dot)
@@ -129,64 +129,55 @@ TF_INLINE __m256i low_term(__m256i p, const HalfCodes<SB>& hc, int low, const in
     return p;
 }
 
-// Decode: rows n..n+R-1 of W times the one token x (quantize_act's layout); sp: per block, its two half sums as
-// int16 pairs (SB 3 with low != 0)
-template <int BITS, int SB, int R>
-static void rows(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n, const int8_t* x,
-                 const float* DX, const float* XS, const int32_t* SI, const int32_t* SP, int low, float* Y,
-                 bool prefetch) {
+// Decode: row n of W times the one token x (quantize_act's layout), its weights prefetched (without: 0.43-0.53x
+// the speed); sp: per block, its two half sums as int16 pairs (SB 3 with low != 0)
+template <int BITS, int SB>
+static void decode_row(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n, const int8_t* x,
+                       const float* DX, const float* XS, const int32_t* SI, const int32_t* SP, int low, float* Y) {
     const int nb = K / 32, ns = nb / 8, chunks = (nb + 15) / 16;
-    const size_t rb = (size_t)K * BITS / 8;
+    const size_t rb = (size_t)K * BITS / 8, row = (size_t)n;
     const uint8_t* codes = (const uint8_t*)Mn;
-    const size_t tile_bytes = R * rb, ahead = tile_bytes * ((PREFETCH + tile_bytes - 1) / tile_bytes);
-    const int lpc = (int)((tile_bytes / 64 + chunks - 1) / chunks);
-    const uint8_t* w0 = W + (size_t)n * rb;
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const size_t ahead = rb * ((PREFETCH + rb - 1) / rb);
+    const int lpc = (int)((rb / 64 + chunks - 1) / chunks);
+    const uint8_t* w0 = W + row * rb;
+    __m256 acc = _mm256_setzero_ps();
     for (int ci = 0; ci < chunks; ci++) {
         const int c = ci * 16, cb = nb - c < 16 ? nb - c : 16;
-        if (prefetch)
-            for (int l = 0; l < lpc; l++)
-                _mm_prefetch((const char*)(w0 + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
+        for (int l = 0; l < lpc; l++)
+            _mm_prefetch((const char*)(w0 + ahead + (size_t)(ci * lpc + l) * 64), _MM_HINT_T0);
         for (int h = 0; h < cb / 8; h++) {
             const int b0 = c + 8 * h;
             const __m256 dx = _mm256_loadu_ps(DX + b0);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const size_t row = (size_t)(n + r);
-                const HalfCodes<SB> hc(codes, row, nb, b0);
-                __m256i p[1];
-                const uint8_t* w = W + row * rb + (size_t)ci * 256 + h * 32;
-                const uint8_t* hb = W + row * rb + K / 2 + (size_t)ci * 128 + h * 32;
-                if (cb == 16) half_dots<BITS, SB, 1, 64>(w, hb, x + (size_t)ci * 512 + h * 32, 0, hc, p);
-                else half_dots<BITS, SB, 1, 32>(w, hb, x + (size_t)ci * 512 + h * 32, 0, hc, p);
-                p[0] = low_term<SB>(p[0], hc, low, SI + b0, SP + b0);
-                __m256 a = acc[r];
-                if constexpr (SB == 0) {
-                    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(D + row * nb + b0)));
-                    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Mn + row * nb + b0)));
-                    a = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XS + b0), a);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[0]), _mm256_mul_ps(dw, dx), a);
-                } else {
-                    const size_t so = row * ns + b0 / 8;
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[0]), _mm256_mul_ps(_mm256_set1_ps(f16(D[so])), dx), a);
-                    if constexpr (SB == 1) {
-                        const __m128i m8 = _mm_loadl_epi64((const __m128i*)(codes + (size_t)N * nb + row * nb + b0));
-                        const __m256 mc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8));
-                        const __m256 mw = _mm256_mul_ps(_mm256_set1_ps(f16(D[(size_t)N * ns + so])), mc);
-                        a = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XS + b0), a);
-                    }
+            const HalfCodes<SB> hc(codes, row, nb, b0);
+            __m256i p[1];
+            const uint8_t* w = w0 + (size_t)ci * 256 + h * 32;
+            const uint8_t* hb = w0 + K / 2 + (size_t)ci * 128 + h * 32;
+            if (cb == 16) half_dots<BITS, SB, 1, 64>(w, hb, x + (size_t)ci * 512 + h * 32, 0, hc, p);
+            else half_dots<BITS, SB, 1, 32>(w, hb, x + (size_t)ci * 512 + h * 32, 0, hc, p);
+            p[0] = low_term<SB>(p[0], hc, low, SI + b0, SP + b0);
+            if constexpr (SB == 0) {
+                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(D + row * nb + b0)));
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Mn + row * nb + b0)));
+                acc = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XS + b0), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[0]), _mm256_mul_ps(dw, dx), acc);
+            } else {
+                const size_t so = row * ns + b0 / 8;
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[0]), _mm256_mul_ps(_mm256_set1_ps(f16(D[so])), dx), acc);
+                if constexpr (SB == 1) {
+                    const __m128i m8 = _mm_loadl_epi64((const __m128i*)(codes + (size_t)N * nb + row * nb + b0));
+                    const __m256 mc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8));
+                    const __m256 mw = _mm256_mul_ps(_mm256_set1_ps(f16(D[(size_t)N * ns + so])), mc);
+                    acc = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XS + b0), acc);
                 }
-                acc[r] = a;
             }
         }
     }
-    for (int r = 0; r < R; r++) Y[n + r] = hsum(acc[r]);
+    Y[n] = hsum(acc);
 }
 
-// Prefill: row n of W times T tokens from t0 (the row from L2, the tokens' half chunks from L1); si, sp: as rows()
-// for every token (2 nb and nb apart)
-// (prefetch: the weights streamed from memory, a few tokens' decode, as rows() does)
+// Prefill: row n of W times T tokens from t0 (the row from L2, the tokens' half chunks from L1); si, sp: as
+// decode_row()'s for every token (2 nb and nb apart); prefetch: the weights streamed from memory (2-3 tokens'
+// decode) as decode_row() does. (Decode through tokens<1> ran 0.82-0.85x decode_row()'s speed.)
 template <int BITS, int SB, int T>
 static void tokens(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N, int K, int n, const int8_t* XQ,
                    const float* DX, const float* XS, const int32_t* SI, const int32_t* SP, int low, int t0, float* Y,
@@ -237,10 +228,10 @@ static void tokens(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int 
     for (int t = 0; t < T; t++) Y[(size_t)(t0 + t) * N + n] = hsum(acc[t]);
 }
 
-// whether rows() runs this product: full chunks, or a last one of 8 blocks
-inline bool fits(int bits, bool nl, int K) {
+// whether decode_row() and tokens() run a row of K columns: full chunks, or a last one of 8 blocks
+inline bool fits(int K) {
     const int cb = (K / 32) % 16;
-    return (bits == 4 || bits == 6) && !nl && (cb == 0 || cb == 8);
+    return cb == 0 || cb == 8;
 }
 
 }  // namespace tf_avx2

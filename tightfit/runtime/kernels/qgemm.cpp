@@ -54,7 +54,7 @@
 #endif
 
 #ifdef TF_AVX2
-#include "decode_avx2.h"  // decode's products on AVX2 (4- and 6-bit codes)
+#include "decode_avx2.h"  // decode's and prefill's products on AVX2 (4- and 6-bit codes)
 #endif
 
 static inline __m512i ldm(const void* p, __mmask64 m) { return _mm512_maskz_loadu_epi8(m, p); }
@@ -636,7 +636,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
 #define TF_TILE(R, T, n, t, pf) tile<BITS, NL, SB, R, T>(W, D, Mn, N, K, n, XQ, DX, XS, XSL, at, t, Y, lut, low, pf)
 #ifdef TF_AVX2
     if constexpr ((BITS == 4 || BITS == 6) && !NL) {  // decode and prefill on AVX2: see decode_avx2.h
-        if (tf_avx2::fits(BITS, NL, K)) {
+        if (tf_avx2::fits(K)) {
             const int nb = K / 32;
             thread_local std::vector<int32_t> spb;
             if (SB == 3 && low != 0) {  // each block's half sums as int16 pairs
@@ -655,7 +655,7 @@ static void gemm(const uint8_t* W, const uint16_t* D, const uint16_t* Mn, int N,
                 // interleaved: 4 rows a pass 1.0, 3 1.07, 2 1.16, 1 1.26-1.31; without the prefetch 0.43-0.53)
 #pragma omp parallel for num_threads(threads) schedule(static)
                 for (int n = 0; n < N; n++)
-                    tf_avx2::rows<BITS, SB, 1>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, Y, true);
+                    tf_avx2::decode_row<BITS, SB>(W, D, Mn, N, K, n, XQ, DX, XS, SI, sp, lw, Y);
                 return;
             }
             if (M <= PANEL_M) {  // a few tokens (the server's batched decode): the weights streamed as for one
